@@ -1,0 +1,1 @@
+"""Coupled Mamba fusion model for multimodal sentiment analysis."""
