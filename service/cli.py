@@ -1,20 +1,48 @@
-"""The ``cmamba`` command line."""
+"""The ``cmamba`` command line.
+
+Each sub-command lives in its own module under ``service.commands`` exposing
+``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only when their
+command runs, so ``cmamba --help`` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, str] = {
+    "serve": "serve the REST API (uvicorn)",
+    "predict": "predict the sentiment of a media file, locally or against a running server",
+    "extract": "build a training dataset (MMSA pickle layout) from a CSV of labelled media",
+    "train": "train a Coupled Mamba checkpoint",
+    "evaluate": "evaluate a checkpoint on a dataset or on rated texts",
+    "bench": "run a benchmark script and print its table",
+}
+
+
+def _command_module(name: str):  # type: ignore[no-untyped-def]
+    return importlib.import_module(f"service.commands.{name}")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Build the parser; only ``command``'s module is imported (all of them when None)."""
+    parser = argparse.ArgumentParser(prog="cmamba", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if command is None or command == name:
+            _command_module(name).add_arguments(sub_parser)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="cmamba")
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve the REST API")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else "")
     args = parser.parse_args(argv)
-    if args.command == "serve":
-        import uvicorn
+    sys.exit(_command_module(args.command).run(args))
 
-        from service.main import create_app
 
-        uvicorn.run(create_app(), host=args.host, port=args.port)
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``cmamba`` CLI: each module has ``add_arguments`` and ``run``."""

@@ -1,0 +1,14 @@
+"""``cmamba extract``: not available yet."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    del parser
+
+
+def run(args: argparse.Namespace) -> int:
+    del args
+    raise SystemExit("cmamba extract is not available yet")
