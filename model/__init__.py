@@ -1,1 +1,38 @@
-"""Coupled Mamba fusion model for multimodal sentiment analysis."""
+"""Coupled Mamba fusion model for multimodal sentiment analysis.
+
+Public interface (see docs/ARCHITECTURE.md)::
+
+    from model import (CoupledMambaConfig, CoupledMambaForSentiment, SentimentOutput,
+                       load_checkpoint, save_checkpoint)
+"""
+
+from model.checkpoint import (
+    CheckpointError,
+    CheckpointInfo,
+    load_checkpoint,
+    read_checkpoint_config,
+    save_checkpoint,
+)
+from model.config import (
+    CLASS_NAMES,
+    CONFIG_VERSION,
+    MODALITY_ORDER,
+    ConfigError,
+    CoupledMambaConfig,
+)
+from model.mamba import CoupledMambaForSentiment, SentimentOutput
+
+__all__ = [
+    "CLASS_NAMES",
+    "CONFIG_VERSION",
+    "MODALITY_ORDER",
+    "CheckpointError",
+    "CheckpointInfo",
+    "ConfigError",
+    "CoupledMambaConfig",
+    "CoupledMambaForSentiment",
+    "SentimentOutput",
+    "load_checkpoint",
+    "read_checkpoint_config",
+    "save_checkpoint",
+]

@@ -1,0 +1,535 @@
+"""Coupled Mamba for multimodal sentiment (Li et al., arXiv 2405.18014), in one file.
+
+Read top to bottom:
+
+1. ``MambaMixer``: one modality's Mamba-1 mixer, everything around the scan.
+2. ``CoupledMambaLayer``: the per-modality pre-norm mixers of one layer, whose selective scans
+   run as ONE coupled scan: ``h[m,t] = exp(dt[m,t] A[m]) sum_k W[m,k] h[k,t-1] + dt B u``.
+3. ``FeatureMixing``: the released code's between-layer Linear mix (ablation only).
+4. Pooling and fusion: masked pooling over time per modality, then a gate over modalities.
+5. ``CoupledMambaForSentiment``: input projections, layers, pooling, fusion, the two heads.
+
+Shapes: b = batch, L = time steps (shared by all modalities), M = modalities,
+d = d_model, D = d_inner = expand * d_model, N = d_state, R = dt_rank.
+
+Masks. Every modality has a (b, L) mask, True at valid steps. Padding and absent modalities
+must never change an answer, so a masked step carries no signal anywhere:
+- the mixer's input is zeroed before the causal conv (nothing leaks forward through the conv);
+- the conv output u and the step size dt are zeroed, so the scan neither decays nor writes the
+  state at a masked step (dt = 0 means exp(dt A) = 1 and dt B u = 0): the state is carried over
+  the gap, mixed with the other modalities' states through W like at any other step;
+- the residual stream is zeroed at masked steps after every layer;
+- pooling reads valid steps only, and fusion gives absent modalities zero weight.
+Trailing padding cannot reach earlier steps (everything is causal in time and per-sample), so a
+clip's answer does not depend on what it is batched with.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model import ops
+from model.config import CLASS_NAMES, CoupledMambaConfig
+
+if TYPE_CHECKING:
+    from model.checkpoint import CheckpointInfo
+
+
+@dataclass
+class SentimentOutput:
+    """What the model answers for a batch.
+
+    Attributes:
+        score: (b,) regression score on the config's label scale.
+        logits: (b, 3) class logits, order negative, neutral, positive.
+        probabilities: (b, 3) softmax of ``logits``.
+        modality_weights: (b, M) fusion weight of each modality (zero where absent), in
+            ``config.modalities`` order.
+        present: (b, M) bool, whether the modality has at least one valid step.
+    """
+
+    score: Tensor
+    logits: Tensor
+    probabilities: Tensor
+    modality_weights: Tensor
+    present: Tensor
+
+
+def _make_norm(config: CoupledMambaConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.d_model, eps=config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. One modality's Mamba-1 mixer
+# ---------------------------------------------------------------------------------------------
+
+
+class MambaMixer(nn.Module):
+    """Mamba-1 mixer of one modality, split around the scan so that a layer can couple scans.
+
+    ``scan_inputs`` does in_proj -> (u, z), causal depthwise conv + SiLU, x_proj -> (dt, B, C),
+    dt = softplus(dt_proj(dt) + bias); the layer runs the coupled scan; ``out_proj`` maps back.
+    """
+
+    def __init__(self, config: CoupledMambaConfig) -> None:
+        super().__init__()
+        d, D, N, R = config.d_model, config.d_inner, config.d_state, config.resolved_dt_rank
+        self.d_inner, self.d_state, self.dt_rank = D, N, R
+        self.in_proj = nn.Linear(d, 2 * D, bias=False)
+        # Depthwise and causal: pad k-1 on both sides, keep the first L outputs.
+        self.conv1d = nn.Conv1d(D, D, config.d_conv, groups=D, padding=config.d_conv - 1)
+        self.x_proj = nn.Linear(D, R + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(R, D, bias=True)
+        # S4D-real init: A[:, n] = -(n + 1), stored as log so that A stays negative.
+        A = torch.arange(1, N + 1, dtype=torch.float32).repeat(D, 1)  # (D, N)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.D = nn.Parameter(torch.ones(D))
+        self.out_proj = nn.Linear(D, d, bias=False)
+        self._init_dt(config)
+
+    @torch.no_grad()
+    def _init_dt(self, config: CoupledMambaConfig) -> None:
+        # Mamba's dt init: the weight keeps dt_proj's output at unit scale; the bias is the
+        # inverse softplus of a dt drawn log-uniformly in [dt_min, dt_max], so that
+        # softplus(bias) starts in that range.
+        bound = self.dt_rank**-0.5
+        nn.init.uniform_(self.dt_proj.weight, -bound, bound)
+        log_dt = torch.rand(self.d_inner) * (
+            math.log(config.dt_max) - math.log(config.dt_min)
+        ) + math.log(config.dt_min)
+        dt = torch.exp(log_dt).clamp(min=config.dt_init_floor)
+        inv_softplus_dt = dt + torch.log(-torch.expm1(-dt))  # softplus^-1(dt)
+        self.dt_proj.bias.copy_(inv_softplus_dt)
+
+    def A(self) -> Tensor:
+        """The continuous-time state matrix (diagonal per channel), (D, N), all negative."""
+        return -torch.exp(self.A_log.float())
+
+    def scan_inputs(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Everything before the scan.
+
+        Args:
+            x: (b, L, d) normed hidden states.
+            mask: (b, L) float, 1 at valid steps and 0 elsewhere.
+
+        Returns:
+            u, dt, z: (b, D, L); B, C: (b, N, L); u and dt are zero at masked steps.
+        """
+        length = x.shape[1]
+        u, z = self.in_proj(x).chunk(2, dim=-1)  # (b, L, D) each
+        u = u * mask[..., None]  # padding must not leak into later steps through the conv
+        u = self.conv1d(u.transpose(1, 2))[..., :length]  # (b, D, L), causal
+        u = F.silu(u) * mask[:, None, :]
+        dt, B, C = self.x_proj(u.transpose(1, 2)).split(
+            [self.dt_rank, self.d_state, self.d_state], dim=-1
+        )  # (b, L, R), (b, L, N), (b, L, N)
+        dt = F.softplus(self.dt_proj(dt)) * mask[..., None]  # (b, L, D), 0 at masked steps
+        return u, dt.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2), z.transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. One coupled layer
+# ---------------------------------------------------------------------------------------------
+
+
+def fixed_coupling(kind: str, n_modalities: int) -> Tensor | None:
+    """The coupling matrix W of a non-learned ``state_coupling`` (None = identity)."""
+    M = n_modalities
+    if kind == "none":
+        return None
+    if kind == "mean":
+        return torch.full((M, M), 1.0 / M)
+    if kind == "sum":
+        # The paper's literal "sum of states": the transition can reach M per step, so the
+        # state grows geometrically wherever exp(dt A) > 1/M. Kept as an ablation.
+        return torch.ones(M, M)
+    raise ValueError(f"no fixed coupling for state_coupling={kind!r}")
+
+
+class CoupledMambaLayer(nn.Module):
+    """Pre-norm Mamba mixers, one per modality, whose scans are coupled through W (M, M)."""
+
+    def __init__(self, config: CoupledMambaConfig) -> None:
+        super().__init__()
+        self.modalities = config.modalities
+        self.state_coupling = config.state_coupling
+        M = config.n_modalities
+        self.norms = nn.ModuleDict({m: _make_norm(config) for m in self.modalities})
+        self.mixers = nn.ModuleDict({m: MambaMixer(config) for m in self.modalities})
+        self.dropout = nn.Dropout(config.dropout)
+        if config.state_coupling == "learned":
+            # softmax of equal logits = ones / M: starts at mean coupling, stays row-stochastic.
+            self.coupling_logits = nn.Parameter(torch.zeros(M, M))
+        else:
+            W = fixed_coupling(config.state_coupling, M)
+            self.register_buffer("coupling_fixed", W, persistent=False)
+
+    def coupling(self) -> Tensor | None:
+        """W (M, M) as used by the scan; None stands for the identity."""
+        if self.state_coupling == "learned":
+            return torch.softmax(self.coupling_logits.float(), dim=-1)
+        W = self.coupling_fixed
+        return W if isinstance(W, Tensor) else None
+
+    def forward(self, hidden: Tensor, mask: Tensor, backend: str) -> Tensor:
+        """hidden: (M, b, L, d); mask: (M, b, L) float. Returns (M, b, L, d)."""
+        mixers = [cast(MambaMixer, self.mixers[m]) for m in self.modalities]
+        parts = [
+            mixers[i].scan_inputs(self.norms[m](hidden[i]), mask[i])
+            for i, m in enumerate(self.modalities)
+        ]
+        u, dt, B, C, z = (torch.stack(p) for p in zip(*parts, strict=True))
+        # u, dt, z: (M, b, D, L); B, C: (M, b, N, L)
+        A = torch.stack([mx.A() for mx in mixers])  # (M, D, N)
+        D = torch.stack([mx.D.float() for mx in mixers])  # (M, D)
+        W = self.coupling()
+        y = ops.coupled_selective_scan(
+            u, dt, A, B, C, D=D, z=z, delta_softplus=False, coupling=W, backend=backend
+        )
+        assert isinstance(y, Tensor)
+        y = y.transpose(2, 3)  # (M, b, L, D)
+        out = torch.stack([mx.out_proj(y[i]) for i, mx in enumerate(mixers)])  # (M, b, L, d)
+        return (hidden + self.dropout(out)) * mask[..., None]
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The released code's feature mixing (ablation)
+# ---------------------------------------------------------------------------------------------
+
+
+class FeatureMixing(nn.Module):
+    """Between layers, each modality adds a Linear map of the other modalities' outputs.
+
+    This is what the paper's released code does instead of coupling states; it is kept as an
+    option so that the two can be compared. Absent modalities contribute zeros.
+    """
+
+    def __init__(self, config: CoupledMambaConfig) -> None:
+        super().__init__()
+        M, d = config.n_modalities, config.d_model
+        self.modalities = config.modalities
+        self.mix = nn.ModuleDict({m: nn.Linear((M - 1) * d, d) for m in self.modalities})
+
+    def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        """hidden: (M, b, L, d); mask: (M, b, L) float. Returns (M, b, L, d)."""
+        out = []
+        for i, m in enumerate(self.modalities):
+            others = torch.cat([hidden[k] for k in range(len(self.modalities)) if k != i], -1)
+            out.append(hidden[i] + self.mix[m](others))
+        return torch.stack(out) * mask[..., None]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Pooling over time and fusion over modalities
+# ---------------------------------------------------------------------------------------------
+
+
+def masked_pool(hidden: Tensor, mask: Tensor, kind: str) -> Tensor:
+    """Pool (..., L, d) over valid steps of a (..., L) bool mask; all-masked rows give zeros."""
+    present = mask.any(dim=-1, keepdim=True)  # (..., 1)
+    if kind == "mean":
+        weights = mask.to(hidden.dtype)
+        total = (hidden * weights[..., None]).sum(dim=-2)
+        return total / weights.sum(dim=-1, keepdim=True).clamp_min(1.0)
+    if kind == "last":
+        length = mask.shape[-1]
+        steps = torch.arange(length, device=mask.device)
+        last = torch.where(mask, steps, -1).amax(dim=-1).clamp_min(0)  # (...,)
+        index = last[..., None, None].expand(*last.shape, 1, hidden.shape[-1])
+        picked = hidden.gather(-2, index).squeeze(-2)
+        return picked * present.to(hidden.dtype)
+    if kind == "max":
+        filled = hidden.masked_fill(~mask[..., None], float("-inf")).amax(dim=-2)
+        return torch.where(present, filled, torch.zeros_like(filled))
+    raise ValueError(f"unknown pooling {kind!r}")
+
+
+def masked_softmax(logits: Tensor, present: Tensor) -> Tensor:
+    """Softmax over the last axis among ``present`` entries; absent entries get exactly 0 and a
+    row with nothing present gets all zeros."""
+    logits = logits.masked_fill(~present, torch.finfo(logits.dtype).min)
+    weights = torch.softmax(logits, dim=-1) * present.to(logits.dtype)
+    return weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(logits.dtype).tiny)
+
+
+class Fusion(nn.Module):
+    """Combine pooled modalities (b, M, d) into one vector (b, d) and per-modality weights."""
+
+    def __init__(self, config: CoupledMambaConfig) -> None:
+        super().__init__()
+        M, d = config.n_modalities, config.d_model
+        self.kind = config.fusion
+        if self.kind == "gate":
+            # Content score per modality plus a learned per-modality prior.
+            self.gate = nn.Linear(d, 1)
+            self.prior = nn.Parameter(torch.zeros(M))
+        elif self.kind == "concat":
+            self.proj = nn.Linear(M * d, d)
+
+    def forward(self, pooled: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        """pooled: (b, M, d); present: (b, M) bool. Returns fused (b, d), weights (b, M)."""
+        if self.kind == "gate":
+            logits = self.gate(pooled).squeeze(-1) + self.prior  # (b, M)
+            weights = masked_softmax(logits, present)
+        else:
+            count = present.sum(dim=-1, keepdim=True).clamp_min(1)
+            weights = present.to(pooled.dtype) / count
+        if self.kind == "concat":
+            zeroed = pooled * present[..., None].to(pooled.dtype)
+            return self.proj(zeroed.flatten(1)), weights
+        return (weights[..., None] * pooled).sum(dim=1), weights
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The model
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_scan_backend(name: str, device: torch.device | str) -> str:
+    """Turn a backend request into a concrete name of ``model.ops.BACKENDS``.
+
+    "auto" asks ``model.ops.select_backend(device)`` when it exists, else takes the fastest
+    backend available on CPU ("torch" when present, else "ref").
+    """
+    if name == "auto":
+        select = getattr(ops, "select_backend", None)
+        if select is not None:
+            return str(select(torch.device(device)))
+        return "torch" if "torch" in ops.BACKENDS else "ref"
+    if name not in ops.BACKENDS:
+        raise ValueError(f"unknown scan backend {name!r}; available: {ops.BACKENDS} or 'auto'")
+    return name
+
+
+class CoupledMambaForSentiment(nn.Module):
+    """Coupled Mamba fusion network with a regression head and a 3-class head.
+
+    ``forward(features, masks)`` takes per-modality features (b, L, F_m) on one shared time
+    grid and (b, L) bool masks, and returns a :class:`SentimentOutput`. A modality missing
+    from the dicts is absent (fully masked). The scan backend is chosen once, here or by
+    :meth:`set_scan_backend`, and kept in ``scan_backend``.
+    """
+
+    def __init__(self, config: CoupledMambaConfig, scan_backend: str = "auto") -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        d = config.d_model
+        self.modalities = config.modalities
+        self.input_proj = nn.ModuleDict(
+            {m: nn.Linear(config.feature_dims[m], d) for m in self.modalities}
+        )
+        self.input_dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(CoupledMambaLayer(config) for _ in range(config.n_layers))
+        self.feature_mixing = (
+            nn.ModuleList(FeatureMixing(config) for _ in range(config.n_layers - 1))
+            if config.feature_mixing and config.n_modalities > 1
+            else None
+        )
+        self.final_norms = nn.ModuleDict({m: _make_norm(config) for m in self.modalities})
+        self.fusion = Fusion(config)
+        self.regression_head = nn.Sequential(
+            nn.Linear(d, d), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(d, 1)
+        )
+        self.class_head = nn.Sequential(
+            nn.Linear(d, d), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(d, len(CLASS_NAMES))
+        )
+        self._rescale_residual_outputs()
+        self.scan_backend = resolve_scan_backend(scan_backend, "cpu")
+        # Set by load_checkpoint: name, version, hash, training facts, metrics, model card.
+        self.checkpoint_info: CheckpointInfo | None = None
+
+    @torch.no_grad()
+    def _rescale_residual_outputs(self) -> None:
+        # GPT-2 / Mamba pre-norm trick: keep the residual stream's variance independent of depth.
+        for layer in self.layers:
+            assert isinstance(layer, CoupledMambaLayer)
+            for mixer in layer.mixers.values():
+                assert isinstance(mixer, MambaMixer)
+                mixer.out_proj.weight /= math.sqrt(self.config.n_layers)
+
+    # -- scan backend ---------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def set_scan_backend(self, name: str = "auto") -> str:
+        """Choose the scan backend ("auto" = best for the model's current device); returns it."""
+        self.scan_backend = resolve_scan_backend(name, self.device)
+        return self.scan_backend
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def _stack_inputs(
+        self, features: dict[str, Tensor], masks: dict[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """Validate the dicts; return projected inputs (M, b, L, d) and masks (M, b, L) bool."""
+        unknown = sorted(set(features) - set(self.modalities))
+        if unknown:
+            raise ValueError(
+                f"features has modalities {unknown} the model has no branch for "
+                f"(it has {self.modalities})"
+            )
+        without_features = sorted(set(masks) - set(features))
+        if without_features:
+            raise ValueError(f"masks given for modalities without features: {without_features}")
+        if not features:
+            raise ValueError("features is empty: give at least one modality")
+        shapes = {m: tuple(f.shape) for m, f in features.items()}
+        first = next(iter(shapes.values()))
+        if any(len(s) != 3 for s in shapes.values()) or any(
+            s[:2] != first[:2] for s in shapes.values()
+        ):
+            raise ValueError(
+                f"features must be (batch, L, F) with one shared batch and L, got {shapes}"
+            )
+        batch, length = first[0], first[1]
+        if length == 0:
+            raise ValueError("features have L = 0 time steps")
+        param = next(self.parameters())
+        inputs, valid = [], []
+        for m in self.modalities:
+            if m not in features:  # absent modality: zeros, fully masked
+                inputs.append(param.new_zeros(batch, length, self.config.d_model))
+                valid.append(torch.zeros(batch, length, dtype=torch.bool, device=param.device))
+                continue
+            feature = features[m]
+            if feature.shape[-1] != self.config.feature_dims[m]:
+                raise ValueError(
+                    f"features[{m!r}] has {feature.shape[-1]} features, the model "
+                    f"expects {self.config.feature_dims[m]}"
+                )
+            mask = masks.get(m)
+            if mask is None:
+                mask = torch.ones(batch, length, dtype=torch.bool, device=feature.device)
+            if tuple(mask.shape) != (batch, length) or mask.dtype != torch.bool:
+                raise ValueError(
+                    f"masks[{m!r}] must be a bool tensor of shape "
+                    f"({batch}, {length}), got {mask.dtype} {tuple(mask.shape)}"
+                )
+            mask = mask.to(param.device)
+            # where, not multiply: masked steps may hold inf/NaN (MOSI audio has -inf).
+            feature = torch.where(mask[..., None], feature.to(param), 0.0)
+            inputs.append(self.input_proj[m](feature) * mask[..., None])
+            valid.append(mask)
+        return torch.stack(inputs), torch.stack(valid)
+
+    def encode(
+        self, features: dict[str, Tensor], masks: dict[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """Run the layers; return hidden states (M, b, L, d), after the final norms and zero
+        at masked steps, and the masks (M, b, L) bool."""
+        hidden, mask = self._stack_inputs(features, masks)
+        maskf = mask.to(hidden.dtype)
+        hidden = self.input_dropout(hidden) * maskf[..., None]
+        for i, layer in enumerate(self.layers):
+            hidden = layer(hidden, maskf, self.scan_backend)
+            if self.feature_mixing is not None and i < len(self.feature_mixing):
+                hidden = self.feature_mixing[i](hidden, maskf)
+        hidden = torch.stack(
+            [self.final_norms[m](hidden[i]) for i, m in enumerate(self.modalities)]
+        )
+        return hidden * maskf[..., None], mask
+
+    def forward(self, features: dict[str, Tensor], masks: dict[str, Tensor]) -> SentimentOutput:
+        """Score a batch.
+
+        Args:
+            features: {modality: float tensor (b, L, F_m)}, one shared b and L.
+            masks: {modality: bool tensor (b, L)}, True at valid steps; a modality with
+                features but no mask is taken as valid at every step.
+
+        Returns:
+            :class:`SentimentOutput` (score on ``config.label_scale``).
+        """
+        hidden, mask = self.encode(features, masks)  # (M, b, L, d), (M, b, L)
+        pooled = masked_pool(hidden, mask, self.config.pooling).transpose(0, 1)  # (b, M, d)
+        present = mask.any(dim=-1).transpose(0, 1)  # (b, M)
+        fused, weights = self.fusion(pooled, present)  # (b, d), (b, M)
+        low, high = self.config.label_scale
+        raw = self.regression_head(fused).squeeze(-1)  # (b,)
+        score = (low + high) / 2 + (high - low) / 2 * torch.tanh(raw)
+        logits = self.class_head(fused)  # (b, 3)
+        return SentimentOutput(
+            score=score,
+            logits=logits,
+            probabilities=torch.softmax(logits, dim=-1),
+            modality_weights=weights,
+            present=present,
+        )
+
+    # -- metadata -------------------------------------------------------------------------------
+
+    def count_parameters(self, trainable_only: bool = False) -> int:
+        """Number of parameters (buffers excluded)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def coupling_matrices(self) -> list[list[list[float]]]:
+        """Each layer's W (M x M) as nested lists (identity for ``none``)."""
+        out = []
+        for layer in self.layers:
+            assert isinstance(layer, CoupledMambaLayer)
+            W = layer.coupling()
+            if W is None:
+                W = torch.eye(self.config.n_modalities)
+            out.append(W.detach().cpu().tolist())
+        return out
+
+    def describe(self) -> dict[str, object]:
+        """A JSON-ready architecture summary (for model metadata endpoints and logs)."""
+        c = self.config
+        param = next(self.parameters())
+        return {
+            "architecture": "CoupledMambaForSentiment",
+            "paper": "arXiv:2405.18014",
+            "config_version": c.to_dict()["config_version"],
+            "modalities": list(c.modalities),
+            "feature_profile": c.feature_profile,
+            "feature_dims": dict(c.feature_dims),
+            "d_model": c.d_model,
+            "d_inner": c.d_inner,
+            "d_state": c.d_state,
+            "d_conv": c.d_conv,
+            "dt_rank": c.resolved_dt_rank,
+            "n_layers": c.n_layers,
+            "state_coupling": c.state_coupling,
+            "coupling_matrices": self.coupling_matrices(),
+            "feature_mixing": c.feature_mixing,
+            "pooling": c.pooling,
+            "fusion": c.fusion,
+            "norm": c.norm,
+            "label_scale": list(c.label_scale),
+            "classes": list(CLASS_NAMES),
+            "neutral_band": c.neutral_band,
+            "parameters": self.count_parameters(),
+            "scan_backend": self.scan_backend,
+            "device": str(param.device),
+            "dtype": str(param.dtype).removeprefix("torch."),
+        }
+
+    def dummy_inputs(
+        self, batch_size: int = 1, length: int = 8, seed: int = 0
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Random features and all-valid masks on the model's device, e.g. for a warm-up."""
+        generator = torch.Generator().manual_seed(seed)
+        param = next(self.parameters())
+        features = {
+            m: torch.randn(batch_size, length, self.config.feature_dims[m], generator=generator).to(
+                param
+            )
+            for m in self.modalities
+        }
+        masks = {
+            m: torch.ones(batch_size, length, dtype=torch.bool, device=param.device)
+            for m in self.modalities
+        }
+        return features, masks

@@ -1,0 +1,158 @@
+"""Checkpoint folders: exact round trips and clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from model import (
+    CONFIG_VERSION,
+    CheckpointError,
+    CoupledMambaForSentiment,
+    load_checkpoint,
+    read_checkpoint_config,
+    save_checkpoint,
+)
+
+
+@pytest.fixture
+def trained(make_model) -> CoupledMambaForSentiment:
+    """A model whose every parameter moved away from its init (so a lost tensor shows)."""
+    model = make_model(state_coupling="learned", feature_mixing=True, pooling="last")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_round_trip_is_bitwise_exact(trained, batch_of, tmp_path: Path) -> None:
+    folder = save_checkpoint(
+        trained,
+        tmp_path / "ckpt",
+        training={"dataset": "synthetic", "epochs": 3},
+        metrics={"mae": 0.71, "acc2": 0.80},
+        name="tiny",
+        version="2024.1",
+    )
+    assert {p.name for p in folder.iterdir()} == {
+        "config.json",
+        "model.safetensors",
+        "MODEL_CARD.md",
+    }
+    loaded = load_checkpoint(folder, scan_backend="ref")
+    assert not loaded.training and loaded.scan_backend == "ref"
+    assert loaded.config == trained.config
+    for key, value in trained.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    features, masks = batch_of([9, 5])
+    with torch.no_grad():
+        a, b = trained(features, masks), loaded(features, masks)
+    for name in ("score", "logits", "probabilities", "modality_weights"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+    info = loaded.checkpoint_info
+    assert info is not None
+    assert (info.name, info.version) == ("tiny", "2024.1")
+    assert info.metrics == {"mae": 0.71, "acc2": 0.80}
+    assert info.training == {"dataset": "synthetic", "epochs": 3}
+    assert info.sha256 == hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    assert "tiny" in info.model_card and "learned" in info.model_card
+
+
+def test_config_json_carries_the_contract_fields(trained, tmp_path: Path) -> None:
+    save_checkpoint(trained, tmp_path, metrics={"mae": 0.5})
+    data = json.loads((tmp_path / "config.json").read_text())
+    assert data["config_version"] == CONFIG_VERSION
+    assert data["feature_profile"] == "default-v1"
+    assert data["label_scale"] == [-3.0, 3.0]
+    assert data["feature_dims"] == {"text": 7, "audio": 5, "visual": 6}
+    assert data["state_coupling"] == "learned" and data["d_model"] == 16
+    assert data["metrics"] == {"mae": 0.5} and data["training"] == {}
+    assert data["checkpoint"]["parameters"] == trained.count_parameters()
+    config, raw = read_checkpoint_config(tmp_path)
+    assert config == trained.config and raw["checkpoint"]["name"] == tmp_path.name
+
+
+def test_custom_and_default_model_cards(trained, tmp_path: Path) -> None:
+    save_checkpoint(trained, tmp_path / "a", model_card="# Mine\n")
+    assert (tmp_path / "a" / "MODEL_CARD.md").read_text() == "# Mine\n"
+    save_checkpoint(trained, tmp_path / "b", metrics={"corr": 0.61234})
+    card = (tmp_path / "b" / "MODEL_CARD.md").read_text()
+    assert "corr: 0.6123" in card and "default-v1" in card and "Not recorded" in card
+
+
+def test_expected_sha256(trained, tmp_path: Path) -> None:
+    save_checkpoint(trained, tmp_path)
+    digest = hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
+    load_checkpoint(tmp_path, expected_sha256=digest.upper())
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(tmp_path, expected_sha256="0" * 64)
+
+
+def _rewrite_weights(folder: Path, change) -> None:
+    tensors = load_file(str(folder / "model.safetensors"))
+    change(tensors)
+    save_file(tensors, str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: t.pop("layers.1.mixers.audio.A_log"), r"missing tensors \['layers.1"),
+        (lambda t: t.update(extra=torch.zeros(2)), r"unexpected tensors \['extra'\]"),
+        (
+            lambda t: t.update({"fusion.prior": torch.zeros(4)}),
+            r"mismatched tensors \[fusion.prior: file \(4,\)",
+        ),
+        (
+            lambda t: t.update({"fusion.prior": torch.zeros(3, dtype=torch.float64)}),
+            "torch.float64",
+        ),
+    ],
+)
+def test_bad_tensors_get_clear_errors(trained, tmp_path: Path, change, message) -> None:
+    save_checkpoint(trained, tmp_path)
+    _rewrite_weights(tmp_path, change)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(tmp_path)
+
+
+def test_config_from_another_architecture_is_refused(trained, tmp_path: Path) -> None:
+    save_checkpoint(trained, tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    data["d_state"] = 4
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="mismatched tensors"):
+        load_checkpoint(tmp_path)
+
+
+def test_bad_folders_and_configs(trained, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match=r"no config\.json"):
+        load_checkpoint(tmp_path)
+    save_checkpoint(trained, tmp_path)
+    config_path = tmp_path / "config.json"
+    data = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(dict(data, config_version=CONFIG_VERSION + 1)))
+    with pytest.raises(CheckpointError, match="not supported"):
+        load_checkpoint(tmp_path)
+    config_path.write_text(json.dumps(dict(data, pooling="median")))
+    with pytest.raises(CheckpointError, match="pooling"):
+        load_checkpoint(tmp_path)
+    config_path.write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_checkpoint(tmp_path)
+    config_path.write_text(json.dumps(data))
+    (tmp_path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"no model\.safetensors"):
+        load_checkpoint(tmp_path)
+    assert issubclass(CheckpointError, ValueError)
