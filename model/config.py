@@ -33,9 +33,9 @@ class ConfigError(ValueError):
 
 
 def _default_feature_dims() -> dict[str, int]:
-    # The "default-v1" profile's text (MiniLM-L6) and audio (CH-SIMS librosa recipe) sizes; the
-    # visual size belongs to the preprocessing profile, so callers normally pass feature_dims.
-    return {"text": 384, "audio": 33, "visual": 64}
+    # The "default-v1" preprocessing profile: MiniLM-L6 text, the CH-SIMS librosa audio recipe,
+    # face-mesh expression features. The profile is the authority; a test checks they agree.
+    return {"text": 384, "audio": 33, "visual": 17}
 
 
 @dataclass

@@ -60,6 +60,10 @@ class SentimentOutput:
     modality_weights: Tensor
     present: Tensor
 
+    def labels(self) -> list[str]:
+        """The most probable class name of each sample."""
+        return [CLASS_NAMES[i] for i in self.probabilities.argmax(dim=-1).tolist()]
+
 
 def _make_norm(config: CoupledMambaConfig) -> nn.Module:
     if config.norm == "rmsnorm":

@@ -119,3 +119,9 @@ def test_score_to_class_uses_the_neutral_band(config_of) -> None:
     ]
     shifted = config_of(label_scale=(1.0, 5.0), neutral_band=0.0)
     assert [shifted.score_to_class(s) for s in (2.9, 3.0, 3.1)] == [0, 1, 2]
+
+
+def test_default_dims_match_the_default_preprocessing_profile() -> None:
+    profiles = pytest.importorskip("preprocessing.profiles")
+    config = CoupledMambaConfig()
+    assert dict(profiles.PROFILES[config.feature_profile].dims) == config.feature_dims

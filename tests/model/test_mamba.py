@@ -149,6 +149,7 @@ def test_output_shapes_and_ranges(make_model, batch_of) -> None:
     torch.testing.assert_close(out.probabilities.sum(-1), torch.ones(3))
     torch.testing.assert_close(out.probabilities, torch.softmax(out.logits, -1))
     torch.testing.assert_close(out.modality_weights.sum(-1), torch.ones(3))
+    assert out.labels() == [CLASS_NAMES[int(i)] for i in out.logits.argmax(-1)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,17 +195,45 @@ def test_clip_alone_equals_clip_in_padded_batch(make_model, batch_of, options) -
             _assert_same(alone, row)
 
 
-def test_padding_content_is_ignored(make_model, batch_of) -> None:
+def test_masked_step_content_is_ignored(make_model, batch_of) -> None:
+    """Values at masked steps (trailing padding, gaps inside a clip) never reach an output."""
     model = make_model()
-    features, masks = batch_of([4, 9])
+    features, masks = batch_of([6, 11])
+    masks["visual"][1, 2:5] = False  # a gap inside the longer clip
+    masks["text"][0, :2] = False  # a late start
     poisoned = {m: f.clone() for m, f in features.items()}
     for m, f in poisoned.items():
         f[~masks[m]] = float("nan")
-    poisoned["audio"][0, 4:] = float("-inf")
+    poisoned["audio"][0, 6:] = float("-inf")
+    replaced = {m: torch.where(masks[m][..., None], f, 1e4) for m, f in features.items()}
     with torch.no_grad():
-        clean, dirty = model(features, masks), model(poisoned, masks)
+        clean = model(features, masks)
+        dirty = model(poisoned, masks)
+        large = model(replaced, masks)
     assert torch.isfinite(dirty.score).all()
     _assert_same(clean, dirty, atol=0.0)
+    _assert_same(clean, large, atol=0.0)
+
+
+def test_masked_steps_neither_decay_nor_write_the_state(make_model) -> None:
+    """At a masked step the mixer hands the scan dt = 0 and u = 0: exp(dt A) = 1 and
+    dt B u = 0, so the state is carried over the gap unchanged (up to the coupling)."""
+    model = make_model()
+    layer = model.layers[0]
+    assert isinstance(layer, CoupledMambaLayer)
+    mixer = layer.mixers["audio"]
+    assert isinstance(mixer, MambaMixer)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 9, 16, generator=g)
+    mask = torch.ones(2, 9)
+    mask[0, 3:6] = 0
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        u, dt, B, C, z = mixer.scan_inputs(x, mask)
+    off = mask[:, None, :].expand_as(u) == 0
+    assert (u[off] == 0).all() and (dt[off] == 0).all()
+    assert (dt[~off] > 0).all() and (u[~off] != 0).all()
+    assert B.shape == C.shape == (2, 8, 9) and z.shape == u.shape == (2, 32, 9)
 
 
 def test_absent_modality_equals_fully_masked_modality(make_model, batch_of) -> None:
