@@ -1,15 +1,110 @@
-"""Application factory (placeholder until the full service lands)."""
+"""The application factory: ``create_app(settings)`` builds a fresh app with its own state.
+
+Nothing is created at import: settings are read once per app, metrics live on the app's own
+registry, and the model is loaded in the lifespan (in the background, so liveness answers
+while it loads and readiness says 503 until it is warm).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 from fastapi import FastAPI
 
+from service.api import docs, health, metrics, models, predict
+from service.core.engine import InferenceCore
+from service.core.extraction import ExtractorFactory, FeatureExtractor
+from service.errors import install_handlers
+from service.metrics import ServiceMetrics
+from service.middleware import RequestContextMiddleware, RequestMetricsMiddleware
+from service.settings import ServiceSettings
 
-def create_app() -> FastAPI:
-    app = FastAPI(title="Coupled Mamba sentiment service", version="0.1.0")
+if TYPE_CHECKING:
+    from model import CoupledMambaForSentiment
+    from service.backend import ForwardHook
 
-    @app.get("/v2/health/live")
-    def live() -> dict[str, str]:
-        return {"status": "live"}
+logger = logging.getLogger(__name__)
 
+API_VERSION = "1.0.0"
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: ServiceSettings = app.state.settings
+    core: InferenceCore = app.state.core
+    core.check()  # a missing checkpoint stops the server here, with a clear message
+    own_dir = settings.upload_dir is None
+    upload_dir = (
+        Path(tempfile.mkdtemp(prefix="cmamba-uploads-")) if own_dir else settings.upload_dir
+    )
+    app.state.upload_dir = upload_dir
+    starting = asyncio.create_task(asyncio.to_thread(core.start), name="cmamba-startup")
+    starting.add_done_callback(lambda task: task.cancelled() or task.exception())
+    try:
+        yield
+    finally:
+        core.begin_drain()
+        await core.wait_idle(settings.drain_timeout_s)
+        await asyncio.to_thread(core.wait_started)
+        await asyncio.to_thread(core.stop)
+        if own_dir and upload_dir is not None:
+            shutil.rmtree(upload_dir, ignore_errors=True)
+
+
+def create_app(
+    settings: ServiceSettings | None = None,
+    *,
+    model: CoupledMambaForSentiment | None = None,
+    extractor: FeatureExtractor | ExtractorFactory | None = None,
+    before_forward: ForwardHook | None = None,
+) -> FastAPI:
+    """Build the service.
+
+    Args:
+        settings: the settings; read from the environment (``CMAMBA_*``) when None.
+        model: a ``CoupledMambaForSentiment`` to serve instead of loading
+            ``settings.model_path``.
+        extractor: a feature extractor instance, or a factory ``(modalities) -> extractor``,
+            instead of ``preprocessing.Extractor``.
+        before_forward: hook called with each padded batch before the model call (fault
+            injection in tests).
+    """
+    settings = settings if settings is not None else ServiceSettings()
+    service_metrics = ServiceMetrics()
+    core = InferenceCore(
+        settings,
+        service_metrics,
+        model=model,
+        extractor=extractor,
+        before_forward=before_forward,
+    )
+    app = FastAPI(
+        title="Coupled Mamba sentiment service",
+        version=API_VERSION,
+        description="Multimodal sentiment analysis (text, audio, visual) with a Coupled Mamba "
+        "fusion model.",
+        lifespan=_lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.settings = settings
+    app.state.metrics = service_metrics
+    app.state.core = core
+    app.state.upload_dir = settings.upload_dir
+    install_handlers(app, settings.retry_after_s)
+    app.include_router(health.router)
+    app.include_router(metrics.router)
+    app.include_router(models.router)
+    app.include_router(predict.router)
+    app.include_router(docs.build_router(public=settings.public_docs))
+    app.add_middleware(RequestMetricsMiddleware, metrics=service_metrics)
+    app.add_middleware(RequestContextMiddleware)
     return app

@@ -1,0 +1,1 @@
+"""The HTTP layer: routers, request parsing and response bodies (no tensors here)."""

@@ -1,0 +1,159 @@
+"""Prediction endpoints: a media upload, or precomputed features."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from service.api.dependencies import ApiKeyDep, CoreDep, MetricsDep, SettingsDep
+from service.api.schemas import FeaturesRequest, PredictResponse, error_responses
+from service.api.uploads import read_body, receive_upload
+from service.core.types import Prediction
+from service.errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    ServiceError,
+    UnsupportedMediaError,
+)
+from service.metrics import ServiceMetrics
+
+router = APIRouter(tags=["predict"], dependencies=[ApiKeyDep])
+
+_MEDIA_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "a video or audio file",
+                        },
+                        "transcript": {
+                            "type": "string",
+                            "description": "what is said, when known (skips speech recognition)",
+                        },
+                    },
+                },
+                "encoding": {"file": {"contentType": "video/*, audio/*"}},
+            }
+        },
+    }
+}
+
+_FEATURES_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": FeaturesRequest.model_json_schema()}},
+    }
+}
+
+
+@contextmanager
+def _count_rejections(metrics: ServiceMetrics) -> Iterator[None]:
+    try:
+        yield
+    except ServiceError as exc:
+        if exc.reject_reason is not None:
+            metrics.rejected.labels(reason=exc.reject_reason).inc()
+        raise
+
+
+def _answer(prediction: Prediction, request: Request) -> JSONResponse:
+    body = PredictResponse.from_prediction(prediction, request.state.request_id)
+    server_timing = ", ".join(
+        f"{stage};dur={ms:.3f}" for stage, ms in prediction.timings_ms.items()
+    )
+    return JSONResponse(body.model_dump(mode="json"), headers={"Server-Timing": server_timing})
+
+
+@router.post(
+    "/v1/predict",
+    response_model=PredictResponse,
+    responses=error_responses(401, 413, 415, 422, 501, 503, 504),
+    openapi_extra=_MEDIA_BODY,
+)
+async def predict_media(
+    request: Request, core: CoreDep, settings: SettingsDep, metrics: MetricsDep
+) -> JSONResponse:
+    """Score a video or audio clip sent as multipart ``file`` (optional ``transcript``)."""
+    with _count_rejections(metrics):
+        async with core.admit():
+            deadline = time.monotonic() + settings.request_timeout_s
+            upload_dir: Path = request.app.state.upload_dir
+            try:
+                upload = await asyncio.wait_for(
+                    receive_upload(
+                        request,
+                        max_bytes=settings.max_upload_bytes,
+                        upload_dir=upload_dir,
+                        max_transcript_chars=settings.max_transcript_chars,
+                    ),
+                    settings.request_timeout_s,
+                )
+            except TimeoutError as exc:
+                raise DeadlineExceededError("the upload did not finish in time") from exc
+            prediction = await core.predict_media(
+                upload.path,
+                upload.transcript,
+                started=request.state.start_time,
+                deadline=deadline,
+                remove_after=True,
+                upload_ms=upload.receive_ms,
+            )
+    return _answer(prediction, request)
+
+
+@router.post(
+    "/v1/predict/features",
+    response_model=PredictResponse,
+    responses=error_responses(401, 413, 415, 422, 503, 504),
+    openapi_extra=_FEATURES_BODY,
+)
+async def predict_features(
+    request: Request, core: CoreDep, settings: SettingsDep, metrics: MetricsDep
+) -> JSONResponse:
+    """Score precomputed features in the loaded checkpoint's feature profile.
+
+    Features of another profile, modality set or size than the checkpoint's are refused with
+    422 ``feature_mismatch``.
+    """
+    with _count_rejections(metrics):
+        async with core.admit():
+            deadline = time.monotonic() + settings.request_timeout_s
+            media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if media_type != "application/json":
+                raise UnsupportedMediaError("send the features as application/json")
+            body = await read_body(request, max_bytes=settings.max_upload_bytes)
+            try:
+                payload = FeaturesRequest.model_validate_json(body)
+            except ValidationError as exc:
+                raise InvalidInputError(_describe(exc)) from None
+            clip = core.clip_from_features(payload.profile, payload.features, payload.masks)
+            prediction = await core.predict_features(
+                clip,
+                started=request.state.start_time,
+                deadline=deadline,
+                transcript=payload.transcript,
+            )
+    return _answer(prediction, request)
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False)[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ())) or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)

@@ -1,0 +1,239 @@
+"""Streaming ``multipart/form-data`` upload to a temp file, with the size limit enforced early.
+
+The body is read chunk by chunk from the ASGI stream and parsed as it arrives; the ``file``
+part goes straight to disk. A declared ``Content-Length`` over the limit is refused before
+anything is read, and a streamed body is cut off as soon as the byte count passes the limit,
+so an oversized upload costs at most one chunk beyond the limit.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import Request
+
+from service.errors import InvalidInputError, PayloadTooLargeError, UnsupportedMediaError
+
+ACCEPTED_MEDIA_PREFIXES = ("video/", "audio/")
+ACCEPTED_MEDIA_TYPES = ("application/octet-stream", "application/ogg", "")
+FILE_FIELD = "file"
+TRANSCRIPT_FIELD = "transcript"
+MAX_FIELD_BYTES = 256 * 1024  # any non-file part
+
+
+@dataclass
+class Upload:
+    """A received upload: the temp file (the caller must remove it) and the form fields."""
+
+    path: Path
+    size: int
+    filename: str | None
+    content_type: str
+    transcript: str | None
+    receive_ms: float
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+@dataclass
+class _Part:
+    name: str = ""
+    filename: str | None = None
+    content_type: str = ""
+    data: bytearray = field(default_factory=bytearray)
+    size: int = 0
+
+
+class _FormCollector:
+    """Callbacks for :class:`MultipartParser` that spool the file part to ``sink``."""
+
+    def __init__(self, sink: IO[bytes], max_transcript_chars: int) -> None:
+        self.sink = sink
+        self.max_field_bytes = min(MAX_FIELD_BYTES, max_transcript_chars * 4)
+        self.file_part: _Part | None = None
+        self.fields: dict[str, str] = {}
+        self.error: Exception | None = None
+        self._part = _Part()
+        self._header_field = bytearray()
+        self._header_value = bytearray()
+        self._headers: dict[str, bytes] = {}
+
+    def callbacks(self) -> dict[str, object]:
+        return {
+            "on_part_begin": self._on_part_begin,
+            "on_part_data": self._on_part_data,
+            "on_part_end": self._on_part_end,
+            "on_header_field": self._on_header_field,
+            "on_header_value": self._on_header_value,
+            "on_header_end": self._on_header_end,
+            "on_headers_finished": self._on_headers_finished,
+        }
+
+    def _on_part_begin(self) -> None:
+        self._part = _Part()
+        self._headers = {}
+
+    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_field += data[start:end]
+
+    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _on_header_end(self) -> None:
+        self._headers[self._header_field.decode("latin-1").strip().lower()] = bytes(
+            self._header_value
+        ).strip()
+        self._header_field = bytearray()
+        self._header_value = bytearray()
+
+    def _on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._headers.get("content-disposition", b""))
+        self._part.name = options.get(b"name", b"").decode("utf-8", "replace")
+        filename = options.get(b"filename")
+        self._part.filename = filename.decode("utf-8", "replace") if filename is not None else None
+        content_type, _ = parse_options_header(self._headers.get("content-type", b""))
+        self._part.content_type = content_type.decode("latin-1").lower()
+        if self._part.name != FILE_FIELD or self.error is not None:
+            return
+        if self.file_part is not None:
+            self.error = InvalidInputError("send one `file` part only")
+        elif not media_type_accepted(self._part.content_type):
+            self.error = UnsupportedMediaError(
+                f"unsupported media type {self._part.content_type!r}: send audio or video"
+            )
+
+    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self._part
+        part.size += end - start
+        if part.name == FILE_FIELD:
+            if self.file_part is None or self.file_part is part:
+                self.sink.write(data[start:end])
+        elif part.size <= self.max_field_bytes:
+            part.data += data[start:end]
+        elif self.error is None:
+            self.error = InvalidInputError(f"form field `{part.name}` is too long")
+
+    def _on_part_end(self) -> None:
+        part = self._part
+        if part.name == FILE_FIELD:
+            if self.file_part is None:
+                self.file_part = part
+        elif part.name:
+            try:
+                self.fields[part.name] = part.data.decode("utf-8")
+            except UnicodeDecodeError:
+                self.error = InvalidInputError(f"form field `{part.name}` is not UTF-8 text")
+
+
+def media_type_accepted(content_type: str) -> bool:
+    """Whether a file part's declared type may be audio or video (unknown types may)."""
+    return content_type.startswith(ACCEPTED_MEDIA_PREFIXES) or content_type in (
+        ACCEPTED_MEDIA_TYPES
+    )
+
+
+async def receive_upload(
+    request: Request,
+    *,
+    max_bytes: int,
+    upload_dir: Path,
+    max_transcript_chars: int,
+) -> Upload:
+    """Stream the request's multipart body to a temp file in ``upload_dir``.
+
+    Raises:
+        UnsupportedMediaError: not multipart/form-data, or a ``file`` part that is neither
+            audio nor video.
+        PayloadTooLargeError: the body is (or is declared) over ``max_bytes``.
+        InvalidInputError: malformed form, no ``file`` part, empty file, bad transcript.
+    """
+    started = time.perf_counter()
+    content_type, options = parse_options_header(request.headers.get("content-type", ""))
+    if content_type != b"multipart/form-data":
+        raise UnsupportedMediaError(
+            "send the media as multipart/form-data with a `file` part (and optional `transcript`)"
+        )
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise InvalidInputError("multipart/form-data without a boundary")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLargeError(
+            f"the body is {int(declared)} bytes, over the limit of {max_bytes} bytes"
+        )
+
+    upload_dir.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix="upload-", dir=upload_dir)
+    path = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as sink:
+            form = _FormCollector(sink, max_transcript_chars)
+            try:
+                parser = MultipartParser(boundary, form.callbacks())  # type: ignore[arg-type]
+            except Exception as exc:
+                raise InvalidInputError(f"malformed multipart boundary: {exc}") from exc
+            received = 0
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > max_bytes:
+                    raise PayloadTooLargeError(f"the body is over the limit of {max_bytes} bytes")
+                try:
+                    parser.write(chunk)
+                except MultipartParseError as exc:
+                    raise InvalidInputError(f"malformed multipart body: {exc}") from exc
+                if form.error is not None:
+                    raise form.error
+            try:
+                parser.finalize()
+            except MultipartParseError as exc:
+                raise InvalidInputError(f"malformed multipart body: {exc}") from exc
+        file_part = form.file_part
+        if form.error is not None:
+            raise form.error
+        if file_part is None:
+            raise InvalidInputError("the form has no `file` part")
+        if file_part.size == 0:
+            raise InvalidInputError("the uploaded file is empty")
+        transcript = form.fields.get(TRANSCRIPT_FIELD)
+        if transcript is not None:
+            transcript = transcript.strip() or None
+        if transcript is not None and len(transcript) > max_transcript_chars:
+            raise InvalidInputError(f"the transcript is over {max_transcript_chars} characters")
+        return Upload(
+            path=path,
+            size=file_part.size,
+            filename=file_part.filename,
+            content_type=file_part.content_type,
+            transcript=transcript,
+            receive_ms=(time.perf_counter() - started) * 1000.0,
+        )
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+async def read_body(request: Request, *, max_bytes: int) -> bytes:
+    """Read a whole (JSON) body, refusing it as soon as it passes ``max_bytes``.
+
+    Raises:
+        PayloadTooLargeError: the body is (or is declared) over ``max_bytes``.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLargeError(
+            f"the body is {int(declared)} bytes, over the limit of {max_bytes} bytes"
+        )
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise PayloadTooLargeError(f"the body is over the limit of {max_bytes} bytes")
+    return bytes(body)

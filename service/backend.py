@@ -1,0 +1,176 @@
+"""The model backend: tensors, padding, device memory and out-of-memory recovery.
+
+Only this module (and the model package) touches torch tensors. It runs on the single model
+worker thread; nothing here is called from the event loop.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from model import CoupledMambaForSentiment
+from service.core.types import ClipFeatures, ClipOutcome, ClipResult, MemorySnapshot
+from service.errors import GpuOutOfMemoryError
+
+logger = logging.getLogger(__name__)
+
+ForwardHook = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], None]
+"""Called with the padded batch (features, masks) just before each model call."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` is the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class ModelBackend:
+    """Runs padded batches of clips through the model and recovers from GPU out-of-memory.
+
+    Args:
+        model: the loaded model (already on ``device``, in eval mode).
+        before_forward: optional hook called with the padded batch before each model call;
+            used to inject faults (for example ``torch.OutOfMemoryError``) in tests.
+        on_oom: called once per model call that ran out of memory.
+    """
+
+    def __init__(
+        self,
+        model: CoupledMambaForSentiment,
+        *,
+        before_forward: ForwardHook | None = None,
+        on_oom: Callable[[], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.config = model.config
+        self.device = next(model.parameters()).device
+        self._before_forward = before_forward
+        self._on_oom = on_oom
+        self._dtype = next(model.parameters()).dtype
+
+    @property
+    def scan_backend(self) -> str:
+        return str(self.model.scan_backend)
+
+    def memory_snapshot(self) -> MemorySnapshot:
+        """Current allocator figures (peak since the last batch started); nulls on CPU."""
+        if self.device.type != "cuda":
+            return MemorySnapshot(device=str(self.device))
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        return MemorySnapshot(
+            device=f"cuda:{index}",
+            allocated_bytes=int(torch.cuda.memory_allocated(index)),
+            reserved_bytes=int(torch.cuda.memory_reserved(index)),
+            peak_allocated_bytes=int(torch.cuda.max_memory_allocated(index)),
+            total_bytes=int(torch.cuda.get_device_properties(index).total_memory),
+        )
+
+    def run_batch(self, clips: Sequence[ClipFeatures], padded_length: int) -> list[ClipOutcome]:
+        """Score ``clips`` as one batch padded to ``padded_length`` steps.
+
+        On GPU out-of-memory the cache is freed and the batch is retried in two halves, down
+        to single clips; only clips that fail alone get a :class:`GpuOutOfMemoryError`.
+        """
+        try:
+            return self._forward(clips, padded_length)
+        except torch.OutOfMemoryError:
+            self._free_memory()
+            if self._on_oom is not None:
+                self._on_oom()
+            if len(clips) == 1:
+                logger.warning("clip of %d steps does not fit in memory alone", clips[0].length)
+                return [
+                    ClipOutcome(
+                        result=None,
+                        error=GpuOutOfMemoryError(
+                            "the clip did not fit in accelerator memory; retry later or send "
+                            "a shorter clip"
+                        ),
+                        model_ms=0.0,
+                        batch_size=1,
+                        padded_length=padded_length,
+                        memory=self.memory_snapshot(),
+                    )
+                ]
+            half = len(clips) // 2
+            logger.warning("out of memory on a batch of %d; retrying in halves", len(clips))
+            return self.run_batch(clips[:half], padded_length) + self.run_batch(
+                clips[half:], padded_length
+            )
+
+    def warmup(self, batch_sizes: Sequence[int], lengths: Sequence[int]) -> None:
+        """Run random batches of each size and length once (compiles, allocates, caches)."""
+        rng = np.random.default_rng(0)
+        for length in lengths:
+            for size in batch_sizes:
+                clips = [self._random_clip(rng, length) for _ in range(size)]
+                for outcome in self.run_batch(clips, length):
+                    if outcome.error is not None:
+                        raise outcome.error
+
+    def _random_clip(self, rng: np.random.Generator, length: int) -> ClipFeatures:
+        features = {
+            m: rng.standard_normal((length, dim)).astype(np.float32)
+            for m, dim in self.config.feature_dims.items()
+        }
+        masks = {m: np.ones(length, dtype=np.bool_) for m in features}
+        return ClipFeatures(features=features, masks=masks, length=length)
+
+    def _pad(
+        self, clips: Sequence[ClipFeatures], padded_length: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        # Every modality of the model is passed, zero and fully masked where a clip lacks it,
+        # so that a batch's shapes never depend on which clips it holds.
+        batch = len(clips)
+        features: dict[str, torch.Tensor] = {}
+        masks: dict[str, torch.Tensor] = {}
+        for modality, dim in self.config.feature_dims.items():
+            values = np.zeros((batch, padded_length, dim), dtype=np.float32)  # (b, Lp, F_m)
+            valid = np.zeros((batch, padded_length), dtype=np.bool_)  # (b, Lp)
+            for row, clip in enumerate(clips):
+                if modality in clip.features:
+                    values[row, : clip.length] = clip.features[modality]
+                    valid[row, : clip.length] = clip.masks[modality]
+            features[modality] = torch.from_numpy(values).to(self.device, self._dtype)
+            masks[modality] = torch.from_numpy(valid).to(self.device)
+        return features, masks
+
+    def _forward(self, clips: Sequence[ClipFeatures], padded_length: int) -> list[ClipOutcome]:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        features, masks = self._pad(clips, padded_length)
+        if self._before_forward is not None:
+            self._before_forward(features, masks)
+        with torch.inference_mode():
+            out = self.model(features, masks)
+            scores = out.score.float().cpu().numpy()  # (b,)
+            probabilities = out.probabilities.float().cpu().numpy()  # (b, 3)
+        model_ms = (time.perf_counter() - start) * 1000.0
+        memory = self.memory_snapshot()
+        return [
+            ClipOutcome(
+                result=ClipResult(
+                    score=float(scores[i]), probabilities=tuple(float(p) for p in probabilities[i])
+                ),
+                error=None,
+                model_ms=model_ms,
+                batch_size=len(clips),
+                padded_length=padded_length,
+                memory=memory,
+            )
+            for i in range(len(clips))
+        ]
+
+    def _free_memory(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

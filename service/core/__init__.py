@@ -1,0 +1,1 @@
+"""The inference core: admission, extraction pool, micro-batcher, model worker (no HTTP here)."""

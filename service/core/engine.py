@@ -1,0 +1,614 @@
+"""The inference core: admission, feature extraction pool, micro-batcher and model worker.
+
+It knows nothing of HTTP: it takes plain data (numpy features, a media file path), raises the
+domain errors of :mod:`service.errors`, and answers with :class:`Prediction`. The HTTP layer and
+the local ``cmamba predict`` both drive it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from service.core.batcher import MicroBatcher
+from service.core.extraction import (
+    ExtractionPool,
+    ExtractorFactory,
+    FeatureBundleLike,
+    FeatureExtractor,
+)
+from service.core.types import (
+    CLASS_NAMES,
+    MEDIA_STAGES,
+    ClipFeatures,
+    ClipOutcome,
+    MemorySnapshot,
+    ModelIdentity,
+    Prediction,
+)
+from service.errors import (
+    DeadlineExceededError,
+    DrainingError,
+    FeatureMismatchError,
+    InvalidInputError,
+    MediaDisabledError,
+    NotReadyError,
+    OverCapacityError,
+    ServiceError,
+    StartupError,
+    UndecodableMediaError,
+    from_preprocessing_error,
+)
+from service.metrics import ServiceMetrics
+from service.settings import ServiceSettings
+
+if TYPE_CHECKING:
+    from model import CoupledMambaConfig, CoupledMambaForSentiment
+    from service.backend import ForwardHook, ModelBackend
+
+logger = logging.getLogger(__name__)
+
+
+class CoreState(enum.StrEnum):
+    """Lifecycle of the core: starting -> ready -> draining -> stopped (or failed)."""
+
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+def default_extractor_factory(modalities: Sequence[str]) -> FeatureExtractor:
+    """The real feature extractor for ``modalities`` (nothing else is loaded)."""
+    from preprocessing import Extractor, ExtractorSettings
+
+    extractor: FeatureExtractor = Extractor(ExtractorSettings(), modalities=tuple(modalities))
+    return extractor
+
+
+class InferenceCore:
+    """Owns the model, the model worker, the extraction pool and the admission limits.
+
+    Args:
+        settings: the service settings.
+        metrics: where to record queue depth, batch sizes, GPU memory and readiness.
+        model: an already built model to serve instead of loading ``settings.model_path``.
+        extractor: an extractor instance, or a factory ``(modalities) -> extractor`` called
+            once per extraction thread; default the real ``preprocessing.Extractor``.
+        before_forward: hook handed to the model backend (called before each model call).
+    """
+
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        metrics: ServiceMetrics,
+        *,
+        model: CoupledMambaForSentiment | None = None,
+        extractor: FeatureExtractor | ExtractorFactory | None = None,
+        before_forward: ForwardHook | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._model = model
+        self._extractor = extractor
+        self._before_forward = before_forward
+        self.state = CoreState.STARTING
+        self.startup_error: str | None = None
+        self._started = threading.Event()
+        self._backend: ModelBackend | None = None
+        self._batcher: MicroBatcher | None = None
+        self._pool: ExtractionPool | None = None
+        self._identity: ModelIdentity | None = None
+        self._metadata: dict[str, Any] = {}
+        self._inflight = 0
+        self._idle: asyncio.Event | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Fast checks before the slow start; raise :class:`StartupError` with a clear message."""
+        if self._model is not None:
+            return
+        path = self.settings.model_path
+        if not (path / "config.json").is_file():
+            raise StartupError(
+                f"no checkpoint at {path} (config.json not found): set CMAMBA_MODEL_PATH (or "
+                "--model-path) to a checkpoint folder written by `cmamba train`, or build the "
+                "embedded default with `make default-model`"
+            )
+
+    def start(self) -> None:
+        """Load the model, start the worker, warm up, build the extractors; then go ready.
+
+        Blocking (seconds to minutes): call it off the event loop.
+        """
+        try:
+            self._start()
+        except Exception as exc:
+            self.state = CoreState.FAILED
+            self.startup_error = f"{type(exc).__name__}: {exc}"
+            self.metrics.ready.set(0)
+            logger.exception("startup failed")
+            raise
+        finally:
+            self._started.set()
+
+    def _start(self) -> None:
+        import torch
+
+        from service.backend import ModelBackend, resolve_device
+
+        s = self.settings
+        threads = s.torch_threads
+        torch.set_num_threads(threads)
+        device = resolve_device(s.device)
+        model = self._model
+        if model is None:
+            self.check()
+            from model import load_checkpoint
+
+            model = load_checkpoint(s.model_path, device=device, scan_backend=s.scan_backend)
+        else:
+            model = model.to(device).eval()
+            if s.scan_backend != "auto" or not getattr(model, "scan_backend", None):
+                model.set_scan_backend(s.scan_backend)
+        self._model = model
+        backend = ModelBackend(
+            model, before_forward=self._before_forward, on_oom=self.metrics.gpu_oom.inc
+        )
+        self._backend = backend
+        batcher = MicroBatcher(
+            backend.run_batch,
+            max_batch_size=s.max_batch_size,
+            max_batch_delay_s=s.max_batch_delay_ms / 1000.0,
+            max_queue_size=s.max_queue_size,
+            length_buckets=s.length_buckets,
+            on_batch=self.metrics.batch_size.observe,
+            on_queue_depth=self.metrics.queue_depth.set,
+            thread_init=lambda: torch.set_num_threads(threads),
+        )
+        batcher.start()
+        self._batcher = batcher
+        description = batcher.call(model.describe).result()
+        if s.warmup:
+            first = batcher.bucket_length(1)
+            sizes = sorted({1, s.max_batch_size})
+            batcher.call(lambda: backend.warmup(sizes, [first])).result()
+            self._publish_memory(backend.memory_snapshot())
+
+        info = model.checkpoint_info
+        name = s.model_name or (info.name if info else "coupled-mamba")
+        version = info.version if info else "0"
+        self._identity = ModelIdentity(
+            name=name,
+            version=version,
+            device=str(backend.device),
+            scan_backend=backend.scan_backend,
+        )
+        self._metadata = self._build_metadata(model.config, description)
+
+        if s.enable_media:
+            self._pool = self._build_pool(model.config)
+
+        device_name = str(backend.device)
+        self.metrics.model_info.labels(
+            name=name, version=version, device=device_name, scan_backend=backend.scan_backend
+        ).set(1)
+        if self.state is CoreState.STARTING:
+            self.state = CoreState.READY
+            self.metrics.ready.set(1)
+        logger.info(
+            "ready: model %s v%s on %s, scan backend %s", name, version, backend.device,
+            backend.scan_backend,
+        )  # fmt: skip
+
+    def _build_pool(self, config: CoupledMambaConfig) -> ExtractionPool:
+        modalities = tuple(config.modalities)
+        source = self._extractor
+        if source is None:
+            extractors = [
+                default_extractor_factory(modalities) for _ in range(self.settings.extract_workers)
+            ]
+        elif isinstance(source, FeatureExtractor):
+            extractors = [source]  # one shared instance: one thread
+        else:
+            extractors = [source(modalities) for _ in range(self.settings.extract_workers)]
+        pool = ExtractionPool(extractors)
+        pool.warmup()
+        return pool
+
+    def _build_metadata(
+        self, config: CoupledMambaConfig, description: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        assert self._identity is not None and self._model is not None
+        info = self._model.checkpoint_info
+        return {
+            "name": self._identity.name,
+            "versions": [self._identity.version],
+            "platform": "pytorch",
+            "device": self._identity.device,
+            "scan_backend": self._identity.scan_backend,
+            "feature_profile": config.feature_profile,
+            "modalities": list(config.modalities),
+            "inputs": [
+                {"name": m, "datatype": "FP32", "shape": [-1, dim]}
+                for m, dim in config.feature_dims.items()
+            ],
+            "outputs": [
+                {"name": "score", "datatype": "FP32", "shape": [1]},
+                {"name": "probabilities", "datatype": "FP32", "shape": [len(CLASS_NAMES)]},
+            ],
+            "label_scale": list(config.label_scale),
+            "classes": list(CLASS_NAMES),
+            "architecture": dict(description),
+            "checkpoint": {
+                "path": info.path if info else None,
+                "sha256": info.sha256 if info else None,
+                "training": info.training if info else {},
+                "metrics": info.metrics if info else {},
+            },
+            "model_card": info.model_card if info else None,
+        }
+
+    def wait_started(self, timeout: float | None = None) -> bool:
+        """Block until startup has finished (ready or failed); False on timeout."""
+        return self._started.wait(timeout)
+
+    @property
+    def ready(self) -> bool:
+        return self.state is CoreState.READY and self.worker_alive
+
+    @property
+    def worker_alive(self) -> bool:
+        return self._batcher is None or self._batcher.alive
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    @property
+    def identity(self) -> ModelIdentity:
+        if self._identity is None:
+            raise NotReadyError("the model is still loading")
+        return self._identity
+
+    @property
+    def config(self) -> CoupledMambaConfig:
+        if self._model is None or self.state is CoreState.STARTING:
+            raise NotReadyError("the model is still loading")
+        return self._model.config
+
+    @property
+    def media_enabled(self) -> bool:
+        return self._pool is not None
+
+    def metadata(self) -> dict[str, Any]:
+        """Model metadata and card for ``/v2/models/{name}``."""
+        if self._identity is None:
+            raise NotReadyError("the model is still loading")
+        return self._metadata
+
+    def begin_drain(self) -> None:
+        """Stop admitting work; readiness turns false. In-flight requests go on."""
+        if self.state in (CoreState.READY, CoreState.STARTING):
+            self.state = CoreState.DRAINING
+            logger.info("draining: %d requests in flight", self._inflight)
+        self.metrics.ready.set(0)
+        if self._inflight == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight; False if ``timeout`` passed first."""
+        if self._inflight == 0:
+            return True
+        if self._idle is None:
+            self._idle = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return self._inflight == 0
+        return True
+
+    def stop(self) -> None:
+        """Finish queued work and stop the worker and the pool (blocking)."""
+        if self.state is not CoreState.FAILED:
+            self.state = CoreState.STOPPED
+        self.metrics.ready.set(0)
+        if self._batcher is not None:
+            self._batcher.stop(timeout=self.settings.drain_timeout_s)
+        if self._pool is not None:
+            self._pool.shutdown()
+
+    # -- admission ----------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def admit(self) -> AsyncIterator[None]:
+        """Hold one in-flight slot for the body of the ``async with``.
+
+        Raises:
+            NotReadyError: still loading (or startup failed).
+            DrainingError: shutting down.
+            OverCapacityError: ``max_inflight`` requests are already inside (``inflight_limit``).
+        """
+        if self.state in (CoreState.DRAINING, CoreState.STOPPED):
+            raise DrainingError("the server is shutting down")
+        if not self.ready:
+            raise NotReadyError(
+                "the model is still loading"
+                if self.state is CoreState.STARTING
+                else f"the model is not available: {self.startup_error or 'worker stopped'}"
+            )
+        if self._inflight >= self.settings.max_inflight:
+            raise OverCapacityError(
+                f"{self._inflight} requests in flight (limit {self.settings.max_inflight})",
+                reason="inflight_limit",
+            )
+        self._inflight += 1
+        self.metrics.inflight.set(self._inflight)
+        if self._idle is not None:
+            self._idle.clear()
+        try:
+            yield
+        finally:
+            self._inflight -= 1
+            self.metrics.inflight.set(self._inflight)
+            if self._inflight == 0:
+                if self._idle is None:
+                    self._idle = asyncio.Event()
+                self._idle.set()
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def clip_from_features(
+        self,
+        profile: str,
+        features: Mapping[str, Sequence[Sequence[float]]],
+        masks: Mapping[str, Sequence[bool]] | None = None,
+    ) -> ClipFeatures:
+        """Validate precomputed features against the loaded checkpoint.
+
+        Raises:
+            FeatureMismatchError: other profile, modality or feature size than the checkpoint.
+            InvalidInputError: ragged, empty, too long, non-finite or fully masked input.
+        """
+        config = self.config
+        if profile != config.feature_profile:
+            raise FeatureMismatchError(
+                f"features are in profile {profile!r}, but the loaded model takes "
+                f"{config.feature_profile!r}"
+            )
+        if not features:
+            raise InvalidInputError("features must hold at least one modality")
+        unknown = sorted(set(features) - set(config.modalities))
+        if unknown:
+            raise FeatureMismatchError(
+                f"modalities {unknown} are not inputs of the loaded model "
+                f"(it takes {list(config.modalities)})"
+            )
+        arrays: dict[str, np.ndarray] = {}
+        for modality in config.modalities:
+            if modality not in features:
+                continue
+            try:
+                array = np.asarray(features[modality], dtype=np.float32)
+            except (ValueError, TypeError) as exc:
+                raise InvalidInputError(
+                    f"features.{modality} must be a rectangular list of steps x {modality} "
+                    "feature values"
+                ) from exc
+            dim = config.feature_dims[modality]
+            if array.ndim != 2 or array.shape[0] == 0:
+                raise InvalidInputError(
+                    f"features.{modality} must be a non-empty list of steps, each a list of "
+                    f"{dim} numbers"
+                )
+            if array.shape[1] != dim:
+                raise FeatureMismatchError(
+                    f"features.{modality} has {array.shape[1]} values per step; profile "
+                    f"{config.feature_profile!r} has {dim}"
+                )
+            if not np.isfinite(array).all():
+                raise InvalidInputError(f"features.{modality} holds values out of float32 range")
+            arrays[modality] = array
+        lengths = {m: a.shape[0] for m, a in arrays.items()}
+        length = next(iter(lengths.values()))
+        if any(n != length for n in lengths.values()):
+            raise InvalidInputError(f"all modalities must share one time grid, got {lengths}")
+        if length > self.settings.max_sequence_length:
+            raise InvalidInputError(
+                f"{length} steps is over the limit of {self.settings.max_sequence_length}"
+            )
+        mask_arrays: dict[str, np.ndarray] = {}
+        extra = sorted(set(masks or {}) - set(arrays))
+        if extra:
+            raise InvalidInputError(f"masks given for modalities without features: {extra}")
+        for modality in arrays:
+            given = (masks or {}).get(modality)
+            if given is None:
+                mask_arrays[modality] = np.ones(length, dtype=np.bool_)
+                continue
+            mask = np.asarray(given, dtype=np.bool_)
+            if mask.shape != (length,):
+                raise InvalidInputError(
+                    f"masks.{modality} must have one flag per step ({length}), got {mask.shape}"
+                )
+            mask_arrays[modality] = mask
+        if not any(m.any() for m in mask_arrays.values()):
+            raise InvalidInputError("every step of every modality is masked out")
+        return ClipFeatures(features=arrays, masks=mask_arrays, length=length)
+
+    async def predict_features(
+        self,
+        clip: ClipFeatures,
+        *,
+        started: float,
+        deadline: float,
+        transcript: str | None = None,
+    ) -> Prediction:
+        """Score precomputed features.
+
+        Args:
+            clip: validated features (see :meth:`clip_from_features`).
+            started: ``time.perf_counter()`` at the start of the request.
+            deadline: ``time.monotonic()`` limit of the request.
+            transcript: echoed in ``modalities`` when the client sent one.
+        """
+        outcome = await self._run_model(clip, deadline)
+        summary: dict[str, Any] = {
+            "transcript": transcript,
+            "audio_seconds": None,
+            "frames": None,
+            "frames_with_face": None,
+        }
+        return self._prediction(clip, outcome, summary, {}, started=started)
+
+    async def predict_media(
+        self,
+        path: Path,
+        transcript: str | None,
+        *,
+        started: float,
+        deadline: float,
+        remove_after: bool,
+        upload_ms: float = 0.0,
+    ) -> Prediction:
+        """Extract features from a media file on the pool, then score them.
+
+        Args:
+            path: the media file.
+            transcript: the spoken text, when the client knows it (skips ASR).
+            started: ``time.perf_counter()`` at the start of the request.
+            deadline: ``time.monotonic()`` limit of the request.
+            remove_after: delete ``path`` once extraction is over (it owns the file).
+            upload_ms: time spent receiving the file, reported in the timings.
+        """
+        if self._pool is None:
+            if remove_after:
+                path.unlink(missing_ok=True)
+            raise MediaDisabledError(
+                "this server takes precomputed features only (POST /v1/predict/features)"
+            )
+        job = self._pool.submit(path, transcript, deadline=deadline, remove_after=remove_after)
+        try:
+            # shield: a job that has not started must still run, to delete its file.
+            done = await asyncio.wait_for(
+                asyncio.shield(asyncio.wrap_future(job)), self._remaining(deadline)
+            )
+        except TimeoutError as exc:
+            raise DeadlineExceededError("the request deadline passed during extraction") from exc
+        except ServiceError:
+            raise
+        except Exception as exc:
+            if _is_preprocessing_error(exc):
+                raise from_preprocessing_error(exc) from exc
+            raise
+        bundle = done.bundle
+        clip = self._clip_from_bundle(bundle)
+        outcome = await self._run_model(clip, deadline)
+        summary = dict(bundle.summary)
+        extra = {stage: float(ms) for stage, ms in bundle.timings_ms.items()}
+        extra["upload"] = upload_ms
+        extra["extract_wait"] = done.wait_ms
+        return self._prediction(clip, outcome, summary, extra, started=started)
+
+    def _clip_from_bundle(self, bundle: FeatureBundleLike) -> ClipFeatures:
+        config = self.config
+        if bundle.profile != config.feature_profile:
+            raise RuntimeError(
+                f"extractor profile {bundle.profile!r} differs from the model's "
+                f"{config.feature_profile!r}"
+            )
+        length = int(bundle.length)
+        if length <= 0:
+            raise UndecodableMediaError("the media holds no usable content")
+        if length > self.settings.max_sequence_length:
+            raise InvalidInputError(
+                f"the media spans {length} steps, over the limit of "
+                f"{self.settings.max_sequence_length}"
+            )
+        features = {
+            m: np.asarray(bundle.features[m], dtype=np.float32)
+            for m in config.modalities
+            if m in bundle.features
+        }
+        masks = {m: np.asarray(bundle.masks[m], dtype=np.bool_) for m in features}
+        if not any(mask.any() for mask in masks.values()):
+            raise UndecodableMediaError("no speech, audio or face was found in the media")
+        return ClipFeatures(features=features, masks=masks, length=length)
+
+    async def _run_model(self, clip: ClipFeatures, deadline: float) -> ClipOutcome:
+        if self._batcher is None:
+            raise NotReadyError("the model is still loading")
+        future = self._batcher.submit(clip, deadline)
+        try:
+            outcome = await asyncio.wait_for(asyncio.wrap_future(future), self._remaining(deadline))
+        except TimeoutError as exc:
+            raise DeadlineExceededError("the deadline passed waiting for the model") from exc
+        if outcome.error is not None:
+            raise outcome.error
+        return outcome
+
+    @staticmethod
+    def _remaining(deadline: float) -> float:
+        return max(0.0, deadline - time.monotonic())
+
+    def _prediction(
+        self,
+        clip: ClipFeatures,
+        outcome: ClipOutcome,
+        summary: dict[str, Any],
+        stage_ms: Mapping[str, float],
+        *,
+        started: float,
+    ) -> Prediction:
+        assert outcome.result is not None
+        probabilities = outcome.result.probabilities
+        best = int(np.argmax(probabilities))
+        timings = dict.fromkeys(MEDIA_STAGES, 0.0)
+        timings.update(stage_ms)
+        timings["queue"] = outcome.queue_ms
+        timings["model"] = outcome.model_ms
+        timings["total"] = (time.perf_counter() - started) * 1000.0
+        modalities = {
+            "used": [m for m, mask in clip.masks.items() if bool(mask.any())],
+            "steps": clip.length,
+            **summary,
+        }
+        memory = outcome.memory
+        self._publish_memory(memory)
+        self.metrics.observe_stages(timings)
+        return Prediction(
+            score=outcome.result.score,
+            label=CLASS_NAMES[best],
+            probabilities=dict(zip(CLASS_NAMES, probabilities, strict=True)),
+            modalities=modalities,
+            timings_ms=timings,
+            gpu_memory=memory,
+            model=self.identity,
+            batch_size=outcome.batch_size,
+            padded_length=outcome.padded_length,
+        )
+
+    def _publish_memory(self, memory: MemorySnapshot) -> None:
+        if memory.allocated_bytes is not None:
+            self.metrics.gpu_allocated.set(memory.allocated_bytes)
+            self.metrics.gpu_reserved.set(memory.reserved_bytes or 0)
+            self.metrics.gpu_peak.set(memory.peak_allocated_bytes or 0)
+
+
+def _is_preprocessing_error(exc: BaseException) -> bool:
+    try:
+        from preprocessing.errors import PreprocessingError
+    except ImportError:
+        return False
+    return isinstance(exc, PreprocessingError)

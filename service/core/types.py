@@ -1,0 +1,87 @@
+"""Plain data passed between the HTTP layer, the inference core and the model backend."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+CLASS_NAMES: tuple[str, ...] = ("negative", "neutral", "positive")
+"""Order of the model's class probabilities."""
+
+MEDIA_STAGES: tuple[str, ...] = ("decode", "asr", "text", "audio", "visual")
+"""Feature extraction stages, as reported by the extractor."""
+
+
+@dataclass(frozen=True)
+class ClipFeatures:
+    """One clip's features on one time grid, ready for the model.
+
+    ``features[m]`` is float32 ``(length, F_m)`` and ``masks[m]`` bool ``(length,)`` (True =
+    valid step) for each modality present; modalities the model knows but the clip lacks are
+    simply absent.
+    """
+
+    features: Mapping[str, np.ndarray]
+    masks: Mapping[str, np.ndarray]
+    length: int
+
+
+@dataclass(frozen=True)
+class MemorySnapshot:
+    """Accelerator memory after a model call; every byte count is None on a CPU host."""
+
+    device: str
+    allocated_bytes: int | None = None
+    reserved_bytes: int | None = None
+    peak_allocated_bytes: int | None = None
+    total_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class ClipResult:
+    """The model's answer for one clip."""
+
+    score: float
+    probabilities: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class ClipOutcome:
+    """What the model worker hands back for one clip: a result or the error that stopped it."""
+
+    result: ClipResult | None
+    error: BaseException | None
+    model_ms: float
+    batch_size: int
+    padded_length: int
+    memory: MemorySnapshot
+    queue_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model answers, on which device and scan backend."""
+
+    name: str
+    version: str
+    device: str
+    scan_backend: str
+
+
+@dataclass
+class Prediction:
+    """A full answer for one request, independent of how it arrived (HTTP or CLI)."""
+
+    score: float
+    label: str
+    probabilities: dict[str, float]
+    modalities: dict[str, Any]
+    timings_ms: dict[str, float]
+    gpu_memory: MemorySnapshot
+    model: ModelIdentity
+    batch_size: int
+    padded_length: int
+    extra: dict[str, Any] = field(default_factory=dict)

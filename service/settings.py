@@ -1,0 +1,98 @@
+"""Typed service settings, read from the environment (``CMAMBA_`` prefix) once per app."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_model_path() -> Path:
+    """The embedded default checkpoint folder (``model/checkpoints/default``)."""
+    import model
+
+    finder = getattr(model, "default_checkpoint_path", None)
+    if finder is not None:
+        return Path(finder())
+    return Path(model.__file__).resolve().parent / "checkpoints" / "default"
+
+
+class ServiceSettings(BaseSettings):
+    """Every knob of the service. The model's architecture comes from its checkpoint, not here.
+
+    Each field can be set from the environment as ``CMAMBA_<FIELD>`` (for example
+    ``CMAMBA_MAX_BATCH_SIZE=32``); list fields take JSON (``CMAMBA_LENGTH_BUCKETS='[64,256]'``).
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="CMAMBA_", extra="ignore", protected_namespaces=(), frozen=True
+    )
+
+    # Model ------------------------------------------------------------------------------
+    model_path: Path = Field(
+        default_factory=default_model_path, description="checkpoint folder to serve"
+    )
+    model_name: str | None = Field(
+        default=None, description="name served under /v2/models/{name}; default from checkpoint"
+    )
+    device: str = Field(default="auto", description='"auto" (CUDA when present), "cpu", "cuda"')
+    scan_backend: str = Field(default="auto", description="coupled scan backend to ask for")
+    torch_threads: int = Field(default=1, ge=1, description="torch intra-op threads")
+    warmup: bool = Field(default=True, description="run dummy batches before going ready")
+
+    # Micro-batching ---------------------------------------------------------------------
+    max_batch_size: int = Field(default=16, ge=1, description="1 turns batching off")
+    max_batch_delay_ms: float = Field(
+        default=5.0, ge=0.0, description="longest wait of the oldest queued clip for company"
+    )
+    length_buckets: tuple[int, ...] = Field(
+        default=(16, 32, 64, 128, 256, 512, 1024, 2048),
+        description="sequence lengths are padded up to the next bucket; empty = batch longest",
+    )
+    max_sequence_length: int = Field(default=2048, ge=1, description="longest accepted clip")
+
+    # Admission and limits ---------------------------------------------------------------
+    max_queue_size: int = Field(default=64, ge=1, description="clips waiting for the model")
+    max_inflight: int = Field(default=128, ge=1, description="requests inside the service")
+    request_timeout_s: float = Field(default=30.0, gt=0.0, description="deadline -> 504")
+    retry_after_s: int = Field(default=1, ge=0, description="Retry-After on 503 answers")
+    max_upload_bytes: int = Field(default=50 * 2**20, ge=1, description="request body limit")
+    max_transcript_chars: int = Field(default=10_000, ge=1)
+    upload_dir: Path | None = Field(default=None, description="temp files; default a fresh dir")
+
+    # Feature extraction -----------------------------------------------------------------
+    enable_media: bool = Field(default=True, description="serve /v1/predict (loads extractors)")
+    extract_workers: int = Field(default=1, ge=1, description="CPU feature extraction threads")
+
+    # Security and lifecycle -------------------------------------------------------------
+    api_key: SecretStr | None = Field(
+        default=None, description="bearer token; when set, all but health and metrics need it"
+    )
+    public_docs: bool = Field(default=False, description="serve /docs without the token")
+    drain_timeout_s: float = Field(default=30.0, ge=0.0, description="SIGTERM drain limit")
+
+    @field_validator("length_buckets")
+    @classmethod
+    def _sorted_buckets(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(b <= 0 for b in value):
+            raise ValueError("length buckets must be positive")
+        return tuple(sorted(set(value)))
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value != "auto" and value != "cpu" and not value.startswith("cuda"):
+            raise ValueError('device must be "auto", "cpu" or "cuda[:N]"')
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _empty_key_is_none(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value():
+            return None
+        return value
+
+    @property
+    def batching_enabled(self) -> bool:
+        return self.max_batch_size > 1
