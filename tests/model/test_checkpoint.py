@@ -156,3 +156,20 @@ def test_bad_folders_and_configs(trained, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"no model\.safetensors"):
         load_checkpoint(tmp_path)
     assert issubclass(CheckpointError, ValueError)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_model_matches_cpu(trained, batch_of, tmp_path: Path) -> None:
+    save_checkpoint(trained, tmp_path)
+    gpu = load_checkpoint(tmp_path, device="cuda")  # backend chosen for the GPU
+    assert gpu.device.type == "cuda"
+    features, masks = batch_of([7, 12, 3])
+    masks["visual"][1, 4:6] = False
+    with torch.no_grad():
+        want = trained(features, masks)
+        got = gpu(
+            {m: f.cuda() for m, f in features.items()}, {m: k.cuda() for m, k in masks.items()}
+        )
+    for name in ("score", "logits", "probabilities", "modality_weights"):
+        torch.testing.assert_close(getattr(got, name).cpu(), getattr(want, name), rtol=0, atol=1e-4)
