@@ -1,0 +1,108 @@
+# syntax=docker/dockerfile:1
+#
+# GPU image of the Coupled Mamba sentiment service.
+#
+#   docker build -t cmamba-service .
+#   docker run --gpus all -p 8000:8000 cmamba-service
+#
+# Two stages on the official PyTorch images (same torch, CUDA and Python in both):
+#   build    (-devel, has nvcc): compiles mamba-ssm and causal-conv1d wheels with their CUDA
+#            kernels for this torch and CUDA, and the project's own wheel;
+#   runtime  (-runtime, no compiler): installs those wheels and the pinned dependencies around
+#            the image's own torch, then runs `cmamba serve` as a non-root user under tini.
+# Every model the service uses ships inside the image: the checkpoint embedded in the repository
+# (model/checkpoints/default) and the ASR, text-encoder and face-mesh models of the pinned
+# registry packages. Nothing is downloaded at run time. docs/DEPLOY.md explains each setting.
+
+ARG BASE_REPO=pytorch/pytorch
+ARG TORCH_VERSION=2.13.0
+ARG CUDA_FLAVOR=cuda12.6-cudnn9
+
+# --------------------------------------------------------------------------------------------
+FROM ${BASE_REPO}:${TORCH_VERSION}-${CUDA_FLAVOR}-devel AS build
+
+ARG TORCH_VERSION
+ARG MAMBA_SSM_VERSION=2.3.2.post1
+ARG CAUSAL_CONV1D_VERSION=1.7.0
+# Compute capabilities to compile for: A100 (8.0) and H100 (9.0). Both packages also add their
+# own fixed -gencode list (sm_75..sm_90 on CUDA 12.6), which covers these.
+ARG TORCH_CUDA_ARCH_LIST="8.0;9.0"
+# Parallel nvcc jobs; each takes several GB of memory.
+ARG MAX_JOBS=4
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_BREAK_SYSTEM_PACKAGES=1 \
+    MAMBA_FORCE_BUILD=TRUE \
+    CAUSAL_CONV1D_FORCE_BUILD=TRUE \
+    TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST} \
+    MAX_JOBS=${MAX_JOBS}
+
+WORKDIR /src
+COPY docker/image_check.py docker/requirements-build.txt docker/
+# Fail early, with a clear message, if the base image is not the torch/Python/CUDA assumed.
+RUN python docker/image_check.py base --torch "${TORCH_VERSION}" --python 3.11 --cuda \
+    && python -m pip install -r docker/requirements-build.txt
+
+# FORCE_BUILD makes both setup.py files compile here instead of fetching prebuilt wheels; no
+# build isolation, so they compile against this image's torch.
+RUN python -m pip wheel --no-deps --no-build-isolation --wheel-dir /wheels \
+        "causal-conv1d==${CAUSAL_CONV1D_VERSION}" \
+        "mamba-ssm==${MAMBA_SSM_VERSION}"
+
+COPY pyproject.toml README.md constraints.txt ./
+COPY model model
+COPY preprocessing preprocessing
+COPY service service
+RUN python -m pip wheel --no-deps --wheel-dir /wheels .
+
+# --------------------------------------------------------------------------------------------
+FROM ${BASE_REPO}:${TORCH_VERSION}-${CUDA_FLAVOR}-runtime AS runtime
+
+ARG TORCH_VERSION
+ARG APP_UID=10001
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_BREAK_SYSTEM_PACKAGES=1 \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    HF_HUB_DISABLE_TELEMETRY=1 \
+    NUMBA_CACHE_DIR=/tmp/numba-cache \
+    MPLCONFIGDIR=/tmp/matplotlib
+
+# tini reaps children and forwards SIGTERM so the service can drain; libGL and GLib are what
+# OpenCV and MediaPipe load. Versions follow the base image's Ubuntu release.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends tini libgl1 libglib2.0-0 \
+    && rm -rf /var/lib/apt/lists/*
+
+# Install around the image's own torch (and triton): their pins are dropped from the project's
+# constraints and replaced by the exact installed versions, so pip can never swap them.
+COPY --from=build /wheels /tmp/wheels
+COPY constraints.txt docker/requirements-gpu.txt docker/image_check.py /tmp/build/
+RUN python /tmp/build/image_check.py base --torch "${TORCH_VERSION}" --python 3.11 --cuda \
+    && python /tmp/build/image_check.py constraints /tmp/build/constraints.txt \
+        > /tmp/build/constraints-image.txt \
+    && python -m pip install -c /tmp/build/constraints-image.txt \
+        -r /tmp/build/requirements-gpu.txt /tmp/wheels/coupled_mamba_service-*.whl \
+    && python -m pip install --no-deps /tmp/wheels/mamba_ssm-*.whl /tmp/wheels/causal_conv1d-*.whl \
+    && python /tmp/build/image_check.py final --torch "${TORCH_VERSION}" --kernels \
+    && rm -rf /tmp/wheels /tmp/build
+
+RUN groupadd --gid "${APP_UID}" cmamba \
+    && useradd --uid "${APP_UID}" --gid "${APP_UID}" --create-home --shell /usr/sbin/nologin cmamba
+USER ${APP_UID}:${APP_UID}
+WORKDIR /home/cmamba
+
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/live', timeout=4)"]
+
+ENTRYPOINT ["/usr/bin/tini", "--"]
+CMD ["cmamba", "serve", "--host", "0.0.0.0", "--port", "8000"]
