@@ -20,7 +20,7 @@ from fastapi import FastAPI
 
 from service.api import docs, health, metrics, models, predict
 from service.core.engine import InferenceCore
-from service.core.extraction import ExtractorFactory, FeatureExtractor
+from service.core.extraction import FeatureExtractor
 from service.errors import install_handlers
 from service.metrics import ServiceMetrics
 from service.middleware import RequestContextMiddleware, RequestMetricsMiddleware
@@ -62,7 +62,7 @@ def create_app(
     settings: ServiceSettings | None = None,
     *,
     model: CoupledMambaForSentiment | None = None,
-    extractor: FeatureExtractor | ExtractorFactory | None = None,
+    extractor: FeatureExtractor | None = None,
     before_forward: ForwardHook | None = None,
 ) -> FastAPI:
     """Build the service.
@@ -71,8 +71,8 @@ def create_app(
         settings: the settings; read from the environment (``CMAMBA_*``) when None.
         model: a ``CoupledMambaForSentiment`` to serve instead of loading
             ``settings.model_path``.
-        extractor: a feature extractor instance, or a factory ``(modalities) -> extractor``,
-            instead of ``preprocessing.Extractor``.
+        extractor: a thread-safe feature extractor to use instead of
+            ``preprocessing.Extractor``.
         before_forward: hook called with each padded batch before the model call (fault
             injection in tests).
     """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -64,6 +65,11 @@ class ServiceSettings(BaseSettings):
     # Feature extraction -----------------------------------------------------------------
     enable_media: bool = Field(default=True, description="serve /v1/predict (loads extractors)")
     extract_workers: int = Field(default=1, ge=1, description="CPU feature extraction threads")
+    max_media_seconds: float = Field(default=180.0, gt=0.0, description="longest accepted clip")
+    extractor_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description='more preprocessing.ExtractorSettings fields, e.g. {"frame_rate_hz": 5}',
+    )
 
     # Security and lifecycle -------------------------------------------------------------
     api_key: SecretStr | None = Field(

@@ -1,14 +1,112 @@
-"""``cmamba predict``: not available yet."""
+"""``cmamba predict FILE``: print the JSON answer for a media file.
+
+With ``--url`` the file is posted to a running server; without it the model and extractors
+are loaded in this process and the same inference core answers.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    del parser
+    parser.add_argument("file", type=Path, help="a video or audio file")
+    parser.add_argument("--url", help="base URL of a running server, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--transcript", help="what is said, when known (skips speech recognition)")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("CMAMBA_API_KEY"),
+        help="bearer token for --url (default $CMAMBA_API_KEY)",
+    )
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (--url)")
+    parser.add_argument("--model-path", type=Path, help="checkpoint folder (local mode)")
+    parser.add_argument("--device", help='"auto", "cpu" or "cuda[:N]" (local mode)')
 
 
 def run(args: argparse.Namespace) -> int:
-    del args
-    raise SystemExit("cmamba predict is not available yet")
+    if not args.file.is_file():
+        print(f"cmamba predict: no such file: {args.file}", file=sys.stderr)
+        return 2
+    if args.url:
+        status, body = _predict_remote(args)
+    else:
+        status, body = _predict_local(args)
+    print(json.dumps(body, indent=2))
+    return 0 if status == 200 else 1
+
+
+def _predict_remote(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+    import mimetypes
+
+    import httpx
+
+    content_type = mimetypes.guess_type(args.file.name)[0] or "application/octet-stream"
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    data = {"transcript": args.transcript} if args.transcript else {}
+    url = args.url.rstrip("/") + "/v1/predict"
+    with args.file.open("rb") as handle:
+        try:
+            response = httpx.post(
+                url,
+                files={"file": (args.file.name, handle, content_type)},
+                data=data,
+                headers=headers,
+                timeout=args.timeout,
+            )
+        except httpx.HTTPError as exc:
+            return 0, {"error": {"type": "connection_error", "message": f"{url}: {exc}"}}
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"error": {"type": "http_error", "message": response.text[:500]}}
+    return response.status_code, body
+
+
+def _predict_local(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+    import asyncio
+    import time
+    import uuid
+
+    from service.api.schemas import PredictResponse
+    from service.core.engine import InferenceCore
+    from service.errors import ServiceError, StartupError, error_body
+    from service.metrics import ServiceMetrics
+    from service.settings import ServiceSettings
+
+    overrides: dict[str, Any] = {"max_batch_delay_ms": 0.0}
+    if args.model_path is not None:
+        overrides["model_path"] = args.model_path
+    if args.device is not None:
+        overrides["device"] = args.device
+    settings = ServiceSettings(**overrides)
+    core = InferenceCore(settings, ServiceMetrics())
+    try:
+        core.check()
+        core.start()
+    except StartupError as exc:
+        return 1, error_body("startup_failed", str(exc))
+    except Exception as exc:  # a corrupt checkpoint, a missing extractor model...
+        return 1, error_body("startup_failed", f"{type(exc).__name__}: {exc}")
+
+    async def predict() -> dict[str, Any]:
+        async with core.admit():
+            prediction = await core.predict_media(
+                args.file,
+                args.transcript,
+                started=time.perf_counter(),
+                deadline=time.monotonic() + settings.request_timeout_s,
+                remove_after=False,
+            )
+        return PredictResponse.from_prediction(prediction, uuid.uuid4().hex).model_dump(mode="json")
+
+    try:
+        return 200, asyncio.run(predict())
+    except ServiceError as exc:
+        return exc.status_code, error_body(exc.error_type, exc.message)
+    finally:
+        core.stop()

@@ -1,19 +1,101 @@
-"""``cmamba serve``: run the REST API under uvicorn."""
+"""``cmamba serve``: run the REST API under uvicorn (one process, one model worker)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="interface (default %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
+    parser.add_argument("--log-level", default="info", help="uvicorn log level")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        choices=[1],
+        help="server processes: always 1 (one model worker per process; scale out with replicas)",
+    )
+    settings = parser.add_argument_group("settings (override CMAMBA_* environment variables)")
+    settings.add_argument("--model-path", type=Path, help="checkpoint folder to serve")
+    settings.add_argument("--model-name", help="name served under /v2/models/{name}")
+    settings.add_argument("--device", help='"auto", "cpu" or "cuda[:N]"')
+    settings.add_argument("--scan-backend", help="coupled scan backend (default auto)")
+    settings.add_argument("--torch-threads", type=int, help="torch intra-op threads")
+    settings.add_argument("--max-batch-size", type=int, help="clips per model call (1 = off)")
+    settings.add_argument("--max-batch-delay-ms", type=float, help="longest wait for a batch")
+    settings.add_argument("--max-queue-size", type=int, help="clips waiting for the model")
+    settings.add_argument("--max-inflight", type=int, help="requests inside the service")
+    settings.add_argument("--request-timeout-s", type=float, help="request deadline (504)")
+    settings.add_argument("--max-upload-bytes", type=int, help="request body limit (413)")
+    settings.add_argument("--extract-workers", type=int, help="feature extraction threads")
+    settings.add_argument(
+        "--features-only",
+        action="store_true",
+        help="serve /v1/predict/features only (no media extractors are loaded)",
+    )
+
+
+_SETTING_FLAGS = (
+    "model_path",
+    "model_name",
+    "device",
+    "scan_backend",
+    "torch_threads",
+    "max_batch_size",
+    "max_batch_delay_ms",
+    "max_queue_size",
+    "max_inflight",
+    "request_timeout_s",
+    "max_upload_bytes",
+    "extract_workers",
+)
+
+
+def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags (flags win over the environment)."""
+    overrides = {
+        name: getattr(args, name) for name in _SETTING_FLAGS if getattr(args, name) is not None
+    }
+    if args.features_only:
+        overrides["enable_media"] = False
+    return overrides
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
+    import sys
+
     import uvicorn
+    from pydantic import ValidationError
 
+    from service.errors import StartupError
     from service.main import create_app
+    from service.server import DrainingServer
+    from service.settings import ServiceSettings
 
-    uvicorn.run(create_app(), host=args.host, port=args.port)
-    return 0
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = ServiceSettings(**settings_overrides(args))
+    except ValidationError as exc:
+        print(f"cmamba serve: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    app = create_app(settings)
+    try:
+        app.state.core.check()
+    except StartupError as exc:
+        print(f"cmamba serve: {exc}", file=sys.stderr)
+        return 1
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        workers=1,
+        timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
+    )
+    server = DrainingServer(config, app.state.core, settings.drain_timeout_s)
+    server.run()
+    return server.exit_code

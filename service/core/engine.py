@@ -22,7 +22,6 @@ import numpy as np
 from service.core.batcher import MicroBatcher
 from service.core.extraction import (
     ExtractionPool,
-    ExtractorFactory,
     FeatureBundleLike,
     FeatureExtractor,
 )
@@ -68,11 +67,18 @@ class CoreState(enum.StrEnum):
     FAILED = "failed"
 
 
-def default_extractor_factory(modalities: Sequence[str]) -> FeatureExtractor:
-    """The real feature extractor for ``modalities`` (nothing else is loaded)."""
+def default_extractor(settings: ServiceSettings, modalities: Sequence[str]) -> FeatureExtractor:
+    """The real feature extractor, limited to ``modalities`` (nothing else is loaded)."""
     from preprocessing import Extractor, ExtractorSettings
 
-    extractor: FeatureExtractor = Extractor(ExtractorSettings(), modalities=tuple(modalities))
+    options: dict[str, Any] = {
+        "max_duration_s": settings.max_media_seconds,
+        "max_file_bytes": settings.max_upload_bytes,
+    }
+    options.update(settings.extractor_options)
+    extractor: FeatureExtractor = Extractor(
+        ExtractorSettings(**options), modalities=tuple(modalities)
+    )
     return extractor
 
 
@@ -83,8 +89,8 @@ class InferenceCore:
         settings: the service settings.
         metrics: where to record queue depth, batch sizes, GPU memory and readiness.
         model: an already built model to serve instead of loading ``settings.model_path``.
-        extractor: an extractor instance, or a factory ``(modalities) -> extractor`` called
-            once per extraction thread; default the real ``preprocessing.Extractor``.
+        extractor: a thread-safe feature extractor to use instead of
+            ``preprocessing.Extractor`` for the checkpoint's modalities.
         before_forward: hook handed to the model backend (called before each model call).
     """
 
@@ -94,7 +100,7 @@ class InferenceCore:
         metrics: ServiceMetrics,
         *,
         model: CoupledMambaForSentiment | None = None,
-        extractor: FeatureExtractor | ExtractorFactory | None = None,
+        extractor: FeatureExtractor | None = None,
         before_forward: ForwardHook | None = None,
     ) -> None:
         self.settings = settings
@@ -110,6 +116,9 @@ class InferenceCore:
         self._pool: ExtractionPool | None = None
         self._identity: ModelIdentity | None = None
         self._metadata: dict[str, Any] = {}
+        self._media_unavailable = (
+            "this server takes precomputed features only (POST /v1/predict/features)"
+        )
         self._inflight = 0
         self._idle: asyncio.Event | None = None
 
@@ -212,18 +221,35 @@ class InferenceCore:
             backend.scan_backend,
         )  # fmt: skip
 
-    def _build_pool(self, config: CoupledMambaConfig) -> ExtractionPool:
+    def _build_pool(self, config: CoupledMambaConfig) -> ExtractionPool | None:
         modalities = tuple(config.modalities)
         source = self._extractor
         if source is None:
-            extractors = [
-                default_extractor_factory(modalities) for _ in range(self.settings.extract_workers)
-            ]
-        elif isinstance(source, FeatureExtractor):
-            extractors = [source]  # one shared instance: one thread
-        else:
-            extractors = [source(modalities) for _ in range(self.settings.extract_workers)]
-        pool = ExtractionPool(extractors)
+            from preprocessing import PROFILES
+
+            profile = PROFILES.get(config.feature_profile)
+            if profile is None or not profile.has_extractor:
+                logger.warning(
+                    "feature profile %r has no media extractor: serving precomputed features only",
+                    config.feature_profile,
+                )
+                self._media_unavailable = (
+                    f"the loaded model takes features of profile {config.feature_profile!r}, "
+                    "which no media extractor here produces; POST /v1/predict/features instead"
+                )
+                return None
+            wrong = {
+                m: (config.feature_dims[m], profile.dims.get(m))
+                for m in modalities
+                if config.feature_dims[m] != profile.dims.get(m)
+            }
+            if wrong:
+                raise StartupError(
+                    f"the checkpoint's feature sizes differ from profile {profile.name!r} "
+                    f"(checkpoint, profile): {wrong}"
+                )
+            source = default_extractor(self.settings, modalities)
+        pool = ExtractionPool(source, self.settings.extract_workers)
         pool.warmup()
         return pool
 
@@ -495,9 +521,7 @@ class InferenceCore:
         if self._pool is None:
             if remove_after:
                 path.unlink(missing_ok=True)
-            raise MediaDisabledError(
-                "this server takes precomputed features only (POST /v1/predict/features)"
-            )
+            raise MediaDisabledError(self._media_unavailable)
         job = self._pool.submit(path, transcript, deadline=deadline, remove_after=remove_after)
         try:
             # shield: a job that has not started must still run, to delete its file.
@@ -515,7 +539,7 @@ class InferenceCore:
         bundle = done.bundle
         clip = self._clip_from_bundle(bundle)
         outcome = await self._run_model(clip, deadline)
-        summary = dict(bundle.summary)
+        summary = _summary_dict(bundle.summary)
         extra = {stage: float(ms) for stage, ms in bundle.timings_ms.items()}
         extra["upload"] = upload_ms
         extra["extract_wait"] = done.wait_ms
@@ -604,6 +628,13 @@ class InferenceCore:
             self.metrics.gpu_allocated.set(memory.allocated_bytes)
             self.metrics.gpu_reserved.set(memory.reserved_bytes or 0)
             self.metrics.gpu_peak.set(memory.peak_allocated_bytes or 0)
+
+
+def _summary_dict(summary: Any) -> dict[str, Any]:
+    as_dict = getattr(summary, "as_dict", None)
+    out = dict(as_dict() if as_dict is not None else summary)
+    out.pop("present", None)  # the answer's "used" says it
+    return out
 
 
 def _is_preprocessing_error(exc: BaseException) -> bool:

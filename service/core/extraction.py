@@ -1,16 +1,14 @@
-"""Feature extraction on a pool of CPU threads, one extractor instance per thread.
+"""Feature extraction on a pool of CPU threads sharing one extractor.
 
-An extractor holds models (ASR, text encoder, face mesh) that are not safe to share between
-threads, so each pool thread borrows its own instance for the length of one job.
+``preprocessing.Extractor`` is safe to share between threads (its models run concurrent calls
+or sit behind locks), so the pool holds one instance and ``workers`` threads.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import queue
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -27,7 +25,7 @@ class FeatureBundleLike(Protocol):
     length: int
     features: Mapping[str, Any]
     masks: Mapping[str, Any]
-    summary: Mapping[str, Any]
+    summary: Any
     timings_ms: Mapping[str, float]
 
 
@@ -35,13 +33,9 @@ class FeatureBundleLike(Protocol):
 class FeatureExtractor(Protocol):
     """What the service needs of ``preprocessing.Extractor``."""
 
-    def warmup(self) -> None: ...
+    def warmup(self) -> object: ...
 
-    def extract(self, path: str | os.PathLike[str], transcript: str | None = None) -> Any: ...
-
-
-ExtractorFactory = Callable[[Sequence[str]], FeatureExtractor]
-"""Builds an extractor for the given modalities."""
+    def extract(self, path: Path, transcript: str | None = None) -> Any: ...
 
 
 class ExtractionJobResult:
@@ -53,32 +47,25 @@ class ExtractionJobResult:
 
 
 class ExtractionPool:
-    """A fixed set of extractors served by as many threads.
+    """One extractor served by ``workers`` threads.
 
     Args:
-        extractors: ready-made extractor instances; one thread per instance.
+        extractor: a thread-safe extractor.
+        workers: extraction threads (clips extracted at the same time).
     """
 
-    def __init__(self, extractors: Sequence[FeatureExtractor]) -> None:
-        if not extractors:
-            raise ValueError("the extraction pool needs at least one extractor")
-        self._free: queue.SimpleQueue[FeatureExtractor] = queue.SimpleQueue()
-        for extractor in extractors:
-            self._free.put(extractor)
-        self._extractors = list(extractors)
+    def __init__(self, extractor: FeatureExtractor, workers: int) -> None:
+        if workers < 1:
+            raise ValueError("the extraction pool needs at least one worker")
+        self.extractor = extractor
+        self.workers = workers
         self._executor = ThreadPoolExecutor(
-            max_workers=len(extractors), thread_name_prefix="cmamba-extract"
+            max_workers=workers, thread_name_prefix="cmamba-extract"
         )
 
-    @property
-    def size(self) -> int:
-        return len(self._extractors)
-
     def warmup(self) -> None:
-        """Warm every extractor (model loading, JIT), in parallel on the pool's threads."""
-        jobs = [self._executor.submit(extractor.warmup) for extractor in self._extractors]
-        for job in jobs:
-            job.result()
+        """Load the extractor's models and compile its JIT paths (on a pool thread)."""
+        self._executor.submit(self.extractor.warmup).result()
 
     def submit(
         self,
@@ -100,11 +87,7 @@ class ExtractionPool:
                 started = time.monotonic()
                 if started > deadline:
                     raise DeadlineExceededError("the request deadline passed before extraction")
-                extractor = self._free.get()
-                try:
-                    bundle = extractor.extract(path, transcript=transcript)
-                finally:
-                    self._free.put(extractor)
+                bundle = self.extractor.extract(path, transcript=transcript)
                 return ExtractionJobResult(bundle, (started - submitted) * 1000.0)
             finally:
                 if remove_after:
