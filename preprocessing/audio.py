@@ -1,0 +1,157 @@
+"""Audio modality: the CH-SIMS acoustic recipe (log F0, 20 MFCC, 12 chroma) on the time grid.
+
+Frame features are computed with librosa on 16 kHz mono audio, one frame every 20 ms, then
+averaged into the grid's cells. Cells that are silent are masked. See docs/FEATURES.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from preprocessing.grid import cell_means
+from preprocessing.media import AUDIO_SAMPLE_RATE
+from preprocessing.profiles import AUDIO_FEATURE_NAMES
+
+AUDIO_DIM = len(AUDIO_FEATURE_NAMES)  # 33
+HOP = 320  # 20 ms at 16 kHz
+F0_FRAME = 1024  # 64 ms analysis window for the pitch trackers
+FMIN_HZ = 65.0
+FMAX_HZ = 600.0
+N_FFT = 512  # 32 ms MFCC window
+N_MELS = 40
+# librosa's CQT analyses its lowest octave after 6 halvings of the sample rate with 512-sample
+# windows: shorter input is zero-padded to this many samples (the padding is masked as silence).
+MIN_SAMPLES = 512 * 2**6 + HOP
+VOICING_THRESHOLD = 0.7  # normalised autocorrelation at the yin period, above = voiced
+
+
+@dataclass(frozen=True)
+class AcousticFrames:
+    """Frame-level features: ``values`` (N, 33), ``times_s`` (N,), ``power`` (N,) mean square."""
+
+    values: np.ndarray
+    times_s: np.ndarray
+    power: np.ndarray
+    voiced: np.ndarray  # (N,) bool
+
+
+def _yin_with_voicing(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """F0 by yin, and a voicing decision from the periodicity at the found period.
+
+    yin always returns a pitch; a frame counts as voiced when the normalised autocorrelation of
+    the signal with itself shifted by one period is at least ``VOICING_THRESHOLD``.
+    """
+    import librosa
+
+    f0 = librosa.yin(
+        y, fmin=FMIN_HZ, fmax=FMAX_HZ, sr=AUDIO_SAMPLE_RATE, frame_length=F0_FRAME, hop_length=HOP
+    )  # (N,)
+    half = F0_FRAME // 2
+    padded = np.pad(y, (half, half))
+    frames = librosa.util.frame(padded, frame_length=F0_FRAME, hop_length=HOP).T  # (N', 1024)
+    n = min(len(f0), len(frames))
+    f0, frames = f0[:n], frames[:n]
+    window = F0_FRAME - int(np.ceil(AUDIO_SAMPLE_RATE / FMIN_HZ))  # fits every period
+    period = np.clip(np.round(AUDIO_SAMPLE_RATE / f0).astype(np.int64), 1, F0_FRAME - window)
+    head = frames[:, :window]  # (N, W)
+    idx = np.arange(window)[None, :] + period[:, None]  # (N, W)
+    shifted = np.take_along_axis(frames, idx, axis=1)  # (N, W)
+    num = np.einsum("nw,nw->n", head, shifted)
+    den = np.sqrt(np.einsum("nw,nw->n", head, head) * np.einsum("nw,nw->n", shifted, shifted))
+    corr = np.divide(num, den, out=np.zeros_like(num), where=den > 1e-12)
+    return f0, corr >= VOICING_THRESHOLD
+
+
+def _pyin(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    import librosa
+
+    f0, voiced, _ = librosa.pyin(
+        y, fmin=FMIN_HZ, fmax=FMAX_HZ, sr=AUDIO_SAMPLE_RATE, frame_length=F0_FRAME, hop_length=HOP
+    )
+    return np.nan_to_num(f0, nan=FMIN_HZ), voiced.astype(bool)
+
+
+def acoustic_frames(audio: np.ndarray, f0_method: str = "yin") -> AcousticFrames:
+    """Frame-level CH-SIMS features of 16 kHz mono audio (one frame per 20 ms, centred)."""
+    import librosa
+
+    y = np.asarray(audio, dtype=np.float32)
+    if len(y) < MIN_SAMPLES:  # the CQT's lowest octave needs a few windows; zeros are silence
+        y = np.pad(y, (0, MIN_SAMPLES - len(y)))
+    if f0_method == "pyin":
+        f0, voiced = _pyin(y)
+    else:
+        f0, voiced = _yin_with_voicing(y)
+    mfcc = librosa.feature.mfcc(
+        y=y, sr=AUDIO_SAMPLE_RATE, n_mfcc=20, n_fft=N_FFT, hop_length=HOP, n_mels=N_MELS
+    )  # (20, N)
+    # tuning=0: A4 = 440 Hz assumed (estimating it costs an extra STFT and varies per clip).
+    chroma = librosa.feature.chroma_cqt(
+        y=y, sr=AUDIO_SAMPLE_RATE, hop_length=HOP, tuning=0.0
+    )  # (12, N)
+    frames = librosa.util.frame(
+        np.pad(y, (HOP, HOP)), frame_length=2 * HOP, hop_length=HOP
+    )  # (640, N)
+    power = np.mean(frames.astype(np.float64) ** 2, axis=0)
+    n = min(len(f0), mfcc.shape[1], chroma.shape[1], len(power))
+    log_f0 = np.where(voiced[:n], np.log(np.maximum(f0[:n], 1.0)), 0.0)
+    values = np.concatenate([log_f0[None, :], mfcc[:, :n], chroma[:, :n]], axis=0).T  # (N, 33)
+    times = np.arange(n) * HOP / AUDIO_SAMPLE_RATE
+    return AcousticFrames(
+        values=values.astype(np.float32), times_s=times, power=power[:n], voiced=voiced[:n]
+    )
+
+
+def audio_on_grid(
+    audio: np.ndarray,
+    length: int,
+    rate_hz: float,
+    *,
+    f0_method: str = "yin",
+    silence_floor_dbfs: float = -55.0,
+    silence_range_db: float = 45.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """CH-SIMS features averaged into ``length`` grid cells at ``rate_hz``.
+
+    log F0 of a cell is the mean over its voiced frames (0 when none is voiced); MFCC and chroma
+    are plain means. A cell is silent, and masked, when its mean power is below
+    ``silence_floor_dbfs`` or more than ``silence_range_db`` below the loudest cell.
+    Returns ``features`` (length, 33) float32 and ``mask`` (length,) bool.
+    """
+    features = np.zeros((length, AUDIO_DIM), dtype=np.float32)
+    mask = np.zeros((length,), dtype=bool)
+    if audio is None or len(audio) == 0:
+        return features, mask
+    frames = acoustic_frames(audio, f0_method)
+    # Everything but log F0 is a plain mean.
+    means, counts = cell_means(frames.values, frames.times_s, length, rate_hz)
+    features[:] = means
+    # log F0: mean over voiced frames only.
+    voiced_idx = np.flatnonzero(frames.voiced)
+    f0_means, f0_counts = cell_means(
+        frames.values[voiced_idx, :1], frames.times_s[voiced_idx], length, rate_hz
+    )
+    features[:, 0] = np.where(f0_counts > 0, f0_means[:, 0], 0.0)
+    # Silence from cell power, frames past the decoded audio excluded.
+    inside = frames.times_s < len(audio) / AUDIO_SAMPLE_RATE
+    power, power_counts = cell_means(
+        frames.power[inside, None], frames.times_s[inside], length, rate_hz
+    )
+    db = 10.0 * np.log10(np.maximum(power[:, 0].astype(np.float64), 1e-12))
+    has_audio = power_counts > 0
+    if not has_audio.any():
+        return np.zeros_like(features), mask
+    loudest = db[has_audio].max()
+    mask = has_audio & (db >= silence_floor_dbfs) & (db >= loudest - silence_range_db)
+    features[~has_audio] = 0.0
+    del counts
+    return features, mask
+
+
+def warmup_audio(f0_method: str = "yin") -> None:
+    """Run the recipe once on a short synthetic tone so numba compiles before the first clip."""
+    t = np.arange(2 * AUDIO_SAMPLE_RATE) / AUDIO_SAMPLE_RATE
+    tone = (0.1 * np.sin(2 * np.pi * 150.0 * t)).astype(np.float32)
+    audio_on_grid(tone, 20, 10.0, f0_method=f0_method)

@@ -1,0 +1,277 @@
+"""The extractor: a media file in, a :class:`FeatureBundle` on the ``default-v1`` grid out."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from preprocessing.asr import SpeechRecognizer, Transcription
+from preprocessing.bundle import FeatureBundle, MediaSummary
+from preprocessing.errors import NoUsableStreamError
+from preprocessing.grid import grid_length
+from preprocessing.media import SUPPORTED_HINT, DecodedMedia, MediaInfo, decode_media, probe_media
+from preprocessing.profiles import MODALITIES, PROFILES, FeatureProfile
+from preprocessing.settings import ExtractorSettings
+from preprocessing.text import TextEncoder, align_text, uniform_word_times
+
+PROFILE_NAME = "default-v1"
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + (time.perf_counter() - start) * 1000.0
+
+
+class Extractor:
+    """Turns a clip into text, audio and visual features on one time grid (profile default-v1).
+
+    Only the requested ``modalities`` are extracted; ASR still decodes the audio when text is
+    requested without a transcript. Models load on first use or in :meth:`warmup`.
+
+    Thread safety: one instance may be shared by a pool of threads. The ASR model and the text
+    encoder are shared (CTranslate2 runs concurrent calls itself; the tokenizer is behind a lock;
+    the MiniLM forward pass needs none), model loading is behind locks, and every ``extract``
+    call builds its own face-mesh graph and decoder state. For a process pool, send the
+    extractor (it pickles without its models) or build one per process; each process loads its
+    own models.
+    """
+
+    def __init__(
+        self,
+        settings: ExtractorSettings | None = None,
+        modalities: Sequence[str] = MODALITIES,
+        *,
+        text_encoder: TextEncoder | None = None,
+        recognizer: SpeechRecognizer | None = None,
+    ) -> None:
+        unknown = [m for m in modalities if m not in MODALITIES]
+        if unknown or not modalities:
+            raise ValueError(
+                f"modalities must be a non-empty subset of {MODALITIES}, not {modalities}"
+            )
+        self.settings = settings or ExtractorSettings()
+        self.modalities: tuple[str, ...] = tuple(m for m in MODALITIES if m in modalities)
+        self._text_encoder = text_encoder
+        self._recognizer = recognizer
+
+    # -- models -------------------------------------------------------------------------------
+
+    @property
+    def profile(self) -> FeatureProfile:
+        """The feature profile this extractor produces."""
+        return PROFILES[PROFILE_NAME]
+
+    @property
+    def dims(self) -> dict[str, int]:
+        """Feature dimension per requested modality."""
+        return {m: self.profile.dims[m] for m in self.modalities}
+
+    @property
+    def text_encoder(self) -> TextEncoder:
+        """The MiniLM text encoder (created on first access, loaded on first use)."""
+        if self._text_encoder is None:
+            self._text_encoder = TextEncoder(
+                self.settings.text_model_dir, torch_threads=self.settings.torch_threads
+            )
+        return self._text_encoder
+
+    @property
+    def recognizer(self) -> SpeechRecognizer:
+        """The faster-whisper recogniser (created on first access, loaded on first use)."""
+        if self._recognizer is None:
+            self._recognizer = SpeechRecognizer(self.settings)
+        return self._recognizer
+
+    def warmup(self) -> dict[str, float]:
+        """Load every model the requested modalities need and run each stage once on synthetic
+        input (numba compiles librosa's pitch tracker, mediapipe loads its graph).
+
+        Returns the milliseconds each part took. Raises :class:`ModelLoadError` when a bundled
+        model is missing or differs from the pinned one.
+        """
+        timings: dict[str, float] = {}
+        with _timed(timings, "decode"):
+            import av  # noqa: F401  (the import itself takes ~0.2 s)
+        if "text" in self.modalities:
+            with _timed(timings, "asr"):
+                self.recognizer.load()
+                tone = np.sin(np.linspace(0, 2000 * np.pi, 16_000)).astype(np.float32) * 0.1
+                self.recognizer.transcribe(tone)
+            with _timed(timings, "text"):
+                self.text_encoder.load()
+                align_text(self.text_encoder.encode("warm up"), None, None, self.settings.rate_hz)
+        if "audio" in self.modalities:
+            from preprocessing.audio import warmup_audio
+
+            with _timed(timings, "audio"):
+                warmup_audio(self.settings.f0_method)
+        if "visual" in self.modalities:
+            from preprocessing.visual import warmup_visual
+
+            with _timed(timings, "visual"):
+                warmup_visual(self.settings.min_face_confidence)
+        return timings
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_text_encoder"] = None
+        state["_recognizer"] = None
+        return state
+
+    # -- extraction ---------------------------------------------------------------------------
+
+    def probe(self, path: Path | str) -> MediaInfo:
+        """Recognise the container and check the limits from its header, decoding nothing."""
+        return probe_media(path, self.settings)
+
+    def extract(self, path: Path | str, transcript: str | None = None) -> FeatureBundle:
+        """Extract the requested modalities of the media file at ``path``.
+
+        ``transcript``: the caller's transcript; when given (and not blank) ASR is skipped and the
+        words are placed at the nominal speaking rate. Raises a
+        :class:`preprocessing.errors.PreprocessingError` subclass for media it cannot use.
+        """
+        settings = self.settings
+        rate = settings.rate_hz
+        transcript = transcript.strip() if transcript and transcript.strip() else None
+        want_text = "text" in self.modalities
+        need_asr = want_text and transcript is None
+        timings: dict[str, float] = {}
+
+        with _timed(timings, "decode"):
+            decoded = decode_media(
+                path,
+                settings,
+                audio="audio" in self.modalities or need_asr,
+                video="visual" in self.modalities,
+            )
+        info = decoded.info
+        sources = {
+            "text": transcript is not None or info.has_audio,
+            "audio": info.has_audio,
+            "visual": info.has_video,
+        }
+        if not any(sources[m] for m in self.modalities):
+            wanted = " and ".join(self.modalities)
+            raise NoUsableStreamError(
+                f"The {info.container.name} file has no stream for the requested {wanted} "
+                f"features (audio: {info.has_audio}, video: {info.has_video}). " + SUPPORTED_HINT
+            )
+
+        duration = decoded.duration_s
+        if duration <= 0 and transcript is not None:
+            n_words = len(transcript.split())
+            duration = float(uniform_word_times(n_words, None, settings.words_per_s)[-1, 1])
+        length = grid_length(duration, rate)
+        features: dict[str, np.ndarray] = {}
+        masks: dict[str, np.ndarray] = {}
+        segments: list[tuple[float, float, str]] = []
+        text_out: str | None = transcript
+
+        if want_text:
+            features["text"], masks["text"], segments, text_out = self._text(
+                decoded, transcript, duration, length, timings
+            )
+        if "audio" in self.modalities:
+            from preprocessing.audio import AUDIO_DIM, audio_on_grid
+
+            with _timed(timings, "audio"):
+                if decoded.audio is not None and len(decoded.audio) > 0:
+                    features["audio"], masks["audio"] = audio_on_grid(
+                        decoded.audio,
+                        length,
+                        rate,
+                        f0_method=settings.f0_method,
+                        silence_floor_dbfs=settings.silence_floor_dbfs,
+                        silence_range_db=settings.silence_range_db,
+                    )
+                else:
+                    features["audio"] = np.zeros((length, AUDIO_DIM), np.float32)
+                    masks["audio"] = np.zeros((length,), bool)
+        frames_with_face = 0
+        if "visual" in self.modalities:
+            from preprocessing.visual import frame_features, visual_on_grid
+
+            with _timed(timings, "visual"):
+                values, found = frame_features(decoded.frames, settings.min_face_confidence)
+                frames_with_face = int(found.sum())
+                features["visual"], masks["visual"] = visual_on_grid(
+                    values, found, decoded.frame_times, length, rate, settings.frame_rate_hz
+                )
+
+        summary = MediaSummary(
+            transcript=text_out,
+            transcript_source=(
+                None if text_out is None else ("client" if transcript is not None else "asr")
+            ),
+            audio_seconds=round(decoded.audio_seconds, 3),
+            frames=len(decoded.frames),
+            frames_with_face=frames_with_face,
+            duration_s=round(duration, 3),
+            container=info.container.name,
+            has_audio=info.has_audio,
+            has_video=info.has_video,
+            present=tuple(m for m in self.modalities if bool(masks[m].any())),
+        )
+        return FeatureBundle(
+            profile=PROFILE_NAME,
+            rate_hz=rate,
+            length=length,
+            features=features,
+            masks=masks,
+            summary=summary,
+            timings_ms={k: round(v, 2) for k, v in timings.items()},
+            segments=segments,
+        )
+
+    def _text(
+        self,
+        decoded: DecodedMedia,
+        transcript: str | None,
+        duration: float,
+        length: int,
+        timings: dict[str, float],
+    ) -> tuple[np.ndarray, np.ndarray, list[tuple[float, float, str]], str | None]:
+        rate = self.settings.rate_hz
+        segments: list[tuple[float, float, str]] = []
+        if transcript is None:
+            with _timed(timings, "asr"):
+                if decoded.audio is not None and len(decoded.audio) > 0:
+                    transcription = self.recognizer.transcribe(decoded.audio)
+                else:
+                    transcription = Transcription([], [])
+            segments = transcription.segments
+            with _timed(timings, "text"):
+                words = [w.text for w in transcription.words]
+                tokens = self.text_encoder.encode_words(words) if words else None
+                times = [(w.start_s, w.end_s) for w in transcription.words]
+                text_out = transcription.text or None
+        else:
+            with _timed(timings, "text"):
+                tokens = self.text_encoder.encode(transcript)
+                times = None
+                text_out = transcript
+        with _timed(timings, "text"):
+            if tokens is None:
+                from preprocessing.profiles import TEXT_DIM
+
+                return (
+                    np.zeros((length, TEXT_DIM), np.float32),
+                    np.zeros((length,), bool),
+                    segments,
+                    None,
+                )
+            feats, mask = align_text(
+                tokens, times, duration, rate, words_per_s=self.settings.words_per_s
+            )
+        assert feats.shape[0] == length
+        return feats, mask, segments, text_out
