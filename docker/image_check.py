@@ -6,8 +6,9 @@
         print the project's constraints with the torch/triton pins replaced by the exact
         versions installed here, so that installing the project never replaces them
     python docker/image_check.py final --torch 2.13.0 [--kernels]
-        torch is untouched, every model the service needs is on disk (the embedded default
-        checkpoint loads; the registry packages' weights match their pinned checksums) and,
+        torch is untouched, every model the service needs is on disk (the checkpoint it will
+        serve loads: CMAMBA_MODEL_PATH, else the embedded default; the registry packages'
+        weights match their pinned checksums) and,
         with --kernels, mamba-ssm's and causal-conv1d's CUDA extensions import
 
 Each check prints what it found and exits non-zero with a plain message when it fails.
@@ -72,13 +73,13 @@ def check_models() -> list[str]:
     """Every model the service loads is on disk, without any download."""
     import model
     from preprocessing import models
-    from service.settings import default_model_path
+    from service.settings import ServiceSettings
 
     found: list[str] = []
-    checkpoint = default_model_path()
+    checkpoint = ServiceSettings().model_path  # CMAMBA_MODEL_PATH, else the embedded default
     net = model.load_checkpoint(checkpoint)
     n_parameters = sum(p.numel() for p in net.parameters())
-    found.append(f"default checkpoint {checkpoint} ({n_parameters} parameters)")
+    found.append(f"checkpoint {checkpoint} ({n_parameters} parameters)")
 
     asr = models.bundled_asr_model_dir() / models.ASR_MODEL_FILE
     models.verify_model_file(asr, models.ASR_MODEL_SHA256)

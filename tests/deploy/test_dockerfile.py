@@ -1,0 +1,282 @@
+"""The Dockerfile: hadolint, the facts the image promises, its build context and build checks."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DOCKERFILE = REPO / "Dockerfile"
+IMAGE_CHECK = REPO / "docker/image_check.py"
+
+
+def instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    joined = re.sub(r"\\\n", " ", "\n".join(
+        line for line in text.splitlines() if not line.lstrip().startswith("#")
+    ))  # fmt: skip
+    found = []
+    for line in joined.splitlines():
+        if line.strip():
+            keyword, _, rest = line.strip().partition(" ")
+            found.append((keyword.upper(), " ".join(rest.split())))
+    return found
+
+
+def stages(text: str) -> dict[str, list[tuple[str, str]]]:
+    """Instructions per stage name, plus the global ARGs under ``""``."""
+    by_stage: dict[str, list[tuple[str, str]]] = {"": []}
+    current = ""
+    for keyword, args in instructions(text):
+        if keyword == "FROM":
+            current = args.split(" AS ")[-1].strip() if " AS " in args else args
+            by_stage[current] = []
+        by_stage[current].append((keyword, args))
+    return by_stage
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> dict[str, list[tuple[str, str]]]:
+    return stages(DOCKERFILE.read_text())
+
+
+def global_args(parsed: dict[str, list[tuple[str, str]]]) -> dict[str, str]:
+    values = {}
+    for keyword, args in parsed[""]:
+        if keyword == "ARG" and "=" in args:
+            name, _, value = args.partition("=")
+            values[name] = value.strip('"')
+    return values
+
+
+def test_hadolint_finds_nothing(tool: Callable[[str], str]) -> None:
+    result = subprocess.run(
+        [tool("hadolint"), "--format", "json", "--failure-threshold", "style", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    findings = json.loads(result.stdout or "[]")
+    assert findings == [] and result.returncode == 0, json.dumps(findings, indent=1)
+
+
+def test_hadolint_is_the_real_linter(tool: Callable[[str], str], tmp_path: Path) -> None:
+    # The same call on a Dockerfile with known faults reports them: the check above can fail.
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM ubuntu:latest\nRUN apt-get update && apt-get install -y curl\n")
+    result = subprocess.run(
+        [tool("hadolint"), "--format", "json", str(bad)], capture_output=True, text=True
+    )
+    codes = {finding["code"] for finding in json.loads(result.stdout)}
+    assert {"DL3007", "DL3008", "DL3009", "DL3015"} <= codes
+    assert result.returncode != 0
+
+
+def test_base_images_match_the_pinned_torch(dockerfile: dict) -> None:
+    pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch_pin = next(p for p in pins if p.startswith("torch=="))
+    args = global_args(dockerfile)
+    assert f"torch=={args['TORCH_VERSION']}" == torch_pin
+    assert args["BASE_REPO"] == "pytorch/pytorch"
+    assert re.fullmatch(r"cuda\d+\.\d+-cudnn\d+", args["CUDA_FLAVOR"])
+    base = "${BASE_REPO}:${TORCH_VERSION}-${CUDA_FLAVOR}"
+    froms = [args for stage in dockerfile.values() for kw, args in stage if kw == "FROM"]
+    assert froms == [f"{base}-devel AS build", f"{base}-runtime AS runtime"]
+
+
+def test_build_stage_compiles_pinned_kernels(dockerfile: dict) -> None:
+    build = dockerfile["build"]
+    env = " ".join(args for kw, args in build if kw == "ENV")
+    assert "MAMBA_FORCE_BUILD=TRUE" in env and "CAUSAL_CONV1D_FORCE_BUILD=TRUE" in env
+    assert "SKIP_CUDA_BUILD" not in DOCKERFILE.read_text()  # the CUDA kernels are compiled
+    arch = next(args for kw, args in build if kw == "ARG" and args.startswith("TORCH_CUDA_ARCH"))
+    assert {"8.0", "9.0"} <= set(arch.partition("=")[2].strip('"').split(";"))
+    run = " ".join(args for kw, args in build if kw == "RUN")
+    assert "--no-build-isolation" in run  # compiled against the image's own torch
+    for package in ("mamba-ssm", "causal-conv1d"):
+        version_arg = package.replace("-", "_").upper() + "_VERSION"
+        default = next(a for kw, a in build if kw == "ARG" and a.startswith(version_arg + "="))
+        assert re.fullmatch(r"\d+(\.\d+)+(\.post\d+)?", default.partition("=")[2])
+        assert f'"{package}==${{{version_arg}}}"' in run
+
+
+def test_runtime_stage_is_slim_non_root_and_served_by_cmamba(dockerfile: dict) -> None:
+    runtime = dockerfile["runtime"]
+    keywords = [kw for kw, _ in runtime]
+    assert "nvcc" not in " ".join(a for _, a in runtime)
+    assert any(kw == "COPY" and a.startswith("--from=build /wheels") for kw, a in runtime)
+    user = next(a for kw, a in reversed(runtime) if kw == "USER")
+    uid = user.split(":")[0]
+    assert uid.startswith("${") or (uid.isdigit() and int(uid) != 0)
+    app_uid = next(a for kw, a in runtime if kw == "ARG" and a.startswith("APP_UID="))
+    assert int(app_uid.partition("=")[2]) >= 1000
+    entrypoint = json.loads(next(a for kw, a in runtime if kw == "ENTRYPOINT"))
+    assert entrypoint[0].endswith("/tini") and entrypoint[1] == "--"
+    command = json.loads(next(a for kw, a in runtime if kw == "CMD"))
+    assert command[:2] == ["cmamba", "serve"] and "0.0.0.0" in command
+    port = command[command.index("--port") + 1]
+    health = next(a for kw, a in runtime if kw == "HEALTHCHECK")
+    assert f"127.0.0.1:{port}/v2/health/live" in health
+    assert ("EXPOSE", port) in runtime
+    assert keywords.index("USER") > max(i for i, kw in enumerate(keywords) if kw == "RUN")
+
+
+def test_runtime_installs_around_the_base_torch_and_checks_the_result(dockerfile: dict) -> None:
+    run = " ".join(a for kw, a in dockerfile["runtime"] if kw == "RUN")
+    assert "image_check.py constraints" in run and "-c /tmp/build/constraints-image.txt" in run
+    assert "image_check.py final" in run and "--kernels" in run
+    env = " ".join(a for kw, a in dockerfile["runtime"] if kw == "ENV")
+    assert "HF_HUB_OFFLINE=1" in env  # every model ships in the image
+
+
+# --- the build context -----------------------------------------------------------------------
+
+
+def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
+    """Docker's .dockerignore rule for one context path: the last matching pattern wins.
+
+    A pattern matches the path itself or any of its parent folders; ``*`` stays within one
+    path segment, ``**`` spans any number of them, ``!`` re-includes.
+    """
+    excluded = False
+    parts = path.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    for raw in patterns:
+        negate = raw.startswith("!")
+        pattern = raw[1:] if negate else raw
+        pattern = pattern.strip("/")
+        regex = ""
+        i = 0
+        while i < len(pattern):
+            if pattern.startswith("**", i):
+                regex += ".*"
+                i += 2
+                if pattern.startswith("/", i):
+                    regex += "/?"
+                    i += 1
+                continue
+            char = pattern[i]
+            regex += {"*": "[^/]*", "?": "[^/]"}.get(char, re.escape(char))
+            i += 1
+        if any(re.fullmatch(regex, candidate) for candidate in candidates):
+            excluded = not negate
+    return excluded
+
+
+def dockerignore_patterns() -> list[str]:
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def copy_sources() -> list[str]:
+    sources = []
+    for _stage, items in stages(DOCKERFILE.read_text()).items():
+        for keyword, args in items:
+            if keyword == "COPY" and not args.startswith("--from"):
+                sources.extend(shlex.split(args)[:-1])
+    return sources
+
+
+def test_every_copied_file_is_in_the_build_context() -> None:
+    patterns = dockerignore_patterns()
+    sources = copy_sources()
+    assert "model" in sources and "service" in sources
+    for source in sources:
+        assert (REPO / source).exists(), f"COPY {source}: no such file"
+        files = [REPO / source] if (REPO / source).is_file() else (REPO / source).rglob("*.py")
+        for file in files:
+            relative = file.relative_to(REPO).as_posix()
+            assert not dockerignore_excludes(relative, patterns), f"{relative} is ignored"
+
+
+def test_build_context_leaves_out_local_state() -> None:
+    patterns = dockerignore_patterns()
+    for path in (".venv/bin/python", ".git/HEAD", "tests/deploy/conftest.py", "runs/x/ckpt",
+                 "data/mosei.pkl", ".env", "model/__pycache__/mamba.cpython-311.pyc"):  # fmt: skip
+        assert dockerignore_excludes(path, patterns), f"{path} would be sent to the builder"
+
+
+def test_dockerignore_matcher_follows_docker_rules() -> None:
+    assert dockerignore_excludes("a/b/c.pyc", ["**/*.pyc"])
+    assert not dockerignore_excludes("a/b/c.py", ["**/*.pyc"])
+    assert dockerignore_excludes("docs/x.md", ["*", "!model/"])
+    assert not dockerignore_excludes("model/sub/x.py", ["*", "!model/"])
+    assert dockerignore_excludes("model/__pycache__/x", ["*", "!model/", "**/__pycache__"])
+
+
+# --- the build-time checks (docker/image_check.py) --------------------------------------------
+
+
+def image_check(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run(
+        [sys.executable, str(IMAGE_CHECK), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_image_constraints_keep_the_installed_torch() -> None:
+    import torch
+
+    result = image_check("constraints", str(REPO / "constraints.txt"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    torch_lines = [line for line in lines if re.match(r"torch\s*==", line)]
+    assert torch_lines == [f"torch=={torch.__version__}"]
+    original = (REPO / "constraints.txt").read_text().splitlines()
+    others = [line for line in original if not re.match(r"(torch|triton)\s*==", line)]
+    assert [line for line in lines if line in others] == others
+
+
+def test_base_check_accepts_this_interpreter_and_refuses_a_cpu_torch_for_the_gpu_image() -> None:
+    import torch
+
+    version = torch.__version__.split("+")[0]
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert image_check("base", "--torch", version, "--python", python).returncode == 0
+    wrong_python = image_check("base", "--torch", version, "--python", "3.99")
+    assert wrong_python.returncode == 1 and "Python" in wrong_python.stderr
+    if torch.version.cuda is None:
+        cpu = image_check("base", "--torch", version, "--python", python, "--cuda")
+        assert cpu.returncode == 1 and "not a CUDA build" in cpu.stderr
+
+
+def test_final_check_finds_every_model_offline(tiny_checkpoint: Path) -> None:
+    import torch
+
+    version = torch.__version__.split("+")[0]
+    env = {"CMAMBA_MODEL_PATH": str(tiny_checkpoint), "HF_HUB_OFFLINE": "1"}
+    result = image_check("final", "--torch", version, env=env)
+    assert result.returncode == 0, result.stderr
+    for found in ("checkpoint", "ASR model", "text model", "face mesh model"):
+        assert f"ok: {found}" in result.stderr
+    missing = image_check("final", "--torch", version, env={"CMAMBA_MODEL_PATH": "/nonexistent"})
+    assert missing.returncode == 1 and "nonexistent" in missing.stderr
+
+
+def test_final_check_demands_the_cuda_kernels(tiny_checkpoint: Path) -> None:
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("selective_scan_cuda") is not None:
+        pytest.skip("mamba-ssm's kernels are installed here; the refusal cannot be shown")
+    version = torch.__version__.split("+")[0]
+    result = image_check(
+        "final", "--torch", version, "--kernels", env={"CMAMBA_MODEL_PATH": str(tiny_checkpoint)}
+    )
+    assert result.returncode == 1 and "selective_scan_cuda" in result.stderr
