@@ -426,7 +426,8 @@ class InferenceCore:
             if modality not in features:
                 continue
             try:
-                array = np.asarray(features[modality], dtype=np.float32)
+                with np.errstate(over="ignore"):  # out-of-range values become inf, refused below
+                    array = np.asarray(features[modality], dtype=np.float32)
             except (ValueError, TypeError) as exc:
                 raise InvalidInputError(
                     f"features.{modality} must be a rectangular list of steps x {modality} "
