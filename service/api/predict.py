@@ -91,6 +91,7 @@ async def predict_media(
     """Score a video or audio clip sent as multipart ``file`` (optional ``transcript``)."""
     with _count_rejections(metrics):
         async with core.admit():
+            core.require_media()  # before reading the body
             deadline = time.monotonic() + settings.request_timeout_s
             upload_dir: Path = request.app.state.upload_dir
             try:

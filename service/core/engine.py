@@ -318,6 +318,11 @@ class InferenceCore:
     def media_enabled(self) -> bool:
         return self._pool is not None
 
+    def require_media(self) -> None:
+        """Raise :class:`MediaDisabledError` when this server takes precomputed features only."""
+        if self._pool is None:
+            raise MediaDisabledError(self._media_unavailable)
+
     def metadata(self) -> dict[str, Any]:
         """Model metadata and card for ``/v2/models/{name}``."""
         if self._identity is None:
