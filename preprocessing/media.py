@@ -25,6 +25,7 @@ from preprocessing.errors import (
     NoUsableStreamError,
     UnsupportedMediaError,
 )
+from preprocessing.headers import declared_frame_sizes
 from preprocessing.settings import ExtractorSettings
 
 AUDIO_SAMPLE_RATE = 16_000
@@ -220,11 +221,11 @@ def probe_media(path: Path | str, settings: ExtractorSettings) -> MediaInfo:
         )
     container = sniff_container(path)
     with open_container(path, container) as handle:
-        return _header_info(handle, container, size, settings)
+        return _header_info(handle, container, size, settings, str(path))
 
 
 def _header_info(
-    handle: Any, container: Container, size: int, settings: ExtractorSettings
+    handle: Any, container: Container, size: int, settings: ExtractorSettings, path: str
 ) -> MediaInfo:
     video = _video_stream(handle)
     audio = _audio_stream(handle)
@@ -251,6 +252,10 @@ def _header_info(
     if video is not None:
         width = int(video.codec_context.width or 0) or None
         height = int(video.codec_context.height or 0) or None
+        # FFmpeg reports an oversized frame as 0x0: also look at what the header declares.
+        for declared_w, declared_h in declared_frame_sizes(path, container.demuxer):
+            if declared_w * declared_h > (width or 0) * (height or 0):
+                width, height = declared_w, declared_h
         if (width or 0) > settings.max_width or (height or 0) > settings.max_height:
             raise MediaTooLargeError(
                 f"The video is {width}x{height} pixels; the limit is "
@@ -310,7 +315,7 @@ def decode_media(
         )
     container = sniff_container(path)
     with open_container(path, container) as handle:
-        info = _header_info(handle, container, size, settings)
+        info = _header_info(handle, container, size, settings, str(path))
         video_stream = _video_stream(handle) if video else None
         audio_stream = _audio_stream(handle) if audio else None
         if video_stream is None and audio_stream is None:

@@ -116,13 +116,19 @@ class FaceMeshRunner:
         """Release the graph."""
         self._mesh.close()
 
-    def features(self, rgb: np.ndarray) -> np.ndarray | None:
-        """Features (17,) of the most prominent face in an RGB frame, or None without a face."""
+    def landmarks(self, rgb: np.ndarray) -> np.ndarray | None:
+        """Landmarks (468, 3) of the most prominent face in an RGB frame, or None."""
         result: Any = self._mesh.process(np.ascontiguousarray(rgb))
         faces = result.multi_face_landmarks
         if not faces:
             return None
-        marks = np.array([(p.x, p.y, p.z) for p in faces[0].landmark], dtype=np.float64)
+        return np.array([(p.x, p.y, p.z) for p in faces[0].landmark], dtype=np.float64)
+
+    def features(self, rgb: np.ndarray) -> np.ndarray | None:
+        """Features (17,) of the most prominent face in an RGB frame, or None without a face."""
+        marks = self.landmarks(rgb)
+        if marks is None:
+            return None
         return face_features(marks, rgb.shape[1], rgb.shape[0])
 
 
