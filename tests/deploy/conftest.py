@@ -340,6 +340,10 @@ class PrometheusServer:
 
         return wait_until(check, what, timeout, self.process)
 
+    def poll(self, check: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+        """Call ``check`` until it returns something truthy (Prometheus must stay up)."""
+        return wait_until(check, what, timeout, self.process)
+
     def api(self, path: str, **params: str) -> Any:
         url = self.process.url + path + ("?" + urllib.parse.urlencode(params) if params else "")
         status, body = http_json(url)
@@ -375,6 +379,12 @@ def prometheus(
             timeout=30,
             process=process,
         )
-        yield PrometheusServer(process, dead_target)
+        server = PrometheusServer(process, dead_target)
+        # Traffic sent from here on lands between two scrapes, so rates see it.
+        live = urllib.parse.urlsplit(live_service.url).netloc
+        server.wait_for(
+            f'up{{job="cmamba", instance="{live}"}} == 1', bool, "a first scrape of the service"
+        )
+        yield server
     finally:
         process.stop()
