@@ -1,12 +1,43 @@
-"""Coupled selective scan: one public function, several interchangeable backends."""
+"""Coupled selective scan: one public function, several interchangeable backends.
+
+``coupled_selective_scan`` validates its inputs and dispatches to a backend:
+
+- ``"ref"``: ``coupled_selective_scan_ref``, the per-step loop whose docstring is the specification;
+- ``"torch"``: ``coupled_selective_scan_torch``, the fast eager CPU path (hand-written backward);
+- ``"triton"``: ``coupled_selective_scan_triton``, the GPU kernel (interpreter on CPU tensors);
+- ``"auto"``: ``select_backend(u.device)``. A model calls ``select_backend`` once at load, reports
+  the answer and passes it explicitly from then on.
+
+Importing this package imports neither triton nor CUDA.
+"""
 
 from __future__ import annotations
 
+import functools
+
+import torch
 from torch import Tensor
 
 from model.ops.scan_ref import coupled_selective_scan_ref
+from model.ops.scan_torch import coupled_selective_scan_torch
+from model.ops.validation import ScanDims, check_finite, validate_scan_inputs
 
-BACKENDS = ("ref",)
+BACKENDS = ("ref", "torch", "triton")
+
+
+@functools.cache
+def _triton_usable() -> bool:
+    from model.ops.scan_triton import triton_available
+
+    return triton_available()
+
+
+def select_backend(device: torch.device | str) -> str:
+    """The backend to use for tensors on ``device``: ``"triton"`` on CUDA when triton imports,
+    else ``"torch"``. Cheap after the first call; call it once at model load and report it."""
+    if torch.device(device).type == "cuda" and _triton_usable():
+        return "triton"
+    return "torch"
 
 
 def coupled_selective_scan(
@@ -23,12 +54,45 @@ def coupled_selective_scan(
     return_last_state: bool = False,
     backend: str = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Coupled selective scan; see ``coupled_selective_scan_ref`` for the specification."""
+    """Coupled selective scan; ``coupled_selective_scan_ref``'s docstring is the specification.
+
+    Shapes: u, delta, z (M, batch, D, L); A (M, D, N); B, C (M, batch, N, L); D, delta_bias
+    (M, D); coupling (M, M) or None for the identity. Returns y (M, batch, D, L) in u's dtype
+    and, with ``return_last_state``, the last state (M, batch, D, N) in the compute dtype
+    (float64 for float64 u, else float32).
+
+    Raises ValueError for an unknown backend, wrong ranks or shapes, mismatched M, mixed devices,
+    or NaN/inf in any input (the message names the argument). The finite check costs one
+    reduction over the inputs and one host synchronisation (ref, torch), or nothing extra
+    but the synchronisation (triton: the kernel checks what it loads).
+    """
     if backend not in (*BACKENDS, "auto"):
-        raise ValueError(f"backend must be one of {(*BACKENDS, 'auto')}, got {backend!r}")
-    return coupled_selective_scan_ref(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, coupling, return_last_state
+        raise ValueError(
+            f"coupled_selective_scan: backend must be one of {(*BACKENDS, 'auto')}, got {backend!r}"
+        )
+    validate_scan_inputs(u, delta, A, B, C, D, z, delta_bias, coupling)
+    if backend == "auto":
+        backend = select_backend(u.device)
+    if backend == "triton":
+        from model.ops.scan_triton import coupled_selective_scan_triton
+
+        return coupled_selective_scan_triton(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, coupling, return_last_state
+        )
+    check_finite(
+        {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z}
+        | {"delta_bias": delta_bias, "coupling": coupling}
     )
+    run = coupled_selective_scan_ref if backend == "ref" else coupled_selective_scan_torch
+    return run(u, delta, A, B, C, D, z, delta_bias, delta_softplus, coupling, return_last_state)
 
 
-__all__ = ["BACKENDS", "coupled_selective_scan", "coupled_selective_scan_ref"]
+__all__ = [
+    "BACKENDS",
+    "ScanDims",
+    "coupled_selective_scan",
+    "coupled_selective_scan_ref",
+    "coupled_selective_scan_torch",
+    "select_backend",
+    "validate_scan_inputs",
+]
