@@ -280,3 +280,52 @@ def test_final_check_demands_the_cuda_kernels(tiny_checkpoint: Path) -> None:
         "final", "--torch", version, "--kernels", env={"CMAMBA_MODEL_PATH": str(tiny_checkpoint)}
     )
     assert result.returncode == 1 and "selective_scan_cuda" in result.stderr
+
+
+def test_project_wheel_carries_the_checkpoints(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """The wheel the build stage makes holds every checkpoint file (the image's weights).
+
+    Built from a copy of what the Dockerfile copies, plus one extra checkpoint folder, so the
+    packaging rules are checked even before the default checkpoint exists.
+    """
+    import shutil
+    import zipfile
+
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for package in ("model", "preprocessing", "service"):
+        shutil.copytree(
+            REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
+    extra = source / "model/checkpoints/deploy-test"
+    shutil.copytree(tiny_checkpoint, extra)
+    expected = {
+        path.relative_to(source).as_posix()
+        for path in (source / "model/checkpoints").rglob("*")
+        if path.is_file()
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--wheel-dir",
+            str(tmp_path / "dist"),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("coupled_mamba_service-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"model/checkpoints/deploy-test/{f.name}" for f in tiny_checkpoint.iterdir()} <= names
+    assert expected <= names, sorted(expected - names)
