@@ -272,8 +272,9 @@ class Fusion(nn.Module):
         M, d = config.n_modalities, config.d_model
         self.kind = config.fusion
         if self.kind == "gate":
-            # Content score per modality plus a learned per-modality prior.
-            self.gate = nn.Linear(d, 1)
+            # Content score per modality plus a learned per-modality prior (a shared bias would
+            # be redundant: softmax ignores a constant shift).
+            self.gate = nn.Linear(d, 1, bias=False)
             self.prior = nn.Parameter(torch.zeros(M))
         elif self.kind == "concat":
             self.proj = nn.Linear(M * d, d)

@@ -33,11 +33,16 @@ def small_config(**overrides: Any) -> CoupledMambaConfig:
 
 @pytest.fixture
 def make_model() -> Callable[..., CoupledMambaForSentiment]:
-    """Build a seeded tiny model in eval mode; keyword arguments override config fields."""
+    """Build a seeded tiny model in eval mode; keyword arguments override config fields.
 
-    def build(seed: int = 0, **overrides: Any) -> CoupledMambaForSentiment:
+    The scan backend is the one a real model gets ("auto": the fast CPU path when there is
+    one); tests that compare backends pick theirs explicitly."""
+
+    def build(
+        seed: int = 0, scan_backend: str = "auto", **overrides: Any
+    ) -> CoupledMambaForSentiment:
         torch.manual_seed(seed)
-        return CoupledMambaForSentiment(small_config(**overrides), scan_backend="ref").eval()
+        return CoupledMambaForSentiment(small_config(**overrides), scan_backend=scan_backend).eval()
 
     return build
 

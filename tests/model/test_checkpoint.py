@@ -44,8 +44,8 @@ def test_round_trip_is_bitwise_exact(trained, batch_of, tmp_path: Path) -> None:
         "model.safetensors",
         "MODEL_CARD.md",
     }
-    loaded = load_checkpoint(folder, scan_backend="ref")
-    assert not loaded.training and loaded.scan_backend == "ref"
+    loaded = load_checkpoint(folder, scan_backend=trained.scan_backend)  # same arithmetic
+    assert not loaded.training and loaded.scan_backend == trained.scan_backend
     assert loaded.config == trained.config
     for key, value in trained.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
@@ -84,6 +84,18 @@ def test_custom_and_default_model_cards(trained, tmp_path: Path) -> None:
     save_checkpoint(trained, tmp_path / "b", metrics={"corr": 0.61234})
     card = (tmp_path / "b" / "MODEL_CARD.md").read_text()
     assert "corr: 0.6123" in card and "default-v1" in card and "Not recorded" in card
+
+
+def test_scan_backend_is_chosen_at_load(trained, tmp_path: Path) -> None:
+    from model import ops
+
+    save_checkpoint(trained, tmp_path)
+    assert load_checkpoint(tmp_path, scan_backend="ref").scan_backend == "ref"
+    auto = load_checkpoint(tmp_path).scan_backend
+    select = getattr(ops, "select_backend", None)
+    assert auto == (select("cpu") if select else "ref")
+    with pytest.raises(ValueError, match="unknown scan backend"):
+        load_checkpoint(tmp_path, scan_backend="fastest")
 
 
 def test_expected_sha256(trained, tmp_path: Path) -> None:
