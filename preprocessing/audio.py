@@ -152,7 +152,7 @@ def audio_on_grid(
         return np.zeros_like(features), mask
     loudest = db[has_audio].max()
     mask = has_audio & (db >= silence_floor_dbfs) & (db >= loudest - silence_range_db)
-    features[~has_audio] = 0.0
+    features[~mask] = 0.0  # masked steps are zeros in every modality
     del counts
     return features, mask
 

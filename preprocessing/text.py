@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from preprocessing.errors import ModelLoadError
 from preprocessing.grid import grid_length
 from preprocessing.models import (
     TEXT_MODEL_FILE,
@@ -120,8 +121,11 @@ class TextEncoder:
             if self._torch_threads is not None:
                 torch.set_num_threads(self._torch_threads)
             hf_logging.disable_progress_bar()
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-            model = AutoModel.from_pretrained(str(folder), local_files_only=True)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+                model = AutoModel.from_pretrained(str(folder), local_files_only=True)
+            except (OSError, ValueError, RuntimeError) as exc:
+                raise ModelLoadError(f"Could not load the text model from {folder}: {exc}") from exc
             model.eval()
             self._tokenizer = tokenizer
             self._model = model

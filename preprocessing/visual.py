@@ -62,7 +62,7 @@ def face_features(landmarks: np.ndarray, width: int, height: int) -> np.ndarray:
     pitch = np.arctan2(ey[2], np.hypot(ey[0], ey[1]))
     roll = np.arctan2(ex[1], ex[0])
 
-    lip_centre_y = 0.5 * (q[UPPER_LIP_INNER, 1] + q[LOWER_LIP_INNER, 1])
+    upper_lip_y = q[UPPER_LIP_INNER, 1]
     corners_y = 0.5 * (q[MOUTH_RIGHT, 1] + q[MOUTH_LEFT, 1])
     right_eye_y = 0.5 * (q[RIGHT_EYE_OUTER, 1] + q[RIGHT_EYE_INNER, 1])
     left_eye_y = 0.5 * (q[LEFT_EYE_OUTER, 1] + q[LEFT_EYE_INNER, 1])
@@ -73,7 +73,7 @@ def face_features(landmarks: np.ndarray, width: int, height: int) -> np.ndarray:
         roll,
         dist(UPPER_LIP_INNER, LOWER_LIP_INNER),  # mouth_open
         dist(MOUTH_RIGHT, MOUTH_LEFT),  # mouth_width
-        corners_y - lip_centre_y,  # lip_corner_raise: > 0 when the corners are up (smile)
+        corners_y - upper_lip_y,  # lip_corner_raise: corners relative to the upper lip
         dist(NOSE_BASE, UPPER_LIP_OUTER),  # upper_lip_raise (smaller = raised)
         dist(NOSE_TIP, CHIN),  # jaw_drop
         dist(UPPER_LIP_OUTER, LOWER_LIP_OUTER),  # outer_lip_height
