@@ -42,20 +42,20 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 COPY docker/image_check.py docker/requirements-build.txt docker/
 # Fail early, with a clear message, if the base image is not the torch/Python/CUDA assumed.
-RUN python docker/image_check.py base --torch "${TORCH_VERSION}" --python 3.11 --cuda \
-    && python -m pip install -r docker/requirements-build.txt
+RUN python3 docker/image_check.py base --torch "${TORCH_VERSION}" --python 3.11 --cuda \
+    && python3 -m pip install -r docker/requirements-build.txt
 
 # FORCE_BUILD makes both setup.py files compile here instead of fetching prebuilt wheels; no
 # build isolation, so they compile against this image's torch.
-RUN python -m pip wheel --no-deps --no-build-isolation --wheel-dir /wheels \
+RUN python3 -m pip wheel --no-deps --no-build-isolation --wheel-dir /wheels \
         "causal-conv1d==${CAUSAL_CONV1D_VERSION}" \
         "mamba-ssm==${MAMBA_SSM_VERSION}"
 
-COPY pyproject.toml README.md constraints.txt ./
+COPY pyproject.toml README.md ./
 COPY model model
 COPY preprocessing preprocessing
 COPY service service
-RUN python -m pip wheel --no-deps --wheel-dir /wheels .
+RUN python3 -m pip wheel --no-deps --wheel-dir /wheels .
 
 # --------------------------------------------------------------------------------------------
 FROM ${BASE_REPO}:${TORCH_VERSION}-${CUDA_FLAVOR}-runtime AS runtime
@@ -83,17 +83,19 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 # Install around the image's own torch (and triton): their pins are dropped from the project's
-# constraints and replaced by the exact installed versions, so pip can never swap them.
-COPY --from=build /wheels /tmp/wheels
-COPY constraints.txt docker/requirements-gpu.txt docker/image_check.py /tmp/build/
-RUN python /tmp/build/image_check.py base --torch "${TORCH_VERSION}" --python 3.11 --cuda \
-    && python /tmp/build/image_check.py constraints /tmp/build/constraints.txt \
-        > /tmp/build/constraints-image.txt \
-    && python -m pip install -c /tmp/build/constraints-image.txt \
-        -r /tmp/build/requirements-gpu.txt /tmp/wheels/coupled_mamba_service-*.whl \
-    && python -m pip install --no-deps /tmp/wheels/mamba_ssm-*.whl /tmp/wheels/causal_conv1d-*.whl \
-    && python /tmp/build/image_check.py final --torch "${TORCH_VERSION}" --kernels \
-    && rm -rf /tmp/wheels /tmp/build
+# constraints and replaced by the exact installed versions, so pip can never swap them. The
+# wheels and build files are bind-mounted, so none of them stays in a layer.
+RUN --mount=type=bind,from=build,source=/wheels,target=/tmp/wheels \
+    --mount=type=bind,source=constraints.txt,target=/tmp/build/constraints.txt \
+    --mount=type=bind,source=docker,target=/tmp/build/docker \
+    python3 /tmp/build/docker/image_check.py base --torch "${TORCH_VERSION}" --python 3.11 --cuda \
+    && python3 /tmp/build/docker/image_check.py constraints /tmp/build/constraints.txt \
+        > /tmp/constraints-image.txt \
+    && python3 -m pip install -c /tmp/constraints-image.txt \
+        -r /tmp/build/docker/requirements-gpu.txt /tmp/wheels/coupled_mamba_service-*.whl \
+    && python3 -m pip install --no-deps /tmp/wheels/mamba_ssm-*.whl /tmp/wheels/causal_conv1d-*.whl \
+    && python3 /tmp/build/docker/image_check.py final --torch "${TORCH_VERSION}" --kernels \
+    && rm /tmp/constraints-image.txt
 
 RUN groupadd --gid "${APP_UID}" cmamba \
     && useradd --uid "${APP_UID}" --gid "${APP_UID}" --create-home --shell /usr/sbin/nologin cmamba
@@ -102,7 +104,7 @@ WORKDIR /home/cmamba
 
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/live', timeout=4)"]
+    CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/live', timeout=4)"]
 
 ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["cmamba", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -112,7 +112,10 @@ def test_runtime_stage_is_slim_non_root_and_served_by_cmamba(dockerfile: dict) -
     runtime = dockerfile["runtime"]
     keywords = [kw for kw, _ in runtime]
     assert "nvcc" not in " ".join(a for _, a in runtime)
-    assert any(kw == "COPY" and a.startswith("--from=build /wheels") for kw, a in runtime)
+    # The build stage's wheels are mounted for the install, never copied into a layer.
+    assert not any(kw == "COPY" for kw, _ in runtime)
+    mounts = runtime_mounts(runtime)
+    assert {"type": "bind", "from": "build", "source": "/wheels", "target": "/tmp/wheels"} in mounts
     user = next(a for kw, a in reversed(runtime) if kw == "USER")
     uid = user.split(":")[0]
     assert uid.startswith("${") or (uid.isdigit() and int(uid) != 0)
@@ -131,7 +134,7 @@ def test_runtime_stage_is_slim_non_root_and_served_by_cmamba(dockerfile: dict) -
 
 def test_runtime_installs_around_the_base_torch_and_checks_the_result(dockerfile: dict) -> None:
     run = " ".join(a for kw, a in dockerfile["runtime"] if kw == "RUN")
-    assert "image_check.py constraints" in run and "-c /tmp/build/constraints-image.txt" in run
+    assert "image_check.py constraints" in run and "-c /tmp/constraints-image.txt" in run
     assert "image_check.py final" in run and "--kernels" in run
     env = " ".join(a for kw, a in dockerfile["runtime"] if kw == "ENV")
     assert "HF_HUB_OFFLINE=1" in env  # every model ships in the image
@@ -176,21 +179,36 @@ def dockerignore_patterns() -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
-def copy_sources() -> list[str]:
+def context_sources() -> list[str]:
+    """Paths the build reads from its context: COPY sources and RUN bind-mount sources."""
     sources = []
     for _stage, items in stages(DOCKERFILE.read_text()).items():
         for keyword, args in items:
             if keyword == "COPY" and not args.startswith("--from"):
                 sources.extend(shlex.split(args)[:-1])
+            if keyword == "RUN":
+                for mount in re.findall(r"--mount=(\S+)", args):
+                    options = dict(part.partition("=")[::2] for part in mount.split(","))
+                    if options.get("type") == "bind" and "from" not in options:
+                        sources.append(options["source"])
     return sources
+
+
+def runtime_mounts(runtime: list[tuple[str, str]]) -> list[dict[str, str]]:
+    return [
+        dict(part.partition("=")[::2] for part in mount.split(","))
+        for keyword, args in runtime
+        if keyword == "RUN"
+        for mount in re.findall(r"--mount=(\S+)", args)
+    ]
 
 
 def test_every_copied_file_is_in_the_build_context() -> None:
     patterns = dockerignore_patterns()
-    sources = copy_sources()
-    assert "model" in sources and "service" in sources
+    sources = context_sources()
+    assert {"model", "service", "constraints.txt", "docker"} <= set(sources)
     for source in sources:
-        assert (REPO / source).exists(), f"COPY {source}: no such file"
+        assert (REPO / source).exists(), f"{source}: no such file"
         files = [REPO / source] if (REPO / source).is_file() else (REPO / source).rglob("*.py")
         for file in files:
             relative = file.relative_to(REPO).as_posix()
@@ -329,3 +347,22 @@ def test_project_wheel_carries_the_checkpoints(tmp_path: Path, tiny_checkpoint: 
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"model/checkpoints/deploy-test/{f.name}" for f in tiny_checkpoint.iterdir()} <= names
     assert expected <= names, sorted(expected - names)
+
+
+def test_files_used_through_bind_mounts_are_in_the_build_context(dockerfile: dict) -> None:
+    patterns = dockerignore_patterns()
+    checked = 0
+    for keyword, args in dockerfile["runtime"] + dockerfile["build"]:
+        if keyword != "RUN":
+            continue
+        for mount in re.findall(r"--mount=(\S+)", args):
+            options = dict(part.partition("=")[::2] for part in mount.split(","))
+            if options.get("type") != "bind" or "from" in options:
+                continue
+            command = re.sub(r"--mount=\S+", "", args)
+            for used in re.findall(re.escape(options["target"]) + r"(/[\w./-]+)?", command):
+                relative = (options["source"] + used).strip("/")
+                assert (REPO / relative).is_file(), f"{relative} is used but does not exist"
+                assert not dockerignore_excludes(relative, patterns), f"{relative} is ignored"
+                checked += 1
+    assert checked >= 4
