@@ -264,7 +264,8 @@ def load_checkpoint(
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"cannot read {weights}: {exc}") from exc
 
-    model = CoupledMambaForSentiment(config, scan_backend="ref")
+    with torch.random.fork_rng(devices=[]):  # the throw-away init must not move the caller's RNG
+        model = CoupledMambaForSentiment(config, scan_backend="ref")
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

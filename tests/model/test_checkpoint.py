@@ -185,3 +185,12 @@ def test_cuda_model_matches_cpu(trained, batch_of, tmp_path: Path) -> None:
         )
     for name in ("score", "logits", "probabilities", "modality_weights"):
         torch.testing.assert_close(getattr(got, name).cpu(), getattr(want, name), rtol=0, atol=1e-4)
+
+
+def test_loading_leaves_the_global_rng_alone(trained, tmp_path: Path) -> None:
+    save_checkpoint(trained, tmp_path)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    load_checkpoint(tmp_path)
+    assert torch.equal(torch.rand(3), expected)
