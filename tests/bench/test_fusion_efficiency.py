@@ -1,0 +1,190 @@
+"""The fusion benchmark's measurement helpers on tiny sizes, and a --quick run end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from bench import fusion_efficiency as fe
+from model import CoupledMambaConfig
+from model.mamba import CoupledMambaLayer, MambaMixer
+
+CPU = torch.device("cpu")
+MiB = 2**20
+
+
+def test_cpu_peak_follows_allocations_and_frees() -> None:
+    def work() -> torch.Tensor:
+        x = torch.ones(MiB)  # 4 MiB
+        y = torch.ones(MiB // 2)  # 2 MiB -> 6 MiB live
+        del x
+        z = torch.ones(MiB // 4)  # 1 MiB -> 3 MiB live
+        return y[:1] + z[:1]
+
+    peak = fe.peak_memory_call(work, CPU)
+    assert 6 * MiB <= peak < 6 * MiB + 64 * 1024
+
+
+def test_cpu_peak_ignores_what_was_live_before() -> None:
+    big = torch.ones(4 * MiB)
+    peak = fe.peak_memory_call(lambda: big[: MiB // 4].clone(), CPU)
+    assert MiB <= peak < MiB + 64 * 1024
+
+
+def test_real_cpu_allocation_failure_counts_as_out_of_memory() -> None:
+    with pytest.raises(RuntimeError) as info:
+        torch.empty(1 << 50, dtype=torch.uint8)
+    assert fe.is_out_of_memory(info.value)
+    assert fe.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert not fe.is_out_of_memory(RuntimeError("shape mismatch"))
+    assert not fe.is_out_of_memory(ValueError("out of memory"))
+
+
+def test_rounds_interleave_with_a_rotating_start() -> None:
+    order: list[str] = []
+    calls = {name: (lambda n=name: float(len(n))) for name in ("ours", "(a)", "(b)")}
+    times = fe.interleaved_rounds(calls, 3, log=order)
+    assert order == ["ours", "(a)", "(b)", "(a)", "(b)", "ours", "(b)", "ours", "(a)"]
+    assert times == {"ours": [4.0] * 3, "(a)": [3.0] * 3, "(b)": [3.0] * 3}
+
+
+def test_time_call_measures_the_call() -> None:
+    seconds = fe.time_call(lambda: sum(range(200_000)), CPU)
+    assert 0 < seconds < 5
+
+
+def test_fit_line() -> None:
+    slope, intercept, r2 = fe.fit_line([64, 256, 1024], [100 + 3 * x for x in (64, 256, 1024)])
+    assert slope == pytest.approx(3.0)
+    assert intercept == pytest.approx(100.0)
+    assert r2 == pytest.approx(1.0)
+    assert fe.fit_line([1, 2, 3], [1, 5, 2])[2] < 0.5
+    with pytest.raises(ValueError):
+        fe.fit_line([1], [1])
+
+
+def test_layer_floor_counts_the_tensors_a_layer_holds_at_its_scan() -> None:
+    config = CoupledMambaConfig(d_model=16, d_state=4, n_layers=1, dropout=0.0)
+    layer = CoupledMambaLayer(config).eval()
+    batch, length = 2, 12
+    hidden = torch.randn(config.n_modalities, batch, length, config.d_model)
+    total = hidden.numel()
+    with torch.inference_mode():
+        for i, m in enumerate(config.modalities):
+            mixer = layer.mixers[m]
+            assert isinstance(mixer, MambaMixer)
+            u, dt, B, C, z = mixer.scan_inputs(hidden[i], torch.ones(batch, length))
+            y = torch.empty_like(u)  # the scan output has u's shape
+            total += sum(t.numel() for t in (u, dt, B, C, z, y))
+    floor = fe.layer_activation_floor(config)
+    assert floor["floor"] * batch * length == total * 4
+
+
+def _quick_options(**overrides: object) -> fe.BenchOptions:
+    values: dict[str, object] = {
+        "lengths": (8, 16),
+        "batches": (1,),
+        "repeats": 2,
+        "quick": True,
+        "mem_cap_gb": 4.0,
+    }
+    values.update(overrides)
+    return fe.BenchOptions(**values)  # type: ignore[arg-type]
+
+
+def test_a_setting_over_the_memory_cap_is_recorded_not_run() -> None:
+    options = _quick_options()
+    config = fe.bench_config(quick=True)
+    models = fe.build_models(config, CPU, options.heads, "auto", 0)
+    # (a) needs 2 x 1 x 4 x 64^2 x 4 B = 131 kB of attention matrices at L = 64.
+    options.mem_cap_gb = 100e3 / 1e9
+    done: dict[str, list[fe.Measurement]] = {}
+    row = fe.run_setting(models, config, options, 1, 64, done, log=lambda _: None)
+    assert row["(a)"].status == "oom" and row["(a)"].note == "OOM (est. 0.0 GB)"
+    assert row["(a)"].times_s == [] and row["(a)"].peak_bytes is None
+    for name in ("ours", "(b)"):
+        assert row[name].status == "ok"
+        assert len(row[name].times_s) == options.repeats
+        assert row[name].peak_bytes is not None and row[name].peak_bytes > 0
+    # a larger setting is estimated from this one, and skipped when over the time cap
+    options.mem_cap_gb, options.max_call_s = 4.0, 1e-9
+    later = fe.run_setting(models, config, options, 1, 128, done, log=lambda _: None)
+    assert later["ours"].status == "skipped" and later["ours"].note.startswith("skipped (est.")
+
+
+class _RunsOutOfMemory(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, features: object, masks: object) -> None:
+        torch.empty(1 << 50, dtype=torch.uint8)  # a real allocation failure
+
+
+def test_a_real_out_of_memory_is_recorded_not_raised() -> None:
+    options = _quick_options()
+    config = fe.bench_config(quick=True)
+    models = fe.build_models(config, CPU, options.heads, "auto", 0)
+    models["(b)"] = _RunsOutOfMemory()
+    row = fe.run_setting(models, config, options, 1, 8, {}, log=lambda _: None)
+    assert row["(b)"].status == "oom" and row["(b)"].note == "OOM"
+    assert row["ours"].status == "ok" and row["(a)"].status == "ok"
+
+
+def test_verdicts_say_met_and_missed() -> None:
+    def row(ours: tuple[float, int], a: tuple[float, int], b: tuple[float, int]) -> dict:
+        out = {}
+        for name, (seconds, peak) in zip(fe.MODEL_NAMES, (ours, a, b), strict=True):
+            out[name] = fe.Measurement(name, 1, 4096, times_s=[seconds], peak_bytes=peak)
+        return out
+
+    good = fe.target_verdicts([row((1.0, 5), (3.0, 100), (2.0, 5))], 4096)[0]
+    assert "speed vs (a) 3.00x (target >= 2x: met)" in good
+    assert "memory vs (a) 95.0% less (target >= 90%: met)" in good
+    assert "speed vs (b) 2.00x (target > 1x: met)" in good
+    assert "memory vs (b) 1.00x of (b) (target <= 1x: met)" in good
+    bad = fe.target_verdicts([row((1.0, 50), (1.5, 100), (0.5, 10))], 4096)[0]
+    assert bad.count("MISSED") == 4
+    assert fe.target_verdicts([row((1.0, 5), (3.0, 100), (2.0, 5))], 1024) == []
+
+
+def test_doc_section_keeps_everything_else(tmp_path: Path) -> None:
+    doc = tmp_path / "PERFORMANCE.md"
+    doc.write_text(
+        "# Performance\n\n<!-- scan:begin -->\nscan table\n<!-- scan:end -->\n\n"
+        f"{fe.DOC_BEGIN}\n{fe.DOC_END}\n\ntail\n"
+    )
+    fe.write_doc_section(doc, "cuda", "cuda numbers\n")
+    fe.write_doc_section(doc, "cpu", "cpu numbers v1\n")
+    fe.write_doc_section(doc, "cpu", "cpu numbers v2\n")
+    text = doc.read_text()
+    assert "scan table" in text and text.endswith("tail\n")
+    assert "cuda numbers" in text and "cpu numbers v2" in text and "v1" not in text
+    assert text.count(fe.DOC_BEGIN) == 1 and text.count("<!-- fusion-cpu:begin -->") == 1
+    section = text.split(fe.DOC_BEGIN)[1].split(fe.DOC_END)[0]
+    assert "cpu numbers v2" in section and "scan table" not in section
+
+
+def test_quick_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = tmp_path / "PERFORMANCE.md"
+    doc.write_text(f"# Performance\n\n{fe.DOC_BEGIN}\n{fe.DOC_END}\n")
+    out = tmp_path / "fusion.json"
+    argv = ["--quick", "--lengths", "8,16,32", "--batches", "1", "--repeats", "2"]
+    assert fe.main([*argv, "--doc", str(doc), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "speed-up (a)" in printed and "memory slope of ours at batch 1" in printed
+    data = json.loads(out.read_text())
+    rows = data["results"]
+    assert [r["ours"]["length"] for r in rows] == [8, 16, 32]
+    for r in rows:
+        for name in fe.MODEL_NAMES:
+            assert r[name]["status"] == "ok"
+            assert len(r[name]["times_s"]) == 2 and r[name]["median_s"] > 0
+            assert r[name]["peak_bytes"] > 0
+    text = doc.read_text()
+    assert "| 1 | 32 |" in text and "memory of ours against L" in text
+    assert "<!-- fusion-cpu:begin -->" in text
