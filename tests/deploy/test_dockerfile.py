@@ -234,13 +234,15 @@ def test_dockerignore_matcher_follows_docker_rules() -> None:
 
 
 def image_check(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run docker/image_check.py here; ``env`` adds variables (CMAMBA_* come only from it)."""
     import os
 
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CMAMBA_")}
     return subprocess.run(
         [sys.executable, str(IMAGE_CHECK), *args],
         capture_output=True,
         text=True,
-        env={**os.environ, **(env or {})},
+        env={**clean, **(env or {})},
         cwd=REPO,
         timeout=120,
         check=False,
@@ -366,3 +368,16 @@ def test_files_used_through_bind_mounts_are_in_the_build_context(dockerfile: dic
                 assert not dockerignore_excludes(relative, patterns), f"{relative} is ignored"
                 checked += 1
     assert checked >= 4
+
+
+def test_final_check_accepts_the_embedded_default_checkpoint() -> None:
+    import torch
+
+    default = REPO / "model/checkpoints/default"
+    if not (default / "config.json").is_file():
+        pytest.skip("model/checkpoints/default is not in this checkout yet")
+    version = torch.__version__.split("+")[0]
+    result = image_check("final", "--torch", version)
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stderr.splitlines() if line.startswith("ok: checkpoint"))
+    assert "checkpoints/default" in line
