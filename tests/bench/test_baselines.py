@@ -39,7 +39,7 @@ def test_equal_width_and_depth_to_our_model(n_layers: int) -> None:
     M = config.n_modalities
     assert base.depth == len(ours.layers) == n_layers
     assert len(base.streams) == M * (M - 1)  # every target attends to every other modality
-    blocks = [blk for stream in base.streams.values() for blk in stream]
+    blocks = [blk for stream in base.streams.values() for blk in stream.children()]
     assert len(blocks) == M * (M - 1) * n_layers
     for blk in blocks:
         assert isinstance(blk, CrossModalBlock)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -46,7 +48,9 @@ def test_real_cpu_allocation_failure_counts_as_out_of_memory() -> None:
 
 def test_rounds_interleave_with_a_rotating_start() -> None:
     order: list[str] = []
-    calls = {name: (lambda n=name: float(len(n))) for name in ("ours", "(a)", "(b)")}
+    calls: dict[str, Callable[[], float]] = {
+        name: functools.partial(lambda n: float(len(n)), name) for name in ("ours", "(a)", "(b)")
+    }
     times = fe.interleaved_rounds(calls, 3, log=order)
     assert order == ["ours", "(a)", "(b)", "(a)", "(b)", "ours", "(b)", "ours", "(a)"]
     assert times == {"ours": [4.0] * 3, "(a)": [3.0] * 3, "(b)": [3.0] * 3}
@@ -109,7 +113,8 @@ def test_a_setting_over_the_memory_cap_is_recorded_not_run() -> None:
     for name in ("ours", "(b)"):
         assert row[name].status == "ok"
         assert len(row[name].times_s) == options.repeats
-        assert row[name].peak_bytes is not None and row[name].peak_bytes > 0
+        peak = row[name].peak_bytes
+        assert peak is not None and peak > 0
     # a larger setting is estimated from this one, and skipped when over the time cap
     options.mem_cap_gb, options.max_call_s = 4.0, 1e-9
     later = fe.run_setting(models, config, options, 1, 128, done, log=lambda _: None)
