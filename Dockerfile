@@ -47,7 +47,8 @@ RUN python3 docker/image_check.py base --torch "${TORCH_VERSION}" --python 3.11 
 
 # FORCE_BUILD makes both setup.py files compile here instead of fetching prebuilt wheels; no
 # build isolation, so they compile against this image's torch.
-RUN python3 -m pip wheel --no-deps --no-build-isolation --wheel-dir /wheels \
+RUN python3 -m pip wheel --no-deps --no-build-isolation --no-binary causal-conv1d,mamba-ssm \
+        --wheel-dir /wheels \
         "causal-conv1d==${CAUSAL_CONV1D_VERSION}" \
         "mamba-ssm==${MAMBA_SSM_VERSION}"
 

@@ -101,6 +101,7 @@ def test_build_stage_compiles_pinned_kernels(dockerfile: dict) -> None:
     assert {"8.0", "9.0"} <= set(arch.partition("=")[2].strip('"').split(";"))
     run = " ".join(args for kw, args in build if kw == "RUN")
     assert "--no-build-isolation" in run  # compiled against the image's own torch
+    assert "--no-binary causal-conv1d,mamba-ssm" in run  # from source, never a prebuilt wheel
     for package in ("mamba-ssm", "causal-conv1d"):
         version_arg = package.replace("-", "_").upper() + "_VERSION"
         default = next(a for kw, a in build if kw == "ARG" and a.startswith(version_arg + "="))
