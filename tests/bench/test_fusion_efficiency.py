@@ -37,6 +37,27 @@ def test_cpu_peak_ignores_what_was_live_before() -> None:
     assert MiB <= peak < MiB + 64 * 1024
 
 
+def _allocate_big() -> torch.Tensor:
+    return torch.ones(MiB)  # 4 MiB
+
+
+def _allocate_small() -> torch.Tensor:
+    return torch.ones(MiB // 4)  # 1 MiB
+
+
+def test_peak_breakdown_names_the_allocating_lines() -> None:
+    def work() -> tuple[torch.Tensor, torch.Tensor]:
+        big = _allocate_big()
+        small = _allocate_small()
+        return big, small
+
+    rows = fe.peak_breakdown_cpu(work)
+    assert len(rows) == 2
+    (first, first_bytes), (second, second_bytes) = rows
+    assert first.endswith("_allocate_big") and first_bytes == 4 * MiB
+    assert second.endswith("_allocate_small") and second_bytes == MiB
+
+
 def test_real_cpu_allocation_failure_counts_as_out_of_memory() -> None:
     with pytest.raises(RuntimeError) as info:
         torch.empty(1 << 50, dtype=torch.uint8)
@@ -155,6 +176,18 @@ def test_verdicts_say_met_and_missed() -> None:
     bad = fe.target_verdicts([row((1.0, 50), (1.5, 100), (0.5, 10))], 4096)[0]
     assert bad.count("MISSED") == 4
     assert fe.target_verdicts([row((1.0, 5), (3.0, 100), (2.0, 5))], 1024) == []
+
+    config = fe.bench_config(quick=True)
+    assert fe.explain_misses([row((1.0, 5), (3.0, 100), (2.0, 5))], config, heads=4) == []
+    why = fe.explain_misses([row((1.0, 50), (1.5, 100), (0.5, 10))], config, heads=4)
+    assert [line.split(":")[0] for line in why] == [
+        "b=1, L=4096, memory vs (a)",
+        "b=1, L=4096, memory vs (b)",
+        "b=1, L=4096, speed vs (a)",
+        "b=1, L=4096, speed vs (b)",
+    ]
+    assert "Missed by 400% of the allowed peak" in why[0]  # 50 B against 10% of 100 B
+    assert "ours peaks 5.00x (b)" in why[1]
 
 
 def test_doc_section_keeps_everything_else(tmp_path: Path) -> None:
