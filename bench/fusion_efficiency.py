@@ -827,9 +827,9 @@ def render_markdown(
                 "so they need not add up to the total."
             )
             timings = predict["timings_ms"]
-            total = timings.get("total") or float("nan")
+            total_ms = timings.get("total") or float("nan")
             lines += ["", "| stage | ms | share of total |", "|---|---:|---:|"]
-            lines += [f"| {k} | {v:,.1f} | {v / total * 100:.0f}% |" for k, v in timings.items()]
+            lines += [f"| {k} | {v:,.1f} | {v / total_ms * 100:.0f}% |" for k, v in timings.items()]
     return "\n".join(lines) + "\n"
 
 
