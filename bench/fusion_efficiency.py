@@ -408,6 +408,8 @@ def run_setting(
                 return net(features, masks)
 
         try:
+            if device.type == "cuda":
+                call()  # kernel compilation and library workspaces are not the model's memory
             result.peak_bytes = peak_memory_call(call, device)
         except Exception as error:  # an OOM is a result, anything else a bug
             if not is_out_of_memory(error):
