@@ -66,6 +66,7 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     import logging
+    import os
     import sys
 
     import uvicorn
@@ -98,4 +99,9 @@ def run(args: argparse.Namespace) -> int:
     )
     server = DrainingServer(config, app.state.core, settings.drain_timeout_s)
     server.run()
-    return server.exit_code
+    # Everything is drained and stopped; skip the native libraries' teardown at interpreter
+    # exit (ASR, face mesh and torch thread pools take seconds to unwind).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(server.exit_code)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import mimetypes
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -85,17 +85,15 @@ def test_client_transcript_skips_asr(media_server: Any, shared_media: Path) -> N
 
 def test_declared_oversized_body_is_refused_before_it_is_sent(media_server: Any) -> None:
     # Only the headers are sent: the server must answer 413 without waiting for the body.
-    host, port = "127.0.0.1", media_server.port
-    request = (
-        f"POST /v1/predict HTTP/1.1\r\nHost: {host}\r\n"
-        "Content-Type: multipart/form-data; boundary=x\r\n"
-        f"Content-Length: {10**10}\r\n\r\n"
-    ).encode()
-    with socket.create_connection((host, port), timeout=30) as sock:
-        sock.sendall(request)
-        head = sock.recv(65536).decode("latin-1")
-    assert head.startswith("HTTP/1.1 413"), head[:200]
-    assert "payload_too_large" in head
+    connection = http.client.HTTPConnection("127.0.0.1", media_server.port, timeout=30)
+    connection.putrequest("POST", "/v1/predict")
+    connection.putheader("Content-Type", "multipart/form-data; boundary=x")
+    connection.putheader("Content-Length", str(10**10))
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 413
+    assert json.loads(response.read())["error"]["type"] == "payload_too_large"
+    connection.close()
 
 
 def test_200_concurrent_requests_against_a_small_queue(
