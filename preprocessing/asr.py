@@ -107,6 +107,11 @@ class SpeechRecognizer:
             beam_size=self._settings.asr_beam_size,
             word_timestamps=True,
             condition_on_previous_text=False,
+            # Greedy at temperature 0 only: deterministic, and bounded in time. Whisper's default
+            # falls back to sampling at rising temperatures when a window's text looks
+            # repetitive, which re-decodes the window up to five times (7x slower on a clip with
+            # repeated phrases) and makes the transcript random.
+            temperature=self._settings.asr_temperatures,
             vad_filter=self._settings.asr_vad_filter,
         )
         segments: list[tuple[float, float, str]] = []

@@ -39,36 +39,56 @@ class AcousticFrames:
     voiced: np.ndarray  # (N,) bool
 
 
-def _aperiodicity(y: np.ndarray) -> np.ndarray:
-    """YIN's aperiodicity per frame: the minimum over candidate periods of the cumulative mean
-    normalised difference function (de Cheveigné & Kawahara 2002, eq. 8). Near 0 for a periodic
-    frame, near 1 for noise. Frames as librosa.yin centres them."""
+def _yin_with_voicing(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """YIN (de Cheveigné & Kawahara 2002): F0 per frame and a voicing decision.
+
+    Frames are centred like ``librosa.yin`` (1024 samples every 320). The cumulative mean
+    normalised difference d'(tau) is computed once; the period is the first trough of d' under
+    0.1 (else the global minimum), refined by parabolic interpolation, as librosa.yin does; the
+    frame is voiced when the minimum of d' (YIN's aperiodicity) is below
+    ``APERIODICITY_THRESHOLD``. Returns f0 (N,) in Hz and voiced (N,) bool.
+    """
     import librosa
 
     half = F0_FRAME // 2
     frames = librosa.util.frame(np.pad(y, (half, half)), frame_length=F0_FRAME, hop_length=HOP)
-    frames = frames.astype(np.float64)  # (1024, N)
+    import scipy.fft
+
+    frames = np.ascontiguousarray(frames, dtype=np.float32)  # (1024, N)
     min_period = int(np.floor(AUDIO_SAMPLE_RATE / FMAX_HZ))
     max_period = min(int(np.ceil(AUDIO_SAMPLE_RATE / FMIN_HZ)), F0_FRAME - 1)
-    spectrum = np.fft.rfft(frames, n=2 * F0_FRAME, axis=0)
-    acf = np.fft.irfft(np.abs(spectrum) ** 2, axis=0)[: max_period + 1]  # (P+1, N)
-    energy = np.cumsum(frames**2, axis=0)  # (1024, N)
-    diff = 2.0 * (acf[:1] - acf[1:]) - energy[:max_period]  # d(k), k = 1..P
+    # Autocorrelation by FFT in float32 (scipy keeps single precision), the rest in float64.
+    spectrum = scipy.fft.rfft(frames, n=2 * F0_FRAME, axis=0)
+    power = spectrum.real**2 + spectrum.imag**2
+    acf = scipy.fft.irfft(power, n=2 * F0_FRAME, axis=0)[: max_period + 1].astype(np.float64)
+    energy = np.cumsum(frames[:max_period].astype(np.float64) ** 2, axis=0)  # (P, N)
+    diff = 2.0 * (acf[:1] - acf[1:]) - energy  # d(tau), tau = 1..P
     cumulative_mean = np.cumsum(diff, axis=0) / np.arange(1, max_period + 1)[:, None]
-    cmndf = diff[min_period - 1 :] / (cumulative_mean[min_period - 1 :] + 1e-12)
-    return cmndf.min(axis=0)  # (N,)
+    cmndf = diff[min_period - 1 :] / (cumulative_mean[min_period - 1 :] + 1e-12)  # (K, N)
 
-
-def _yin_with_voicing(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """F0 by librosa's yin; a frame is voiced when its aperiodicity is under the threshold."""
-    import librosa
-
-    f0 = librosa.yin(
-        y, fmin=FMIN_HZ, fmax=FMAX_HZ, sr=AUDIO_SAMPLE_RATE, frame_length=F0_FRAME, hop_length=HOP
-    )  # (N,)
-    aperiodicity = _aperiodicity(y)
-    n = min(len(f0), len(aperiodicity))
-    return f0[:n], aperiodicity[:n] < APERIODICITY_THRESHOLD
+    # Period: first local minimum under 0.1, else the global minimum.
+    trough = np.zeros_like(cmndf, dtype=bool)
+    trough[1:-1] = (cmndf[1:-1] < cmndf[:-2]) & (cmndf[1:-1] <= cmndf[2:])
+    trough[0] = cmndf[0] < cmndf[1]
+    below = trough & (cmndf < 0.1)
+    index = np.where(below.any(axis=0), np.argmax(below, axis=0), np.argmin(cmndf, axis=0))
+    # Parabolic interpolation around the chosen lag.
+    cols = np.arange(cmndf.shape[1])
+    left = cmndf[np.maximum(index - 1, 0), cols]
+    centre = cmndf[index, cols]
+    right = cmndf[np.minimum(index + 1, len(cmndf) - 1), cols]
+    curvature = left - 2 * centre + right
+    shift = np.divide(
+        0.5 * (left - right),
+        curvature,
+        out=np.zeros_like(curvature),
+        where=np.abs(curvature) > 1e-12,
+    )
+    shift = np.where((index > 0) & (index < len(cmndf) - 1), np.clip(shift, -1, 1), 0.0)
+    period = min_period + index + shift
+    f0 = AUDIO_SAMPLE_RATE / period
+    voiced = cmndf.min(axis=0) < APERIODICITY_THRESHOLD
+    return f0, voiced
 
 
 def _pyin(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

