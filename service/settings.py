@@ -48,7 +48,7 @@ class ServiceSettings(BaseSettings):
         default=5.0, ge=0.0, description="longest wait of the oldest queued clip for company"
     )
     length_buckets: tuple[int, ...] = Field(
-        default=(16, 32, 64, 128, 256, 512, 1024, 2048),
+        default=(16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048),
         description="sequence lengths are padded up to the next bucket; empty = batch longest",
     )
     max_sequence_length: int = Field(default=2048, ge=1, description="longest accepted clip")

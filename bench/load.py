@@ -1,0 +1,458 @@
+"""Load benchmark of the REST API: micro-batching on and off, and a media clip end to end.
+
+Starts ``cmamba serve`` processes on free ports and drives them with concurrent HTTP clients:
+
+- ``POST /v1/predict/features`` at concurrency 1, 8 and 32, with micro-batching off
+  (``max_batch_size`` 1) and on (``max_batch_size`` 32, ``max_batch_delay_ms`` 5);
+- ``POST /v1/predict`` with a shared clip (feature extraction included), batching on.
+
+It prints requests per second and p50 / p99 latency per cell, the batching ratio at the highest
+concurrency (target: at least 3x the requests per second of no batching, with p99 no worse than
+2x), and with ``--write-docs`` rewrites the ``load`` section of docs/PERFORMANCE.md.
+
+Usage::
+
+    python bench/load.py [--checkpoint DIR] [--duration 8] [--write-docs]
+
+The clients run on the same machine as the server: on a small CPU host they take cores from it,
+so compare the ratios measured side by side in one run rather than absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import mimetypes
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DOC = ROOT / "docs" / "PERFORMANCE.md"
+BEGIN, END = "<!-- load:begin -->", "<!-- load:end -->"
+DEFAULT_CLIP = ROOT.parent / "shared" / "media" / "cremad_1001_DFA_HAP_XX.mp4"
+
+
+@dataclass
+class Cell:
+    """One measured configuration."""
+
+    endpoint: str
+    batching: str
+    concurrency: int
+    requests: int
+    refused: int
+    seconds: float
+    latencies_ms: list[float]
+    batch_sizes: list[int]
+    stage_ms: dict[str, float]
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds > 0 else 0.0
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+    @property
+    def mean_batch(self) -> float:
+        return float(np.mean(self.batch_sizes)) if self.batch_sizes else float("nan")
+
+
+# -- servers -----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    """``cmamba serve`` in a subprocess, stopped with SIGTERM (graceful drain)."""
+
+    def __init__(self, checkpoint: Path, env: dict[str, str], args: list[str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {**os.environ, "CMAMBA_MODEL_PATH": str(checkpoint), **env}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port),
+             "--log-level", "warning", *args],
+            cwd=ROOT, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+
+    def wait_ready(self, timeout: float = 300.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise RuntimeError(f"server exited ({self.proc.returncode}):\n{err[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
+                    metrics = httpx.get(f"{self.url}/metrics").text
+                    return {"metrics": metrics}
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise TimeoutError("server did not become ready")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# -- clients -----------------------------------------------------------------------------------
+
+
+async def _drive(
+    url: str,
+    path: str,
+    make_request: Any,
+    concurrency: int,
+    duration: float,
+    warmup_requests: int,
+) -> tuple[list[float], list[int], int, float, list[dict[str, Any]]]:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+        for _ in range(warmup_requests):
+            (await client.post(path, **make_request())).raise_for_status()
+        latencies: list[float] = []
+        batch_sizes: list[int] = []
+        bodies: list[dict[str, Any]] = []
+        refused = 0
+        stop_at = time.perf_counter() + duration
+
+        async def worker() -> None:
+            nonlocal refused
+            while time.perf_counter() < stop_at:
+                start = time.perf_counter()
+                response = await client.post(path, **make_request())
+                elapsed = (time.perf_counter() - start) * 1000.0
+                if response.status_code == 503:
+                    refused += 1
+                    continue
+                response.raise_for_status()
+                body = response.json()
+                latencies.append(elapsed)
+                batch_sizes.append(int(body["batch"]["size"]))
+                bodies.append(body["timings_ms"])
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        seconds = time.perf_counter() - began
+    return latencies, batch_sizes, refused, seconds, bodies
+
+
+def measure(
+    url: str,
+    path: str,
+    make_request: Any,
+    *,
+    batching: str,
+    concurrency: int,
+    duration: float,
+) -> Cell:
+    latencies, batches, refused, seconds, timings = asyncio.run(
+        _drive(url, path, make_request, concurrency, duration, warmup_requests=2)
+    )
+    stage_ms: dict[str, float] = {}
+    if timings:
+        for key in timings[0]:
+            stage_ms[key] = float(np.mean([t.get(key, 0.0) for t in timings]))
+    cell = Cell(
+        path, batching, concurrency, len(latencies), refused, seconds, latencies, batches, stage_ms
+    )
+    print(
+        f"  {path:22s} batching {batching:3s} c={concurrency:<3d} {cell.rps:8.1f} req/s  "
+        f"p50 {cell.percentile(50):8.1f} ms  p99 {cell.percentile(99):8.1f} ms  "
+        f"mean batch {cell.mean_batch:5.1f}  refused {refused}",
+        flush=True,
+    )
+    return cell
+
+
+# -- setup -------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(given: Path | None, workdir: Path) -> tuple[Path, str]:
+    """The checkpoint to serve: the one given, the embedded default, or random weights."""
+    if given is not None:
+        return given, f"`{given}`"
+    import model
+
+    finder = getattr(model, "default_checkpoint_path", None)
+    default = Path(finder()) if finder else ROOT / "model" / "checkpoints" / "default"
+    if (default / "config.json").is_file():
+        return default, f"the embedded default (`{default.relative_to(ROOT)}`)"
+    import torch
+
+    from model import CoupledMambaConfig, CoupledMambaForSentiment, save_checkpoint
+    from preprocessing import PROFILES
+
+    # The default checkpoint's shape (text only, d_model 64, d_state 16, 2 layers), random weights.
+    torch.manual_seed(0)
+    config = CoupledMambaConfig(
+        modalities=("text",),
+        feature_dims=dict(PROFILES["default-v1"].dims),
+        d_model=64,
+        d_state=16,
+        n_layers=2,
+    )
+    folder = save_checkpoint(CoupledMambaForSentiment(config), workdir / "random", name="random")
+    return (
+        folder,
+        "random weights in the default checkpoint's shape (text, d_model 64, d_state 16, 2 layers)",
+    )
+
+
+def features_body(checkpoint: Path, length: int) -> bytes:
+    from model import read_checkpoint_config
+
+    config, _ = read_checkpoint_config(checkpoint)
+    rng = np.random.default_rng(0)
+    features = {
+        m: rng.standard_normal((length, config.feature_dims[m])).round(4).tolist()
+        for m in config.modalities
+    }
+    import json
+
+    return json.dumps({"profile": config.feature_profile, "features": features}).encode()
+
+
+def model_scaling(
+    checkpoint: Path, length: int, device: str, threads: int, sizes: tuple[int, ...] = (1, 8, 32)
+) -> dict[int, float]:
+    """Milliseconds of one forward pass per batch size, in this process (no HTTP, no queue)."""
+    import torch
+
+    from model import load_checkpoint
+    from service.backend import resolve_device
+
+    torch.set_num_threads(threads)
+    model = load_checkpoint(checkpoint, device=resolve_device(device))
+    out: dict[int, float] = {}
+    for size in sizes:
+        features, masks = model.dummy_inputs(size, length)
+        with torch.inference_mode():
+            model(features, masks)  # warm
+            runs = []
+            for _ in range(5):
+                if features[model.modalities[0]].is_cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                model(features, masks)
+                if features[model.modalities[0]].is_cuda:
+                    torch.cuda.synchronize()
+                runs.append((time.perf_counter() - start) * 1000.0)
+        out[size] = float(np.median(runs))
+    return out
+
+
+def scan_backend(url: str) -> str:
+    body = httpx.get(f"{url}/metrics").text
+    for line in body.splitlines():
+        if line.startswith("cmamba_model_info{"):
+            return line.split('scan_backend="')[1].split('"')[0]
+    return "?"
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def render(
+    cells: list[Cell], context: dict[str, str], scaling: dict[int, float], verdict: list[str]
+) -> str:
+    lines = [
+        "### Load (`bench/load.py`)",
+        "",
+        f"Machine: {context['machine']}. Checkpoint: {context['checkpoint']}; device "
+        f"{context['device']}, scan backend `{context['scan_backend']}`, torch threads "
+        f"{context['torch_threads']}. Features body: {context['length']} steps "
+        f"({context['body_kb']} kB of JSON). Each cell runs {context['duration']} s of closed-loop "
+        "clients on the same machine (the clients share its cores).",
+        "",
+        "| endpoint | batching | concurrency | req/s | p50 ms | p99 ms | mean batch | 503s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for c in cells:
+        lines.append(
+            f"| `{c.endpoint}` | {c.batching} | {c.concurrency} | {c.rps:.1f} | "
+            f"{c.percentile(50):.1f} | {c.percentile(99):.1f} | {c.mean_batch:.1f} | {c.refused} |"
+        )
+    if scaling:
+        first = min(scaling)
+        parts = ", ".join(
+            f"batch {b}: {ms:.1f} ms ({b * scaling[first] / ms:.2f}x the clips/s of batch {first})"
+            for b, ms in scaling.items()
+        )
+        lines += [
+            "",
+            f"One forward pass of the model alone at the padded length {context['padded']} "
+            f"(median of 5, same threads): {parts}. This bounds what batching can gain on this "
+            "device.",
+        ]
+    media = [c for c in cells if c.endpoint == "/v1/predict"]
+    if media and media[0].stage_ms:
+        stages = ", ".join(f"{k} {v:.0f}" for k, v in media[0].stage_ms.items())
+        lines += ["", f"`/v1/predict` mean stage times at concurrency 1 (ms): {stages}."]
+    lines += ["", *verdict, ""]
+    return "\n".join(lines)
+
+
+def write_section(text: str) -> None:
+    doc = DOC.read_text(encoding="utf-8")
+    if BEGIN not in doc or END not in doc:
+        raise SystemExit(f"markers {BEGIN} / {END} not found in {DOC}")
+    head, rest = doc.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    DOC.write_text(f"{head}{BEGIN}\n{text}{END}{tail}", encoding="utf-8")
+    print(f"wrote the load section of {DOC.relative_to(ROOT)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, help="default: the embedded default")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per cell")
+    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")
+    parser.add_argument("--length", type=int, default=50, help="steps per features request")
+    parser.add_argument("--clip", type=Path, default=DEFAULT_CLIP, help="clip for /v1/predict")
+    parser.add_argument("--media-concurrency", default="1,4")
+    parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--write-docs", action="store_true")
+    args = parser.parse_args(argv)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    media_levels = [int(c) for c in args.media_concurrency.split(",") if c]
+
+    with tempfile.TemporaryDirectory(prefix="cmamba-load-") as work:
+        checkpoint, checkpoint_text = resolve_checkpoint(args.checkpoint, Path(work))
+        body = features_body(checkpoint, args.length)
+        headers = {"content-type": "application/json"}
+
+        def features_request() -> dict[str, Any]:
+            return {"content": body, "headers": headers}
+
+        common = {
+            "CMAMBA_TORCH_THREADS": str(args.torch_threads),
+            "CMAMBA_DEVICE": args.device,
+            "CMAMBA_MAX_QUEUE_SIZE": "512",
+            "CMAMBA_MAX_INFLIGHT": "512",
+        }
+        cells: list[Cell] = []
+        backend = "?"
+        for batching, size in (("off", 1), ("on", 32)):
+            env = {**common, "CMAMBA_MAX_BATCH_SIZE": str(size), "CMAMBA_MAX_BATCH_DELAY_MS": "5"}
+            server = Server(checkpoint, env, ["--features-only"])
+            try:
+                server.wait_ready()
+                backend = scan_backend(server.url)
+                for level in levels:
+                    cells.append(
+                        measure(
+                            server.url,
+                            "/v1/predict/features",
+                            features_request,
+                            batching=batching,
+                            concurrency=level,
+                            duration=args.duration,
+                        )
+                    )
+            finally:
+                server.stop()
+
+        if media_levels and args.clip.is_file():
+            clip_bytes = args.clip.read_bytes()
+            clip_type = mimetypes.guess_type(args.clip.name)[0] or "application/octet-stream"
+
+            def media_request() -> dict[str, Any]:
+                return {"files": {"file": (args.clip.name, clip_bytes, clip_type)}}
+
+            env = {**common, "CMAMBA_MAX_BATCH_SIZE": "32", "CMAMBA_MAX_BATCH_DELAY_MS": "5"}
+            server = Server(checkpoint, env, ["--extract-workers", str(max(media_levels))])
+            try:
+                server.wait_ready()
+                for level in media_levels:
+                    cells.append(
+                        measure(
+                            server.url,
+                            "/v1/predict",
+                            media_request,
+                            batching="on",
+                            concurrency=level,
+                            duration=args.duration,
+                        )
+                    )
+            finally:
+                server.stop()
+
+        from service.settings import ServiceSettings
+
+        buckets = ServiceSettings.model_fields["length_buckets"].default
+        padded = next((b for b in buckets if b >= args.length), args.length)
+        scaling = model_scaling(checkpoint, padded, args.device, args.torch_threads)
+
+    top = max(levels)
+    off = next(c for c in cells if c.batching == "off" and c.concurrency == top)
+    on = next(
+        c
+        for c in cells
+        if c.batching == "on" and c.concurrency == top and c.endpoint == off.endpoint
+    )
+    ratio = on.rps / off.rps if off.rps else float("nan")
+    p99_ratio = on.percentile(99) / off.percentile(99)
+    met = ratio >= 3.0 and p99_ratio <= 2.0
+    verdict = [
+        f"Batching at concurrency {top}: **{ratio:.2f}x** the requests per second of no batching "
+        f"(target >= 3x), p99 {p99_ratio:.2f}x of no batching's (target <= 2x): "
+        f"{'target met' if met else 'target NOT met'}."
+    ]
+    print("\n" + verdict[0])
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"torch {torch.__version__}"
+    )
+    if device.startswith("cuda"):
+        machine += f", {torch.cuda.get_device_name(0)}"
+    context = {
+        "machine": machine,
+        "checkpoint": checkpoint_text,
+        "device": device,
+        "scan_backend": backend,
+        "torch_threads": str(args.torch_threads),
+        "length": str(args.length),
+        "body_kb": f"{len(body) / 1024:.0f}",
+        "duration": f"{args.duration:g}",
+        "padded": str(padded),
+    }
+    text = render(cells, context, scaling, verdict)
+    print("\n" + text)
+    if args.write_docs:
+        write_section(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
