@@ -212,13 +212,18 @@ def _reason(exc: BaseException) -> str:
     return text.split(":")[-1].strip() or type(exc).__name__
 
 
-def probe_media(path: Path | str, settings: ExtractorSettings) -> MediaInfo:
-    """Recognise the container and check every limit from its header, decoding nothing."""
+def _checked_size(path: Path | str, settings: ExtractorSettings) -> int:
     size = os.path.getsize(path)
     if size > settings.max_file_bytes:
         raise MediaTooLargeError(
             f"The file is {size / 1e6:.1f} MB; the limit is {settings.max_file_bytes / 1e6:.1f} MB."
         )
+    return size
+
+
+def probe_media(path: Path | str, settings: ExtractorSettings) -> MediaInfo:
+    """Recognise the container and check every limit from its header, decoding nothing."""
+    size = _checked_size(path, settings)
     container = sniff_container(path)
     with open_container(path, container) as handle:
         return _header_info(handle, container, size, settings, str(path))
@@ -308,11 +313,7 @@ def decode_media(
     """
     import av
 
-    size = os.path.getsize(path)
-    if size > settings.max_file_bytes:
-        raise MediaTooLargeError(
-            f"The file is {size / 1e6:.1f} MB; the limit is {settings.max_file_bytes / 1e6:.1f} MB."
-        )
+    size = _checked_size(path, settings)
     container = sniff_container(path)
     with open_container(path, container) as handle:
         info = _header_info(handle, container, size, settings, str(path))

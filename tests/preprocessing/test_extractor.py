@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import re
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -142,6 +143,20 @@ def test_same_clip_same_features_across_threads(extractor, clip, bundle_of) -> N
         for m in expected.features:
             assert np.array_equal(got.masks[m], expected.masks[m])
             assert np.allclose(got.features[m], expected.features[m], atol=1e-4)
+
+
+def test_asr_overlap_does_not_change_results(extractor, clip, bundle_of) -> None:
+    sequential = Extractor(
+        replace(extractor.settings, overlap_asr=False),
+        text_encoder=extractor.text_encoder,
+        recognizer=extractor.recognizer,
+    )
+    got = sequential.extract(clip("ang_flv"))
+    expected = bundle_of("ang_flv")
+    assert got.summary == expected.summary and got.segments == expected.segments
+    for m in expected.features:
+        assert np.array_equal(got.masks[m], expected.masks[m])
+        assert np.allclose(got.features[m], expected.features[m], atol=1e-4)
 
 
 def test_extractor_pickles_without_models(extractor) -> None:

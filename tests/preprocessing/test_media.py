@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from preprocessing import ExtractorSettings
+from preprocessing import Extractor, ExtractorSettings
 from preprocessing.errors import (
     CorruptMediaError,
     MediaTooLargeError,
@@ -165,6 +165,7 @@ BAD_INPUTS = [
     ("truncated", CorruptMediaError),
     ("long", MediaTooLongError),
     ("huge_mkv", MediaTooLargeError),
+    ("huge_mp4", MediaTooLargeError),
 ]
 
 
@@ -176,11 +177,13 @@ def test_bad_inputs_are_typed_errors_and_leave_no_temporary_files(
     monkeypatch.setenv("TMPDIR", str(scratch))
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     before = sorted(os.listdir(generated["text"].parent))
-    settings = ExtractorSettings(max_duration_s=10)
+    # Through the public API; every refusal comes before a model would load.
+    extractor = Extractor(ExtractorSettings(max_duration_s=10))
     for name, error in BAD_INPUTS:
         with pytest.raises(error) as info:
-            decode_media(generated[name], settings, audio=True, video=True)
+            extractor.extract(generated[name])
         assert isinstance(info.value, PreprocessingError)
         assert len(info.value.message) > 20
+    assert extractor._text_encoder is None and extractor._recognizer is None
     assert os.listdir(scratch) == []
     assert sorted(os.listdir(generated["text"].parent)) == before
