@@ -3,7 +3,7 @@
 Starts ``cmamba serve`` processes on free ports and drives them with concurrent HTTP clients:
 
 - ``POST /v1/predict/features`` at concurrency 1, 8 and 32, with micro-batching off
-  (``max_batch_size`` 1) and on (``max_batch_size`` 32, ``max_batch_delay_ms`` 5);
+  (``max_batch_size`` 1) and on (``--batch-size``, default 16, ``max_batch_delay_ms`` 5);
 - ``POST /v1/predict`` with a shared clip (feature extraction included), batching on.
 
 It prints requests per second and p50 / p99 latency per cell, the batching ratio at the highest
@@ -285,7 +285,8 @@ def render(
         "",
         f"Machine: {context['machine']}. Checkpoint: {context['checkpoint']}; device "
         f"{context['device']}, scan backend `{context['scan_backend']}`, torch threads "
-        f"{context['torch_threads']}. Features body: {context['length']} steps "
+        f"{context['torch_threads']}, batching on = max_batch_size {context['batch_size']} and "
+        f"max_batch_delay_ms 5. Features body: {context['length']} steps "
         f"({context['body_kb']} kB of JSON). Each cell runs {context['duration']} s of closed-loop "
         "clients on the same machine (the clients share its cores).",
         "",
@@ -335,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--length", type=int, default=50, help="steps per features request")
     parser.add_argument("--clip", type=Path, default=DEFAULT_CLIP, help="clip for /v1/predict")
     parser.add_argument("--media-concurrency", default="1,4")
+    parser.add_argument("--batch-size", type=int, default=16, help="max_batch_size when on")
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--write-docs", action="store_true")
@@ -358,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         cells: list[Cell] = []
         backend = "?"
-        for batching, size in (("off", 1), ("on", 32)):
+        for batching, size in (("off", 1), ("on", args.batch_size)):
             env = {**common, "CMAMBA_MAX_BATCH_SIZE": str(size), "CMAMBA_MAX_BATCH_DELAY_MS": "5"}
             server = Server(checkpoint, env, ["--features-only"])
             try:
@@ -385,7 +387,11 @@ def main(argv: list[str] | None = None) -> int:
             def media_request() -> dict[str, Any]:
                 return {"files": {"file": (args.clip.name, clip_bytes, clip_type)}}
 
-            env = {**common, "CMAMBA_MAX_BATCH_SIZE": "32", "CMAMBA_MAX_BATCH_DELAY_MS": "5"}
+            env = {
+                **common,
+                "CMAMBA_MAX_BATCH_SIZE": str(args.batch_size),
+                "CMAMBA_MAX_BATCH_DELAY_MS": "5",
+            }
             server = Server(checkpoint, env, ["--extract-workers", str(max(media_levels))])
             try:
                 server.wait_ready()
@@ -407,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
 
         buckets = ServiceSettings.model_fields["length_buckets"].default
         padded = next((b for b in buckets if b >= args.length), args.length)
-        scaling = model_scaling(checkpoint, padded, args.device, args.torch_threads)
+        sizes = tuple(sorted({1, 8, args.batch_size, 32}))
+        scaling = model_scaling(checkpoint, padded, args.device, args.torch_threads, sizes)
 
     top = max(levels)
     off = next(c for c in cells if c.batching == "off" and c.concurrency == top)
@@ -446,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         "body_kb": f"{len(body) / 1024:.0f}",
         "duration": f"{args.duration:g}",
         "padded": str(padded),
+        "batch_size": str(args.batch_size),
     }
     text = render(cells, context, scaling, verdict)
     print("\n" + text)
