@@ -102,6 +102,7 @@ class Extractor:
         self.modalities: tuple[str, ...] = tuple(m for m in MODALITIES if m in modalities)
         self._text_encoder = text_encoder
         self._recognizer = recognizer
+        self._lock = threading.Lock()  # guards the lazy creation of the two model holders
 
     # -- models -------------------------------------------------------------------------------
 
@@ -118,18 +119,20 @@ class Extractor:
     @property
     def text_encoder(self) -> TextEncoder:
         """The MiniLM text encoder (created on first access, loaded on first use)."""
-        if self._text_encoder is None:
-            self._text_encoder = TextEncoder(
-                self.settings.text_model_dir, torch_threads=self.settings.torch_threads
-            )
-        return self._text_encoder
+        with self._lock:
+            if self._text_encoder is None:
+                self._text_encoder = TextEncoder(
+                    self.settings.text_model_dir, torch_threads=self.settings.torch_threads
+                )
+            return self._text_encoder
 
     @property
     def recognizer(self) -> SpeechRecognizer:
         """The faster-whisper recogniser (created on first access, loaded on first use)."""
-        if self._recognizer is None:
-            self._recognizer = SpeechRecognizer(self.settings)
-        return self._recognizer
+        with self._lock:
+            if self._recognizer is None:
+                self._recognizer = SpeechRecognizer(self.settings)
+            return self._recognizer
 
     def warmup(self) -> dict[str, float]:
         """Load every model the requested modalities need and run each stage once on synthetic
@@ -165,7 +168,12 @@ class Extractor:
         state = self.__dict__.copy()
         state["_text_encoder"] = None
         state["_recognizer"] = None
+        del state["_lock"]
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     # -- extraction ---------------------------------------------------------------------------
 
