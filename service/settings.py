@@ -14,6 +14,12 @@ def default_model_path() -> Path:
     import model
 
     finder = getattr(model, "default_checkpoint_path", None)
+    if finder is None:
+        try:
+            from model import checkpoints
+        except ImportError:
+            checkpoints = None  # type: ignore[assignment]
+        finder = getattr(checkpoints, "default_checkpoint_path", None)
     if finder is not None:
         return Path(finder())
     return Path(model.__file__).resolve().parent / "checkpoints" / "default"

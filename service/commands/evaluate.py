@@ -140,11 +140,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     torch.set_num_threads(max(1, args.threads))
     model = _load(args)
-    print(f"checkpoint {args.checkpoint}: {model.describe()['parameters']:,} parameters, "
-          f"modalities {list(model.config.modalities)}, scale {list(model.config.label_scale)}")
+    print(
+        f"checkpoint {args.checkpoint}: {model.describe()['parameters']:,} parameters, "
+        f"modalities {list(model.config.modalities)}, scale {list(model.config.label_scale)}"
+    )
     if args.texts is not None:
         results = _texts(args, model)
-        print(f"{results['n']} texts from {args.texts}, ratings rescaled to {results['label_scale']}")
+        print(
+            f"{results['n']} texts from {args.texts}, ratings rescaled to {results['label_scale']}"
+        )
         print("model:")
         print(format_metrics(results["model"]))
         if "vader" in results:

@@ -1,14 +1,52 @@
-"""``cmamba extract``: not available yet."""
+"""``cmamba extract``: build a training dataset (MMSA pickle layout) from labelled media."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    del parser
+    parser.add_argument(
+        "csv",
+        type=Path,
+        help="CSV with header path,label[,transcript][,split]; relative paths are taken from "
+        "the CSV's folder; without a split column, clips are split 80/10/10 by a hash of the path",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="dataset pickle to write (.pkl)")
+    parser.add_argument(
+        "--modalities",
+        nargs="+",
+        choices=("text", "audio", "visual"),
+        default=["text", "audio", "visual"],
+    )
+    parser.add_argument("--workers", type=int, default=1, help="parallel extraction processes")
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        help="folder of per-clip results; a rerun resumes from it (default: OUT.parts)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    del args
-    raise SystemExit("cmamba extract is not available yet")
+    from preprocessing.dataset import extract_dataset
+
+    try:
+        report = extract_dataset(
+            args.csv,
+            args.out,
+            modalities=args.modalities,
+            workers=args.workers,
+            work_dir=args.work_dir,
+            progress=not args.quiet,
+        )
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"{report.total} clips: {report.extracted} extracted now, {report.reused} reused, "
+        f"{len(report.failed)} failed -> {report.output}"
+    )
+    return 1 if report.failed and report.total == len(report.failed) else 0

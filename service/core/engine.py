@@ -82,6 +82,19 @@ def default_extractor(settings: ServiceSettings, modalities: Sequence[str]) -> F
     return extractor
 
 
+def pinned_sha256(path: Path) -> str | None:
+    """The pinned weights hash when ``path`` is the embedded default checkpoint, else None."""
+    try:
+        from model import checkpoints
+    except ImportError:
+        return None
+    pinned = getattr(checkpoints, "DEFAULT_CHECKPOINT_SHA256", "")
+    finder = getattr(checkpoints, "default_checkpoint_path", None)
+    if pinned and finder is not None and Path(finder()).resolve() == path.resolve():
+        return str(pinned)
+    return None
+
+
 class InferenceCore:
     """Owns the model, the model worker, the extraction pool and the admission limits.
 
@@ -166,7 +179,12 @@ class InferenceCore:
             self.check()
             from model import load_checkpoint
 
-            model = load_checkpoint(s.model_path, device=device, scan_backend=s.scan_backend)
+            model = load_checkpoint(
+                s.model_path,
+                device=device,
+                scan_backend=s.scan_backend,
+                expected_sha256=pinned_sha256(s.model_path),
+            )
         else:
             model = model.to(device).eval()
             if s.scan_backend != "auto" or not getattr(model, "scan_backend", None):
