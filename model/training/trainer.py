@@ -330,7 +330,7 @@ def train(
             if progress and hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
 
-        valid_metrics, _, _ = evaluate_samples(
+        valid_metrics, valid_groups, _ = evaluate_samples(
             model, valid_set, dataset.metric_set, settings.eval_batch_size
         )
         value = _score_of(dataset.metric_set, valid_metrics, settings.select)
@@ -344,6 +344,7 @@ def train(
             "epoch": epoch,
             "train_loss": float(np.mean(losses)) if losses else float("nan"),
             "valid": valid_metrics,
+            "valid_by_group": valid_groups,
             "best": improved,
             "seconds": round(time.perf_counter() - epoch_start, 2),
         }
@@ -351,6 +352,10 @@ def train(
         with log_file.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         shown = ", ".join(f"{k} {v:.4f}" for k, v in valid_metrics.items() if k != "N")
+        if valid_groups:
+            shown += "; r by group: " + ", ".join(
+                f"{g} {v['Pearson_r']:.4f}" for g, v in valid_groups.items()
+            )
         log(
             f"epoch {epoch}: train loss {record['train_loss']:.4f}; valid {shown}"
             f"{' (best)' if improved else ''} [{record['seconds']:.0f} s]"
