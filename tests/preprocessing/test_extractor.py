@@ -174,3 +174,15 @@ def test_frame_rate_setting(extractor, clip) -> None:
 def test_unknown_modality_is_rejected() -> None:
     with pytest.raises(ValueError, match="modalities"):
         Extractor(ExtractorSettings(), ("text", "smell"))
+
+
+def test_no_temporary_files_on_success(extractor, clip, tmp_path, monkeypatch) -> None:
+    import tempfile
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    bundle = extractor.extract(clip("grid_mpg"))
+    assert bundle.present("visual")
+    assert list(scratch.iterdir()) == []
