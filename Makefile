@@ -37,5 +37,9 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/scan.py
 
+# Rebuild the embedded default checkpoint from ../shared/data/sentiment-snippets (docs/TRAINING.md).
+default-model: $(STAMP)
+	$(BIN)/python scripts/build_default_model.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
