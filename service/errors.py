@@ -95,6 +95,13 @@ class MediaDisabledError(ServiceError):
     status_code = 501
 
 
+class ClientDisconnectedError(ServiceError):
+    """The client went away before its request was read (nginx's 499; nobody gets the answer)."""
+
+    error_type = "client_closed_request"
+    status_code = 499
+
+
 class RetryableError(ServiceError):
     """Temporary refusal: the client may retry after ``Retry-After`` seconds."""
 

@@ -17,9 +17,14 @@ from typing import IO
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-from service.errors import InvalidInputError, PayloadTooLargeError, UnsupportedMediaError
+from service.errors import (
+    ClientDisconnectedError,
+    InvalidInputError,
+    PayloadTooLargeError,
+    UnsupportedMediaError,
+)
 
 ACCEPTED_MEDIA_PREFIXES = ("video/", "audio/")
 ACCEPTED_MEDIA_TYPES = ("application/octet-stream", "application/ogg", "")
@@ -215,6 +220,9 @@ async def receive_upload(
             transcript=transcript,
             receive_ms=(time.perf_counter() - started) * 1000.0,
         )
+    except ClientDisconnect as exc:
+        path.unlink(missing_ok=True)
+        raise ClientDisconnectedError("the client disconnected during the upload") from exc
     except BaseException:
         path.unlink(missing_ok=True)
         raise
@@ -232,8 +240,11 @@ async def read_body(request: Request, *, max_bytes: int) -> bytes:
             f"the body is {int(declared)} bytes, over the limit of {max_bytes} bytes"
         )
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise PayloadTooLargeError(f"the body is over the limit of {max_bytes} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_bytes:
+                raise PayloadTooLargeError(f"the body is over the limit of {max_bytes} bytes")
+    except ClientDisconnect as exc:
+        raise ClientDisconnectedError("the client disconnected during the request") from exc
     return bytes(body)

@@ -172,3 +172,34 @@ def test_features_only_server_refuses_media_before_reading(
     )
     assert status == 501 and answer["error"]["type"] == "media_disabled"
     assert body.bytes_read == 0
+
+
+class DisconnectingBody(CountingBody):
+    """The client goes away after a few chunks."""
+
+    def __init__(self, chunks: int) -> None:
+        super().__init__(100 * LIMIT, head=multipart_head())
+        self.chunks = chunks
+
+    async def __call__(self) -> dict[str, Any]:
+        if self.chunks == 0:
+            return {"type": "http.disconnect"}
+        self.chunks -= 1
+        return await super().__call__()
+
+
+def test_client_disconnect_mid_upload_cleans_up(
+    media_app: Callable[..., TestClient], tmp_path: Path, metric: Callable[..., float]
+) -> None:
+    client = media_app(max_upload_bytes=10 * LIMIT)
+    status, answer = call_app(
+        client,
+        "/v1/predict",
+        {"content-type": f"multipart/form-data; boundary={BOUNDARY}"},
+        DisconnectingBody(chunks=3),
+    )
+    assert status == 499 and answer["error"]["type"] == "client_closed_request"
+    assert list(tmp_path.iterdir()) == []
+    text = client.get("/metrics").text
+    assert metric(text, "cmamba_requests_total", endpoint="/v1/predict", status="499") == 1.0
+    assert metric(text, "cmamba_inflight_requests") == 0.0
