@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from service.main import create_app
@@ -467,3 +468,20 @@ def test_features_only_server_answers_501_for_media(
         "/v1/predict", files={"file": (clip.name, clip.read_bytes(), "audio/flac")}
     )
     assert_error(response, 501, "media_disabled")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_memory_figures_on_cuda(
+    features_app: Callable[..., TestClient], payload: Callable[..., dict], metric: Callable
+) -> None:
+    client = features_app(device="cuda")
+    body = client.post("/v1/predict/features", json=payload(32, 0)).json()
+    memory = body["gpu_memory"]
+    assert memory["device"].startswith("cuda")
+    assert body["model"]["device"].startswith("cuda")
+    assert 0 < memory["allocated_bytes"] <= memory["reserved_bytes"] <= memory["total_bytes"]
+    assert memory["allocated_bytes"] <= memory["peak_allocated_bytes"] <= memory["total_bytes"]
+    text = client.get("/metrics").text
+    assert metric(text, "cmamba_gpu_memory_allocated_bytes") > 0
+    assert metric(text, "cmamba_gpu_memory_peak_bytes") > 0
