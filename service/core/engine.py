@@ -187,8 +187,7 @@ class InferenceCore:
             )
         else:
             model = model.to(device).eval()
-            if s.scan_backend != "auto" or not getattr(model, "scan_backend", None):
-                model.set_scan_backend(s.scan_backend)
+            model.set_scan_backend(s.scan_backend)  # "auto" is decided for the new device
         self._model = model
         backend = ModelBackend(
             model, before_forward=self._before_forward, on_oom=self.metrics.gpu_oom.inc
