@@ -214,6 +214,16 @@ def main() -> int:
         f"{total_rtf:.3f}, which {verdict} the {TARGET_RTF} target "
         f"({total_rtf / TARGET_RTF:.2f}x the budget).",
         "",
+        "Where the time goes (sequential run of the same clip): "
+        + ", ".join(
+            f"{stage} {rows[-1][2][stage] / 1000:.2f} s "
+            f"({100 * rows[-1][2][stage] / max(rows[-1][2]['total'], 1e-9):.0f} %)"
+            for stage in STAGES
+        )
+        + ". Overlapping ASR with the audio and visual stages only pays when a second core is "
+        f"free; the load average during this run was {load_before:.1f} on {os.cpu_count()} "
+        "cores.",
+        "",
         "Whisper reads audio in 30 s windows, so a clip of 2 s pays for a whole window: the "
         "short clips' ASR time is close to that of a 30 s clip, and their RTF is not "
         "comparable with the 60 s clip's.",
