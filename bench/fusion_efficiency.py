@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -303,6 +304,7 @@ class BenchOptions:
     heads: int = 4
     mem_cap_gb: float = 4.0
     max_call_s: float = 30.0
+    long_round_s: float = 60.0
     scan_backend: str = "auto"
     quick: bool = False
     seed: int = 0
@@ -388,10 +390,12 @@ def run_setting(
     results: dict[str, Measurement] = {}
     active: dict[str, Callable[[], object]] = {}
     cap = options.mem_cap_gb * 1e9
+    round_estimate = 0.0  # seconds, summed over the models that will run
     for name, net in models.items():
         result = Measurement(name, batch, length)
         results[name] = result
         est_mem, est_s = _estimate(name, batch, length, options.heads, done)
+        round_estimate += est_s or 0.0
         if est_mem is not None and est_mem > cap:
             result.status, result.note = "oom", f"OOM (est. {est_mem / 1e9:.1f} GB)"
             continue
@@ -422,9 +426,10 @@ def run_setting(
     def timed(name: str) -> Callable[[], float]:
         return lambda: time_call(active[name], device)
 
+    rounds = timed_rounds(options, len(active), round_estimate)
     if active:
         try:
-            times = interleaved_rounds({n: timed(n) for n in active}, options.repeats)
+            times = interleaved_rounds({n: timed(n) for n in active}, rounds)
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
@@ -438,6 +443,17 @@ def run_setting(
         done.setdefault(result.model, []).append(result)
     log(format_setting_line(results))
     return results
+
+
+def timed_rounds(options: BenchOptions, n_active: int, round_estimate_s: float) -> int:
+    """Rounds for a setting: ``repeats``; 1 when a model runs alone (nothing to compare
+    with); at most 2 when one round is estimated over ``long_round_s`` (keeps the CPU run
+    near 10 minutes)."""
+    if n_active <= 1:
+        return 1
+    if round_estimate_s > options.long_round_s:
+        return min(options.repeats, 2)
+    return options.repeats
 
 
 def _free(device: torch.device) -> None:
@@ -633,6 +649,33 @@ def explain_misses(
     return lines
 
 
+def crossovers(table: Sequence[dict[str, Measurement]]) -> list[str]:
+    """Per batch and baseline: the shortest measured L from which ours is faster at every
+    longer measured L where both ran."""
+    lines = []
+    for batch in sorted({row["ours"].batch for row in table}):
+        rows = [r for r in table if r["ours"].batch == batch]
+        for name in ("(a)", "(b)"):
+            both = [
+                (r["ours"].length, ratio(r[name].median_s, r["ours"].median_s))
+                for r in rows
+                if r["ours"].median_s is not None and r[name].median_s is not None
+            ]
+            if not both:
+                continue
+            longest = max(length for length, _ in both)
+            start = None
+            for length, speed in sorted(both, reverse=True):
+                if speed is None or speed <= 1.0:
+                    break
+                start = length
+            where = (
+                f"from L = {start}" if start is not None else f"at no measured L (up to {longest})"
+            )
+            lines.append(f"batch {batch}: ours is faster than {name} {where}")
+    return lines
+
+
 def breakdown_setting(table: Sequence[dict[str, Measurement]]) -> tuple[int, int] | None:
     """(batch, L) to itemise memory at: the smallest batch and the largest L up to the target
     length where ours and (b) both ran."""
@@ -744,18 +787,21 @@ def render_markdown(
         f"{config.n_layers} layers, float32. Ours: {ours.count_parameters():,} parameters; "
         f"(a) and (b): {a.count_parameters():,} ({a.depth} blocks x "
         f"{len(a.pairs)} streams, {a.n_heads} heads, FFN {a.ffn_dim}). Median of "
-        f"{options.repeats} interleaved rounds; memory cap {options.mem_cap_gb:g} GB, "
-        f"call cap {options.max_call_s:g} s (estimated from the previous setting).",
+        f"{options.repeats} interleaved rounds (2 where one round is estimated over "
+        f"{options.long_round_s:g} s, 1 for a model that runs alone); memory cap "
+        f"{options.mem_cap_gb:g} GB, call cap {options.max_call_s:g} s (estimated from the "
+        "previous setting).",
         "",
-        "| batch | L | ours ms | (a) ms | (b) ms | (a) / ours | (b) / ours "
+        "| batch | L | rounds | ours ms | (a) ms | (b) ms | (a) / ours | (b) / ours "
         "| ours MiB | (a) MiB | (b) MiB | memory saved vs (a) | ours / (b) memory |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in table:
         o, ra, rb = row["ours"], row["(a)"], row["(b)"]
         mem_b = ratio(o.peak_bytes, rb.peak_bytes)
         lines.append(
-            f"| {o.batch} | {o.length} | {_fmt_ms(o)} | {_fmt_ms(ra)} | {_fmt_ms(rb)} "
+            f"| {o.batch} | {o.length} | {max(len(m.times_s) for m in row.values())} "
+            f"| {_fmt_ms(o)} | {_fmt_ms(ra)} | {_fmt_ms(rb)} "
             f"| {_fmt_x(ratio(ra.median_s, o.median_s))} "
             f"| {_fmt_x(ratio(rb.median_s, o.median_s))} "
             f"| {_fmt_mb(o)} | {_fmt_mb(ra)} | {_fmt_mb(rb)} | {_fmt_saved(o, ra)} "
@@ -764,6 +810,8 @@ def render_markdown(
     lines += ["", f"Targets at L = {TARGET_LENGTH}:", ""]
     verdicts = target_verdicts(table, TARGET_LENGTH)
     lines += [f"- {v}" for v in verdicts] if verdicts else [f"- L = {TARGET_LENGTH} not measured"]
+    lines += ["", "Where ours is faster (measured lengths):", ""]
+    lines += [f"- {c}" for c in crossovers(table)] or ["- nothing to compare"]
     misses = explain_misses(table, config, a.n_heads)
     if misses:
         lines += ["", "Why the missed targets are missed (measured numbers):", ""]
@@ -787,6 +835,15 @@ def render_markdown(
         )
     if not fits:
         lines.append("- fewer than two lengths measured: no fit")
+    ours_fits = [f for f in fits if f.model == "ours"]
+    if ours_fits:
+        per_sample = max(f.slope / f.batch for f in ours_fits)
+        held = "holds no" if per_sample < floor["state_per_step"] else "may hold a"
+        lines.append(
+            f"- the slope of ours is {per_sample / floor['state_per_step'] * 100:.0f}% of one "
+            f"materialised (batch, D, N, L) tensor ({floor['state_per_step']:,} B per step and "
+            f"sample): the scan {held} such tensor in inference"
+        )
     lines += [
         f"- layer floor M (d + 4 D + 2 N) x 4 B = {floor['floor']:,} B per step and sample "
         "(layer input kept for the residual; scan inputs u, dt, z, B, C; scan output y)",
@@ -991,6 +1048,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="skip a model whose estimated single call exceeds this (default: 30 on CPU, 60 "
         "on CUDA)",
     )
+    parser.add_argument(
+        "--long-round-s",
+        type=float,
+        default=None,
+        help="time 2 rounds, not --repeats, where one round is estimated over this (default: "
+        "60 on CPU, no limit on CUDA)",
+    )
     parser.add_argument("--scan-backend", default="auto", help="scan backend of our model")
     parser.add_argument(
         "--doc",
@@ -1025,6 +1089,9 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         else:
             mem_cap = 4.0
     max_call = args.max_call_s if args.max_call_s is not None else (60.0 if cuda else 30.0)
+    long_round = args.long_round_s
+    if long_round is None:
+        long_round = math.inf if cuda else 60.0
     lengths = args.lengths or (QUICK_LENGTHS if args.quick else FULL_LENGTHS)
     batches = args.batches or (QUICK_BATCHES if args.quick else FULL_BATCHES)
     return BenchOptions(
@@ -1036,6 +1103,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         heads=args.heads,
         mem_cap_gb=float(mem_cap),
         max_call_s=float(max_call),
+        long_round_s=float(long_round),
         scan_backend=args.scan_backend,
         quick=bool(args.quick),
     )

@@ -226,3 +226,25 @@ def test_quick_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     text = doc.read_text()
     assert "| 1 | 32 |" in text and "memory of ours against L" in text
     assert "<!-- fusion-cpu:begin -->" in text
+
+
+def test_rounds_per_setting() -> None:
+    options = _quick_options(repeats=3, long_round_s=60.0)
+    assert fe.timed_rounds(options, n_active=3, round_estimate_s=10.0) == 3
+    assert fe.timed_rounds(options, n_active=3, round_estimate_s=61.0) == 2
+    assert fe.timed_rounds(options, n_active=1, round_estimate_s=1.0) == 1
+
+
+def test_crossovers() -> None:
+    def row(length: int, ours: float, a: float, b: float | None) -> dict[str, fe.Measurement]:
+        out = {}
+        for name, seconds in zip(fe.MODEL_NAMES, (ours, a, b), strict=True):
+            times = [seconds] if seconds is not None else []
+            out[name] = fe.Measurement(name, 1, length, times_s=times)
+        return out
+
+    table = [row(64, 2.0, 1.0, 1.0), row(256, 2.0, 3.0, 1.0), row(1024, 2.0, 9.0, None)]
+    assert fe.crossovers(table) == [
+        "batch 1: ours is faster than (a) from L = 256",
+        "batch 1: ours is faster than (b) at no measured L (up to 256)",
+    ]
