@@ -13,6 +13,7 @@ from model.checkpoint import (
     read_checkpoint_config,
     save_checkpoint,
 )
+from model.checkpoints import default_checkpoint_path
 from model.config import (
     CLASS_NAMES,
     CONFIG_VERSION,
@@ -32,6 +33,7 @@ __all__ = [
     "CoupledMambaConfig",
     "CoupledMambaForSentiment",
     "SentimentOutput",
+    "default_checkpoint_path",
     "load_checkpoint",
     "read_checkpoint_config",
     "save_checkpoint",

@@ -1,0 +1,46 @@
+"""The checkpoint embedded in the package: where it is, and the hash it must have.
+
+``model/checkpoints/default/`` is built by ``make default-model`` (see docs/TRAINING.md), which
+also rewrites ``DEFAULT_CHECKPOINT_SHA256`` below. Loading the default checkpoint always checks
+the sha256 of its ``model.safetensors`` against this constant, so a corrupted or swapped file
+is refused instead of served.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from model.mamba import CoupledMambaForSentiment
+
+DEFAULT_CHECKPOINT_SHA256 = ""
+"""sha256 (hex) of ``default/model.safetensors``; written by scripts/build_default_model.py."""
+
+
+def default_checkpoint_path() -> Path:
+    """Folder of the embedded default checkpoint (config.json, model.safetensors, card)."""
+    return Path(__file__).resolve().parent / "default"
+
+
+def load_default_checkpoint(
+    device: str | torch.device = "cpu", scan_backend: str = "auto"
+) -> CoupledMambaForSentiment:
+    """Load the embedded default checkpoint, verifying its pinned sha256.
+
+    Raises:
+        model.CheckpointError: the folder is incomplete or the weights' hash differs.
+    """
+    from model.checkpoint import load_checkpoint
+
+    return load_checkpoint(
+        default_checkpoint_path(),
+        device=device,
+        scan_backend=scan_backend,
+        expected_sha256=DEFAULT_CHECKPOINT_SHA256,
+    )
+
+
+__all__ = ["DEFAULT_CHECKPOINT_SHA256", "default_checkpoint_path", "load_default_checkpoint"]
