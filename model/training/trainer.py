@@ -65,6 +65,11 @@ class TrainSettings:
         patience: stop after this many epochs without a better validation number (0 = off).
         max_length: cut sequences to this many grid steps in training (0 = no cut).
         eval_batch_size: batch size for validation and test.
+        group_weighting: "none", or "std": weigh each sample's regression loss by
+            (std of all train labels / std of its group's train labels), squared for "mse",
+            normalised to mean 1 over the train split, so that a group whose labels span a
+            narrow range (e.g. editorial sentences) counts as much per unit of spread as the
+            others. Needs samples with groups.
         seed: seeds parameter init (done by the caller), dropout and the data order.
         threads: torch CPU threads.
     """
@@ -82,6 +87,7 @@ class TrainSettings:
     patience: int = 0
     max_length: int = 0
     eval_batch_size: int = 64
+    group_weighting: str = "none"
     seed: int = 1111
     threads: int = 1
 
@@ -92,6 +98,8 @@ class TrainSettings:
             raise ValueError(f"select must be one of {SELECT}, got {self.select!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.group_weighting not in ("none", "std"):
+            raise ValueError(f"group_weighting must be none or std, got {self.group_weighting!r}")
         if self.epochs <= 0 or self.batch_size <= 0:
             raise ValueError("epochs and batch_size must be positive")
 
@@ -174,11 +182,30 @@ def evaluate_samples(
 
 
 def _loss_fn(settings: TrainSettings) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Elementwise regression loss (reduction left to the caller)."""
     if settings.loss == "l1":
-        return F.l1_loss
+        return lambda pred, target: F.l1_loss(pred, target, reduction="none")
     if settings.loss == "mse":
-        return F.mse_loss
-    return F.smooth_l1_loss
+        return lambda pred, target: F.mse_loss(pred, target, reduction="none")
+    return lambda pred, target: F.smooth_l1_loss(pred, target, reduction="none")
+
+
+def group_loss_weights(samples: Sequence[Sample], settings: TrainSettings) -> dict[str, float]:
+    """Per-group loss weights of ``settings.group_weighting`` (empty for "none")."""
+    if settings.group_weighting == "none":
+        return {}
+    labels = np.array([s.label for s in samples], dtype=np.float64)
+    groups = np.array([s.group for s in samples])
+    if len(set(groups.tolist())) < 2:
+        return {}
+    power = 2.0 if settings.loss == "mse" else 1.0
+    overall = float(labels.std())
+    raw = {
+        str(g): (overall / max(float(labels[groups == g].std()), 1e-6)) ** power
+        for g in sorted(set(groups.tolist()))
+    }
+    mean = float(np.mean([raw[str(g)] for g in groups]))
+    return {g: w / mean for g, w in raw.items()}
 
 
 def _lr_factor(settings: TrainSettings, step: int, total_steps: int) -> float:
@@ -265,6 +292,9 @@ def train(
     steps_per_epoch = num_batches(len(train_set), settings.batch_size)
     total_steps = steps_per_epoch * settings.epochs
     regression_loss = _loss_fn(settings)
+    weights = group_loss_weights(train_set, settings)
+    if weights:
+        log("loss weights by group: " + ", ".join(f"{g} {w:.3f}" for g, w in weights.items()))
 
     history: list[dict[str, Any]] = []
     best_value, best_epoch, since_best = -math.inf, 0, 0
@@ -315,7 +345,11 @@ def train(
                 {m: t.to(device) for m, t in batch.features.items()},
                 {m: t.to(device) for m, t in batch.masks.items()},
             )
-            loss = regression_loss(out.score, labels)
+            elementwise = regression_loss(out.score, labels)
+            if weights:
+                w = torch.tensor([weights[g] for g in batch.groups], device=device)
+                elementwise = elementwise * w
+            loss = elementwise.mean()
             if class_targets:
                 target = torch.tensor(
                     [config.score_to_class(float(y)) for y in batch.labels], device=device

@@ -63,6 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="validation number that picks the best epoch",
     )
     group.add_argument("--patience", type=int, default=0, help="early stop (0 = off)")
+    group.add_argument(
+        "--group-weighting",
+        choices=("none", "std"),
+        default="none",
+        help="std: weigh the loss per data source by the spread of its labels",
+    )
     group.add_argument("--max-length", type=int, default=0, help="cut training sequences")
     group.add_argument("--seed", type=int, default=1111)
     group.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -94,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         grad_clip=args.grad_clip,
         select=args.select,
         patience=args.patience,
+        group_weighting=args.group_weighting,
         max_length=args.max_length,
         seed=args.seed,
         threads=args.threads,

@@ -81,3 +81,23 @@ def test_run_folder_of_another_run_is_refused(tiny_mosi: Path, tmp_path: Path) -
     train(tiny_model(data), data, settings(epochs=1), tmp_path / "run", **quiet)  # type: ignore[arg-type]
     with pytest.raises(RunMismatchError):
         train(tiny_model(data), data, settings(epochs=1, lr=1e-3), tmp_path / "run", **quiet)  # type: ignore[arg-type]
+
+
+def test_group_weights_follow_label_spread() -> None:
+    import numpy as np
+
+    from model.training.data import Sample
+    from model.training.trainer import group_loss_weights
+
+    def sample(label: float, group: str) -> Sample:
+        return Sample.from_dense("x", label, {"t": np.ones((1, 1))}, {"t": np.ones(1, bool)}, group)
+
+    wide = [sample(v, "wide") for v in (-2.0, 2.0, -2.0, 2.0)]  # std 2
+    narrow = [sample(v, "narrow") for v in (-0.5, 0.5, -0.5, 0.5)]  # std 0.5
+    samples = wide + narrow
+    assert group_loss_weights(samples, TrainSettings()) == {}
+    weights = group_loss_weights(samples, TrainSettings(group_weighting="std"))
+    assert weights["narrow"] == pytest.approx(4 * weights["wide"])  # 2 / 0.5
+    assert (4 * weights["narrow"] + 4 * weights["wide"]) / 8 == pytest.approx(1.0)
+    squared = group_loss_weights(samples, TrainSettings(group_weighting="std", loss="mse"))
+    assert squared["narrow"] == pytest.approx(16 * squared["wide"])
