@@ -11,18 +11,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 def default_model_path() -> Path:
     """The embedded default checkpoint folder (``model/checkpoints/default``)."""
-    import model
+    from model import default_checkpoint_path
 
-    finder = getattr(model, "default_checkpoint_path", None)
-    if finder is None:
-        try:
-            from model import checkpoints
-        except ImportError:
-            checkpoints = None  # type: ignore[assignment]
-        finder = getattr(checkpoints, "default_checkpoint_path", None)
-    if finder is not None:
-        return Path(finder())
-    return Path(model.__file__).resolve().parent / "checkpoints" / "default"
+    return Path(default_checkpoint_path())
 
 
 class ServiceSettings(BaseSettings):

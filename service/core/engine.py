@@ -84,14 +84,10 @@ def default_extractor(settings: ServiceSettings, modalities: Sequence[str]) -> F
 
 def pinned_sha256(path: Path) -> str | None:
     """The pinned weights hash when ``path`` is the embedded default checkpoint, else None."""
-    try:
-        from model import checkpoints
-    except ImportError:
-        return None
-    pinned = getattr(checkpoints, "DEFAULT_CHECKPOINT_SHA256", "")
-    finder = getattr(checkpoints, "default_checkpoint_path", None)
-    if pinned and finder is not None and Path(finder()).resolve() == path.resolve():
-        return str(pinned)
+    from model.checkpoints import DEFAULT_CHECKPOINT_SHA256, default_checkpoint_path
+
+    if DEFAULT_CHECKPOINT_SHA256 and default_checkpoint_path().resolve() == path.resolve():
+        return DEFAULT_CHECKPOINT_SHA256
     return None
 
 
