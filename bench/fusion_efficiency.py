@@ -620,8 +620,9 @@ def explain_misses(
                 f"{matrices / 2**20:,.0f} MiB of it the scores and softmax weights of one block "
                 f"({heads} heads); 90% less allows {allowed:,.0f} B per step and sample, ours "
                 f"holds {ours_step:,.0f} B ({ours_step / floor['floor']:.2f}x the layer floor of "
-                f"{floor['floor']:,} B). Missed by "
-                f"{(ours.peak_bytes / (0.1 * a.peak_bytes) - 1) * 100:.0f}% of the allowed peak."
+                f"{floor['floor']:,} B): its peak of {ours.peak_bytes / 2**20:,.1f} MiB is "
+                f"{ours.peak_bytes / (0.1 * a.peak_bytes):.2f}x the "
+                f"{0.1 * a.peak_bytes / 2**20:,.1f} MiB allowed."
             )
         if b.peak_bytes is not None and ours.peak_bytes > b.peak_bytes:
             b_step = b_fit.slope / batch if b_fit else b.peak_bytes / (batch * length)
@@ -800,7 +801,7 @@ def render_markdown(
         o, ra, rb = row["ours"], row["(a)"], row["(b)"]
         mem_b = ratio(o.peak_bytes, rb.peak_bytes)
         lines.append(
-            f"| {o.batch} | {o.length} | {max(len(m.times_s) for m in row.values())} "
+            f"| {o.batch} | {o.length} | {max(len(m.times_s) for m in row.values()) or '-'} "
             f"| {_fmt_ms(o)} | {_fmt_ms(ra)} | {_fmt_ms(rb)} "
             f"| {_fmt_x(ratio(ra.median_s, o.median_s))} "
             f"| {_fmt_x(ratio(rb.median_s, o.median_s))} "
@@ -1065,6 +1066,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-doc", action="store_true", help="do not write any doc")
     parser.add_argument("--json", type=Path, default=None, help="also write raw results here")
     parser.add_argument(
+        "--render-json",
+        type=Path,
+        default=None,
+        help="measure nothing: write the doc section from a --json file of an earlier run "
+        "(e.g. one fetched from a GPU host)",
+    )
+    parser.add_argument(
         "--predict-clip",
         type=Path,
         default=None,
@@ -1109,8 +1117,95 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     )
 
 
+@dataclass
+class RunResults:
+    """Everything a doc block is rendered from; saved with ``--json``, re-rendered with
+    ``--render-json`` (e.g. results fetched from a GPU host)."""
+
+    options: BenchOptions
+    machine: dict[str, Any]
+    table: list[dict[str, Measurement]]
+    predict: dict[str, Any] | None = None
+    breakdown: dict[str, list[tuple[str, int]]] | None = None
+    breakdown_at: tuple[int, int] | None = None
+
+    def to_json(self) -> str:
+        payload = {
+            "options": asdict(self.options),
+            "machine": self.machine,
+            "results": [
+                {name: {**asdict(m), "median_s": m.median_s} for name, m in row.items()}
+                for row in self.table
+            ],
+            "predict": self.predict,
+            "breakdown": self.breakdown,
+            "breakdown_at": self.breakdown_at,
+        }
+        return json.dumps(payload, indent=2, default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunResults:
+        data = json.loads(text)
+        opts = dict(data["options"])
+        opts["lengths"] = tuple(opts["lengths"])
+        opts["batches"] = tuple(opts["batches"])
+        table = [
+            {
+                name: Measurement(
+                    model=m["model"],
+                    batch=m["batch"],
+                    length=m["length"],
+                    status=m["status"],
+                    note=m["note"],
+                    times_s=list(m["times_s"]),
+                    peak_bytes=m["peak_bytes"],
+                )
+                for name, m in row.items()
+            }
+            for row in data["results"]
+        ]
+        breakdown = data.get("breakdown")
+        if breakdown is not None:
+            breakdown = {k: [(str(a), int(b)) for a, b in v] for k, v in breakdown.items()}
+        at = data.get("breakdown_at")
+        return cls(
+            options=BenchOptions(**opts),
+            machine=data["machine"],
+            table=table,
+            predict=data.get("predict"),
+            breakdown=breakdown,
+            breakdown_at=(int(at[0]), int(at[1])) if at else None,
+        )
+
+
+def write_results(results: RunResults, doc: Path | None) -> None:
+    """Render ``results`` into the fusion section of ``doc`` (models rebuilt on CPU for their
+    parameter counts)."""
+    options = results.options
+    config = bench_config(options.quick)
+    models = build_models(config, torch.device("cpu"), options.heads, "ref", options.seed)
+    block = render_markdown(
+        options,
+        config,
+        models,
+        results.table,
+        results.machine,
+        results.predict,
+        results.breakdown,
+        results.breakdown_at,
+    )
+    device_kind = "cuda" if options.device.startswith("cuda") else "cpu"
+    if doc is not None:
+        write_doc_section(doc, device_kind, block)
+        print(f"wrote the fusion section ({device_kind}) of {doc}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    default_doc = None if args.no_doc else (args.doc or ROOT / "docs" / "PERFORMANCE.md")
+    if args.render_json is not None:
+        write_results(RunResults.from_json(args.render_json.read_text()), default_doc)
+        return 0
     options = options_from_args(args)
     started = time.perf_counter()
     print(f"fusion benchmark on {options.device}: lengths {options.lengths}, batches "
@@ -1118,7 +1213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config, models, table = run_benchmark(options)
     ours = models["ours"]
     assert isinstance(ours, CoupledMambaForSentiment)
-    machine = machine_summary(options, ours.scan_backend)
+    results = RunResults(options, machine_summary(options, ours.scan_backend), table)
     for line in target_verdicts(table, TARGET_LENGTH) + explain_misses(
         table, config, options.heads
     ):
@@ -1130,39 +1225,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"(R^2 {fit.r2:.4f}); layer floor "
                   f"{layer_activation_floor(config)['floor'] * batch:,} B per step")  # fmt: skip
 
-    predict: dict[str, Any] | None = None
     if not args.no_predict and not options.quick:
         clip = args.predict_clip or shared_folder() / DEFAULT_CLIP
         print(f"timing /v1/predict on {clip} ...")
-        predict = time_predict(config, clip, options.device, options.threads)
-        print(json.dumps(predict, default=str))
+        results.predict = time_predict(config, clip, options.device, options.threads)
+        print(json.dumps(results.predict, default=str))
 
-    breakdown = None
     setting = breakdown_setting(table)
     if options.device == "cpu" and setting is not None and not args.no_breakdown:
         print(f"itemising the memory peak at batch {setting[0]}, L = {setting[1]} ...")
-        breakdown = run_breakdowns(models, config, options, setting)
+        results.breakdown = run_breakdowns(models, config, options, setting)
+        results.breakdown_at = setting
 
-    device_kind = "cuda" if options.device.startswith("cuda") else "cpu"
-    block = render_markdown(options, config, models, table, machine, predict, breakdown, setting)
-    doc = args.doc
-    if doc is None and not options.quick:
-        doc = ROOT / "docs" / "PERFORMANCE.md"
-    if doc is not None and not args.no_doc:
-        write_doc_section(doc, device_kind, block)
-        print(f"wrote the fusion section ({device_kind}) of {doc}")
     if args.json is not None:
-        payload = {
-            "options": asdict(options),
-            "machine": machine,
-            "results": [
-                {name: {**asdict(m), "median_s": m.median_s} for name, m in row.items()}
-                for row in table
-            ],
-            "predict": predict,
-        }
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2, default=str))
+        args.json.write_text(results.to_json())
+    write_results(results, None if options.quick and args.doc is None else default_doc)
     print(f"done in {time.perf_counter() - started:.0f} s")
     return 0
 

@@ -186,7 +186,7 @@ def test_verdicts_say_met_and_missed() -> None:
         "b=1, L=4096, speed vs (a)",
         "b=1, L=4096, speed vs (b)",
     ]
-    assert "Missed by 400% of the allowed peak" in why[0]  # 50 B against 10% of 100 B
+    assert "is 5.00x the 0.0 MiB allowed" in why[0]  # 50 B against 10% of 100 B
     assert "ours peaks 5.00x (b)" in why[1]
 
 
@@ -224,8 +224,14 @@ def test_quick_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
             assert len(r[name]["times_s"]) == 2 and r[name]["median_s"] > 0
             assert r[name]["peak_bytes"] > 0
     text = doc.read_text()
-    assert "| 1 | 32 |" in text and "memory of ours against L" in text
+    assert "| 1 | 32 | 2 |" in text and "memory of ours against L" in text
     assert "<!-- fusion-cpu:begin -->" in text
+    assert "Bytes alive at the memory peak (batch 1, L = 32)" in text
+
+    # the saved results render the same section again, without measuring
+    doc.write_text(f"# Performance\n\n{fe.DOC_BEGIN}\n{fe.DOC_END}\n")
+    assert fe.main(["--render-json", str(out), "--doc", str(doc)]) == 0
+    assert doc.read_text() == text
 
 
 def test_rounds_per_setting() -> None:
