@@ -42,7 +42,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -736,7 +735,7 @@ def machine_summary(options: BenchOptions, scan_backend: str) -> dict[str, Any]:
     except OSError:
         commit = ""
     summary: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "cpu": cpu,
         "cores": os.cpu_count(),
         "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
@@ -931,8 +930,10 @@ def write_doc_section(path: Path, device_kind: str, block: str) -> None:
 METHOD_NOTE = """
 ## Fusion: Coupled Mamba vs cross-attention
 
-Written by `bench/fusion_efficiency.py` (CPU: `python bench/fusion_efficiency.py`; CUDA:
-`python bench/fusion_efficiency.py --device cuda`, from `scripts/gpu_check.sh`). The paper
+Written by `bench/fusion_efficiency.py` (CPU: `python bench/fusion_efficiency.py`, about 6 to
+12 minutes depending on the load; CUDA: `python bench/fusion_efficiency.py --device cuda
+--json fusion_cuda.json` from `scripts/gpu_check.sh`, then
+`python bench/fusion_efficiency.py --render-json fusion_cuda.json` here). The paper
 (arXiv 2405.18014) reports 49% faster inference and 83.7% less GPU memory than cross-attention
 fusion; the targets here are at L = 4096: at least 2x faster and 90% less peak memory than
 (a), and faster than (b) with no more memory.
