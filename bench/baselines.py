@@ -33,7 +33,8 @@ the FFN is ``expand * d_model`` wide instead of ``4 * d_model``; MulT's self-att
 transformer over each target's concatenated streams is left out (the concatenation is projected
 by one Linear); the attention mask is skipped when no step is padded (which lets SDPA use its
 fused kernel and spares the materialized path a masked fill of the L x L matrix); 4 heads of
-``d_model / 4`` (MulT used 5 to 10 heads; the materialized matrix grows with the head count).
+``d_model / 4`` (``--heads`` in the benchmark; the materialized matrices grow linearly with the
+head count, so few heads favour the baseline).
 
 Shapes: b = batch, L = time steps, d = d_model, H = heads, d_h = d / H.
 """

@@ -945,8 +945,9 @@ fusion; the targets here are at L = 4096: at least 2x faster and 90% less peak m
   (`softmax(Q K^T / sqrt(d_h)) V`).
 - **(b)**: the same network and weights on `F.scaled_dot_product_attention` (fused kernel).
 - The baselines are made cheaper than MulT where it does not matter for fusion (FFN as wide as
-  our `d_inner` instead of 4 `d_model`, no self-attention stage after the cross-modal one, 4
-  heads, no mask when nothing is padded), so a win over them is not inflated.
+  our `d_inner` instead of 4 `d_model`, no self-attention stage after the cross-modal one, only
+  4 heads (`--heads`: (a)'s matrices grow linearly with it), no mask when nothing is padded), so
+  a win over them is not inflated.
 - Latency: inference mode, every step valid, median of interleaved rounds (every model once per
   round, the first one rotating). Peak memory: bytes allocated above what was live when the
   call started (weights and inputs excluded, output included): `torch.cuda.max_memory_allocated`
