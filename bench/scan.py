@@ -343,6 +343,7 @@ def machine_info() -> str:
         f"CPU {cpu} ({os.cpu_count()} logical cores)",
         f"Python {platform.python_version()}",
         f"torch {torch.__version__}",
+        "load average {:.1f} {:.1f} {:.1f} at start".format(*os.getloadavg()),
     ]
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -553,8 +554,8 @@ def write_docs(section: str, parts: dict[str, str]) -> None:
     i, j = text.index(begin) + len(begin), text.index(end)
     inner = text[i:j]
     if not inner.strip():
-        title = "Coupled selective scan (CPU)" if section == "scan" else "GPU check"
-        inner = f"\n## {title}\n\nWritten by `bench/scan.py`.\n"
+        title = "Coupled selective scan" if section == "scan" else "Coupled selective scan on a GPU"
+        inner = f"\n### {title} (`bench/scan.py`)\n"
     for name, body in parts.items():
         inner = replace_block(inner, f"{section}-{name}", body)
     DOC.write_text(text[:i] + inner.rstrip() + "\n" + text[j:])
