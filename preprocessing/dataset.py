@@ -24,7 +24,7 @@ import json
 import os
 import pickle
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,7 +204,7 @@ def extract_dataset(
             futures: dict[Future[str | None], LabelledMedia] = {
                 pool.submit(_extract_one, item, str(work / item.work_name)): item for item in todo
             }
-            for future in _as_completed(futures):
+            for future in as_completed(futures):
                 error = future.result()
                 if error is not None:
                     failed[futures[future].key] = error
@@ -221,12 +221,6 @@ def extract_dataset(
         pickle.dump(data, handle, protocol=pickle.HIGHEST_PROTOCOL)
     tmp.replace(output)
     return ExtractReport(len(items), len(todo) - len(failed), reused, failed, output)
-
-
-def _as_completed(futures: dict[Future[str | None], LabelledMedia]) -> Any:
-    from concurrent.futures import as_completed
-
-    return as_completed(futures)
 
 
 def _assemble(
