@@ -280,6 +280,30 @@ def measure_cpu(spec: dict[str, Any]) -> dict[str, Any]:
     return {"ms": ms, "peak_mb": peak_rss_mb() - base, "first_s": first_s}
 
 
+def measure_interleaved(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run inside a fresh subprocess: time several forms on one shape, round-robin, so that
+    a change in machine load hits every form alike. Returns {name: {ms, first_s}}."""
+    torch.set_num_threads(spec["threads"])
+    batch, length, dim = spec["shape"]
+    x = make_inputs((batch, length, dim))
+    calls = {name: candidate_call(name, x) for name in spec["names"]}
+    out: dict[str, Any] = {}
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    with torch.no_grad():
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            call()  # warm-up; compiles the compiled forms
+            out[name] = {"first_s": time.perf_counter() - t0}
+        for _ in range(spec["reps"]):
+            for name, call in calls.items():
+                t0 = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - t0)
+    for name in calls:
+        out[name]["ms"] = statistics.median(times[name]) * 1e3
+    return out
+
+
 def run_subprocess(spec: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
     done = subprocess.run(
         [sys.executable, __file__, "--measure", json.dumps(spec)],
@@ -427,26 +451,28 @@ def cpu_candidates(args: argparse.Namespace) -> str:
     for shape in SHAPES:
         batch, length, dim = shape
         big = M * batch * dim * N_STATE * length > REF_CPU_LIMIT
+        run = [n for n in names if not (big and n in ("ref", "precompute-all"))]
+        spec = {"shape": shape, "threads": args.threads, "reps": args.reps, "names": run}
+        result = run_subprocess(spec, timeout=1800)
         row = [shape_name(shape)]
         for name in names:
-            if big and name in ("ref", "precompute-all"):
-                row.append("skipped")
-                continue
-            spec = {"shape": shape, "threads": args.threads, "reps": args.reps}
-            r = run_subprocess(spec | {"name": name, "mode": "forward"})
-            cell = fmt_ms(r)
-            if name.startswith("compile") and "first_s" in r:
+            r = result.get(name) if "error" not in result else result
+            cell = fmt_ms(r) if name in run else "skipped"
+            if name.startswith("compile") and r and "first_s" in r:
                 cell += f" (first call {r['first_s']:.0f} s)"
             row.append(cell)
         rows.append(row)
         print(" | ".join(row), flush=True)
     legend = "\n".join(f"- `{n}`: {CANDIDATES[n][0]}" for n in CANDIDATES)
     return (
-        f"Forms measured for the torch backend (forward, no grad, float32, {args.threads} "
-        f"thread(s), ms; `torch` is the kept form: time-major, exp per step in place, mm mix, "
-        f"y per chunk of 32 steps). The compiled forms' first call includes compilation "
-        f"(each process, each batch-1 / batch-n specialisation), with inductor's cache "
-        f"already warm.\n\n{legend}\n\n" + table(["b x L x D", *names], rows) + "\n"
+        f"Forms measured for the torch backend: forward, no grad, float32, {args.threads} "
+        f"thread(s), ms, median of {args.reps} rounds in which every form runs once in turn "
+        f"(one process per shape, so load changes hit all forms alike). `torch` is the kept "
+        f"form: time-major, exp per step in place, mm mix, y per chunk of 32 steps. The "
+        f"compiled forms' first call includes compilation (per process and per batch-1 / "
+        f"batch-n specialisation), with inductor's on-disk cache already warm.\n\n{legend}\n\n"
+        + table(["b x L x D", *names], rows)
+        + "\n"
     )
 
 
@@ -573,7 +599,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.measure:
-        print(json.dumps(measure_cpu(json.loads(args.measure))))
+        spec = json.loads(args.measure)
+        measure = measure_interleaved if "names" in spec else measure_cpu
+        print(json.dumps(measure(spec)))
         return 0
 
     info = machine_info()
