@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,6 +25,9 @@ from model.ops.scan_triton import (
 )
 
 Factory = Callable[..., dict[str, Any]]
+# Triton 3.6's interpreter breaks on `for t in range(L)` with numpy >= 2.4 (NOTES.md).
+NUMPY_TOO_NEW = tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 4)
+interpreter = pytest.mark.skipif(NUMPY_TOO_NEW, reason="Triton 3.6 interpreter needs numpy < 2.4")
 COUPLINGS = ("none", "identity", "mean", "ones", "stochastic", "random")
 TINY = dict(batch=1, dim=4, length=3, state=4, dtype=torch.float32)
 
@@ -39,11 +43,13 @@ def check_against_ref(x: dict[str, Any], atol: float = 1e-4, **launch: Any) -> N
     torch.testing.assert_close(h, h_ref, rtol=atol, atol=atol)
 
 
+@interpreter
 @pytest.mark.parametrize("coupling", COUPLINGS)
 def test_couplings_with_every_option(scan_inputs: Factory, coupling: str) -> None:
     check_against_ref(scan_inputs(coupling=coupling, **TINY))
 
 
+@interpreter
 @pytest.mark.parametrize(
     "options",
     [
@@ -59,6 +65,7 @@ def test_options(scan_inputs: Factory, options: dict[str, bool]) -> None:
     check_against_ref(scan_inputs(coupling="stochastic", **TINY, **options))
 
 
+@interpreter
 @pytest.mark.parametrize("M", [1, 2, 4])
 def test_modality_counts(scan_inputs: Factory, M: int) -> None:
     check_against_ref(scan_inputs(M=M, coupling="random", **TINY))
@@ -70,16 +77,19 @@ def test_too_many_modalities(scan_inputs: Factory) -> None:
         coupled_selective_scan(**x, backend="triton")
 
 
+@interpreter
 def test_odd_sizes_several_blocks(scan_inputs: Factory) -> None:
     # D = 6 over blocks of 4 (a partial block), N = 3 padded to 4, two batch rows, L = 2.
     x = scan_inputs(coupling="stochastic", batch=2, dim=6, length=2, state=3, dtype=torch.float32)
     check_against_ref(x, block_d=4)
 
 
+@interpreter
 def test_single_step(scan_inputs: Factory) -> None:
     check_against_ref(scan_inputs(coupling="ones", batch=1, dim=3, length=1, state=16))
 
 
+@interpreter
 def test_non_contiguous_inputs(scan_inputs: Factory) -> None:
     x = scan_inputs(coupling="random", **TINY)
     for name in ("u", "delta", "z"):
@@ -91,11 +101,13 @@ def test_non_contiguous_inputs(scan_inputs: Factory) -> None:
     check_against_ref(x)
 
 
+@interpreter
 def test_float64(scan_inputs: Factory) -> None:
     x = scan_inputs(coupling="random", **(TINY | dict(dtype=torch.float64)))
     check_against_ref(x, atol=1e-10)
 
 
+@interpreter
 def test_bfloat16_output_dtype(scan_inputs: Factory) -> None:
     x = scan_inputs(coupling="mean", **(TINY | dict(dtype=torch.bfloat16)))
     y = coupled_selective_scan(**x, backend="triton")
@@ -104,6 +116,7 @@ def test_bfloat16_output_dtype(scan_inputs: Factory) -> None:
     torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
 
 
+@interpreter
 def test_backward_matches_ref(
     scan_inputs: Factory, grad_leaves: Callable[[dict[str, Any]], dict[str, Any]]
 ) -> None:
@@ -118,6 +131,7 @@ def test_backward_matches_ref(
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=name)
 
 
+@interpreter
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the interpreter
 @pytest.mark.parametrize(("name", "value"), [("B", float("nan")), ("delta", float("inf"))])
 def test_non_finite_found_by_the_kernel(scan_inputs: Factory, name: str, value: float) -> None:
