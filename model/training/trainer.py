@@ -38,7 +38,7 @@ from model.training.data import (
 from model.training.metrics import compute_metrics, rated_text_metrics
 
 LOSSES = ("l1", "mse", "smooth_l1")
-SELECT = ("mae", "corr")
+SELECT = ("mae", "corr", "group_corr")
 
 
 class RunMismatchError(RuntimeError):
@@ -61,7 +61,8 @@ class TrainSettings:
         warmup_steps: linear warm-up steps (0 = none).
         grad_clip: max gradient norm (0 = off).
         select: which validation number picks the best epoch: "mae" (lower is better, as
-            MMSA's default) or "corr" (Pearson r, higher is better).
+            MMSA's default), "corr" (Pearson r, higher is better) or "group_corr" (the mean
+            of the Pearson r of each group, for data from several sources).
         patience: stop after this many epochs without a better validation number (0 = off).
         max_length: cut sequences to this many grid steps in training (0 = no cut).
         eval_batch_size: batch size for validation and test.
@@ -218,9 +219,17 @@ def _lr_factor(settings: TrainSettings, step: int, total_steps: int) -> float:
     return 1.0
 
 
-def _score_of(metric_set: str, metrics: dict[str, float], select: str) -> float:
+def _score_of(
+    metric_set: str,
+    metrics: dict[str, float],
+    by_group: dict[str, dict[str, float]],
+    select: str,
+) -> float:
     """A number where higher is better."""
-    if select == "corr":
+    if select == "group_corr" and by_group:
+        values = [v["Pearson_r"] for v in by_group.values()]
+        return -math.inf if any(math.isnan(v) for v in values) else float(np.mean(values))
+    if select in ("corr", "group_corr"):
         key = "Pearson_r" if metric_set == "rated" else "Corr"
         value = metrics[key]
         return -math.inf if math.isnan(value) else value
@@ -367,7 +376,7 @@ def train(
         valid_metrics, valid_groups, _ = evaluate_samples(
             model, valid_set, dataset.metric_set, settings.eval_batch_size
         )
-        value = _score_of(dataset.metric_set, valid_metrics, settings.select)
+        value = _score_of(dataset.metric_set, valid_metrics, valid_groups, settings.select)
         improved = value > best_value
         if improved:
             best_value, best_epoch, since_best = value, epoch, 0

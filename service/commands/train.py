@@ -58,9 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--grad-clip", type=float, default=1.0)
     group.add_argument(
         "--select",
-        choices=("mae", "corr"),
+        choices=("mae", "corr", "group_corr"),
         default="mae",
-        help="validation number that picks the best epoch",
+        help="validation number that picks the best epoch (group_corr: mean of the "
+        "per-source Pearson r)",
     )
     group.add_argument("--patience", type=int, default=0, help="early stop (0 = off)")
     group.add_argument(

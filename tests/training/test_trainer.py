@@ -101,3 +101,14 @@ def test_group_weights_follow_label_spread() -> None:
     assert (4 * weights["narrow"] + 4 * weights["wide"]) / 8 == pytest.approx(1.0)
     squared = group_loss_weights(samples, TrainSettings(group_weighting="std", loss="mse"))
     assert squared["narrow"] == pytest.approx(16 * squared["wide"])
+
+
+def test_selection_numbers_are_higher_is_better() -> None:
+    from model.training.trainer import _score_of
+
+    metrics = {"Pearson_r": 0.5, "MAE": 0.8}
+    groups = {"a": {"Pearson_r": 0.9}, "b": {"Pearson_r": 0.3}}
+    assert _score_of("rated", metrics, groups, "mae") == -0.8
+    assert _score_of("rated", metrics, groups, "corr") == 0.5
+    assert _score_of("rated", metrics, groups, "group_corr") == pytest.approx(0.6)
+    assert _score_of("mosei", {"Corr": 0.4, "MAE": 1.0}, {}, "group_corr") == 0.4
