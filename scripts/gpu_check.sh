@@ -41,7 +41,7 @@ fi
 #    on this machine) must not hide the other folder's tests.
 TEST_DIRS=(tests/ops)
 [[ -d tests/model ]] && TEST_DIRS+=(tests/model)
-timeout 170 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
+timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
     "${TEST_DIRS[@]}" >"$DEST/gpu_tests.log" 2>&1
 TEST_RC=$?
 tail -n 40 "$DEST/gpu_tests.log"
@@ -55,7 +55,7 @@ tail -n 40 "$DEST/gpu_tests.log"
 } >>"$REPORT"
 
 # 2. Scan benchmark (GPU tables, triton launch sweep, training step).
-timeout 110 "$PY" bench/scan.py --report "$DEST/gpu_bench.md" $WRITE_DOCS >"$DEST/gpu_bench.log" 2>&1
+timeout 130 "$PY" bench/scan.py --report "$DEST/gpu_bench.md" $WRITE_DOCS >"$DEST/gpu_bench.log" 2>&1
 BENCH_RC=$?
 tail -n 30 "$DEST/gpu_bench.log"
 {

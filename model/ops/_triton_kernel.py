@@ -164,6 +164,123 @@ def _step(
 
 
 @triton.jit
+def _mix_all(W_ptr, s_W_m, s_W_k, h0, h1, h2, h3, M: tl.constexpr, HAS_W: tl.constexpr):
+    # (sum_k W[m,k] h_k for m = 0..3), reading every old state before any is replaced.
+    x0 = h0
+    x1 = h1
+    x2 = h2
+    x3 = h3
+    if HAS_W:
+        x0 = _mix(W_ptr, 0, s_W_m, s_W_k, h0, h1, h2, h3, M)
+        if M > 1:
+            x1 = _mix(W_ptr, 1, s_W_m, s_W_k, h0, h1, h2, h3, M)
+        if M > 2:
+            x2 = _mix(W_ptr, 2, s_W_m, s_W_k, h0, h1, h2, h3, M)
+        if M > 3:
+            x3 = _mix(W_ptr, 3, s_W_m, s_W_k, h0, h1, h2, h3, M)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _load_tile(
+    m: tl.constexpr,
+    t0,
+    cols,
+    tmask,
+    u_ptr,
+    dt_ptr,
+    z_ptr,
+    B_ptr,
+    C_ptr,
+    row_u,
+    row_dt,
+    row_z,
+    row_B,
+    row_C,
+    s_u_m,
+    s_u_l,
+    s_dt_m,
+    s_dt_l,
+    s_z_m,
+    s_z_l,
+    s_B_m,
+    s_B_l,
+    s_C_m,
+    s_C_l,
+    mask_d,
+    mask_n,
+    HAS_Z: tl.constexpr,
+    COMPUTE: tl.constexpr,
+):
+    # TIME_TILE steps of modality m at once: u, dt, z (BLOCK_D, T) and B, C (N_PAD, T), loaded
+    # along time (contiguous in the (M, b, D, L) layout), plus their finite-check terms.
+    t = (t0 + cols)[None, :]
+    md = mask_d[:, None] & tmask[None, :]
+    mn = mask_n[:, None] & tmask[None, :]
+    U = tl.load(u_ptr + m * s_u_m + row_u[:, None] + t * s_u_l, mask=md, other=0.0).to(COMPUTE)
+    DT = tl.load(dt_ptr + m * s_dt_m + row_dt[:, None] + t * s_dt_l, mask=md, other=0.0)
+    DT = DT.to(COMPUTE)
+    Bt = tl.load(B_ptr + m * s_B_m + row_B[:, None] + t * s_B_l, mask=mn, other=0.0).to(COMPUTE)
+    Ct = tl.load(C_ptr + m * s_C_m + row_C[:, None] + t * s_C_l, mask=mn, other=0.0).to(COMPUTE)
+    check = U * 0.0 + DT * 0.0
+    Z = U
+    if HAS_Z:
+        Z = tl.load(z_ptr + m * s_z_m + row_z[:, None] + t * s_z_l, mask=md, other=0.0)
+        Z = Z.to(COMPUTE)
+        check += Z * 0.0
+    return U, DT, Z, Bt, Ct, _sum(check, axis=1), _sum(Bt * 0.0 + Ct * 0.0, axis=1)
+
+
+@triton.jit
+def _column(tile, cols, i: tl.constexpr):
+    # tile[:, i] of a (rows, TIME_TILE) register tile.
+    return _sum(tl.where(cols[None, :] == i, tile, 0.0), axis=1)
+
+
+@triton.jit
+def _tile_step(
+    i: tl.constexpr,
+    cols,
+    mixed,
+    A,
+    Dm,
+    bias,
+    U,
+    DT,
+    Z,
+    Bt,
+    Ct,
+    Y,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+):
+    # Step i of a loaded tile: new state (BLOCK_D, N_PAD) and Y with column i filled in.
+    u = _column(U, cols, i)
+    dt = _column(DT, cols, i)
+    B = _column(Bt, cols, i)
+    C = _column(Ct, cols, i)
+    if HAS_BIAS:
+        dt = dt + bias
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    h = tl.exp(dt[:, None] * A) * mixed + (dt * u)[:, None] * B[None, :]
+    y = _sum(h * C[None, :], axis=1)
+    if HAS_D:
+        y += Dm * u
+    if HAS_Z:
+        y = y * _silu(_column(Z, cols, i))
+    return h, Y + tl.where(cols[None, :] == i, y[:, None], 0.0)
+
+
+@triton.jit
+def _store_tile(m: tl.constexpr, Y, t0, cols, tmask, y_ptr, row_y, s_y_m, s_y_l, mask_d):
+    ptrs = y_ptr + m * s_y_m + row_y[:, None] + (t0 + cols)[None, :] * s_y_l
+    tl.store(ptrs, Y.to(y_ptr.dtype.element_ty), mask=mask_d[:, None] & tmask[None, :])
+
+
+@triton.jit
 def _store_last(
     m: tl.constexpr, h, last_ptr, pid_b, offs_d, offs_n, mask_d, mask_n, s_m, s_b, s_d, s_n
 ):
@@ -235,6 +352,7 @@ def coupled_scan_fwd_kernel(
     HAS_W: tl.constexpr,
     STORE_LAST: tl.constexpr,
     COMPUTE: tl.constexpr,
+    TIME_TILE: tl.constexpr,
 ):
     """Grid (cdiv(D, BLOCK_D), batch): program (i, b) scans channels [i*BLOCK_D, ...) of row b."""
     pid_d = tl.program_id(0)
@@ -286,55 +404,120 @@ def coupled_scan_fwd_kernel(
 
     check_d = tl.full((BLOCK_D,), 0.0, COMPUTE)
     check_n = tl.full((N_PAD,), 0.0, COMPUTE)
-    for t in range(length):
-        # Mix the previous states of all modalities (uses every old h before any is replaced).
-        x0 = h0
-        x1 = h1
-        x2 = h2
-        x3 = h3
-        if HAS_W:
-            x0 = _mix(W_ptr, 0, s_W_m, s_W_k, h0, h1, h2, h3, M)
+    if TIME_TILE == 1:
+        for t in range(length):
+            x0, x1, x2, x3 = _mix_all(W_ptr, s_W_m, s_W_k, h0, h1, h2, h3, M, HAS_W)
+            h0, cd, cn = _step(
+                0, t, x0, A0, D0, bias0, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, y_ptr,
+                row_u, row_dt, row_z, row_y, row_B, row_C, s_u_m, s_u_l, s_dt_m, s_dt_l,
+                s_z_m, s_z_l, s_y_m, s_y_l, s_B_m, s_B_l, s_C_m, s_C_l, mask_d, mask_n,
+                HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, COMPUTE,
+            )  # fmt: skip
+            check_d += cd
+            check_n += cn
             if M > 1:
-                x1 = _mix(W_ptr, 1, s_W_m, s_W_k, h0, h1, h2, h3, M)
+                h1, cd, cn = _step(
+                    1, t, x1, A1, D1, bias1, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, y_ptr,
+                    row_u, row_dt, row_z, row_y, row_B, row_C, s_u_m, s_u_l, s_dt_m, s_dt_l,
+                    s_z_m, s_z_l, s_y_m, s_y_l, s_B_m, s_B_l, s_C_m, s_C_l, mask_d, mask_n,
+                    HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, COMPUTE,
+                )  # fmt: skip
+                check_d += cd
+                check_n += cn
             if M > 2:
-                x2 = _mix(W_ptr, 2, s_W_m, s_W_k, h0, h1, h2, h3, M)
+                h2, cd, cn = _step(
+                    2, t, x2, A2, D2, bias2, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, y_ptr,
+                    row_u, row_dt, row_z, row_y, row_B, row_C, s_u_m, s_u_l, s_dt_m, s_dt_l,
+                    s_z_m, s_z_l, s_y_m, s_y_l, s_B_m, s_B_l, s_C_m, s_C_l, mask_d, mask_n,
+                    HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, COMPUTE,
+                )  # fmt: skip
+                check_d += cd
+                check_n += cn
             if M > 3:
-                x3 = _mix(W_ptr, 3, s_W_m, s_W_k, h0, h1, h2, h3, M)
-        h0, cd, cn = _step(
-            0, t, x0, A0, D0, bias0, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, y_ptr,
-            row_u, row_dt, row_z, row_y, row_B, row_C, s_u_m, s_u_l, s_dt_m, s_dt_l,
-            s_z_m, s_z_l, s_y_m, s_y_l, s_B_m, s_B_l, s_C_m, s_C_l, mask_d, mask_n,
-            HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, COMPUTE,
-        )  # fmt: skip
-        check_d += cd
-        check_n += cn
-        if M > 1:
-            h1, cd, cn = _step(
-                1, t, x1, A1, D1, bias1, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, y_ptr,
-                row_u, row_dt, row_z, row_y, row_B, row_C, s_u_m, s_u_l, s_dt_m, s_dt_l,
-                s_z_m, s_z_l, s_y_m, s_y_l, s_B_m, s_B_l, s_C_m, s_C_l, mask_d, mask_n,
-                HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, COMPUTE,
+                h3, cd, cn = _step(
+                    3, t, x3, A3, D3, bias3, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, y_ptr,
+                    row_u, row_dt, row_z, row_y, row_B, row_C, s_u_m, s_u_l, s_dt_m, s_dt_l,
+                    s_z_m, s_z_l, s_y_m, s_y_l, s_B_m, s_B_l, s_C_m, s_C_l, mask_d, mask_n,
+                    HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, COMPUTE,
+                )  # fmt: skip
+                check_d += cd
+                check_n += cn
+    else:
+        # TIME_TILE steps per iteration: tiles loaded and stored along time, steps unrolled.
+        cols = tl.arange(0, TIME_TILE)
+        for t0 in range(0, length, TIME_TILE):
+            tmask = (t0 + cols) < length
+            U0, DT0, Z0, B0, C0, cd, cn = _load_tile(
+                0, t0, cols, tmask, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr,
+                row_u, row_dt, row_z, row_B, row_C, s_u_m, s_u_l, s_dt_m, s_dt_l,
+                s_z_m, s_z_l, s_B_m, s_B_l, s_C_m, s_C_l, mask_d, mask_n, HAS_Z, COMPUTE,
             )  # fmt: skip
             check_d += cd
             check_n += cn
-        if M > 2:
-            h2, cd, cn = _step(
-                2, t, x2, A2, D2, bias2, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, y_ptr,
-                row_u, row_dt, row_z, row_y, row_B, row_C, s_u_m, s_u_l, s_dt_m, s_dt_l,
-                s_z_m, s_z_l, s_y_m, s_y_l, s_B_m, s_B_l, s_C_m, s_C_l, mask_d, mask_n,
-                HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, COMPUTE,
-            )  # fmt: skip
-            check_d += cd
-            check_n += cn
-        if M > 3:
-            h3, cd, cn = _step(
-                3, t, x3, A3, D3, bias3, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, y_ptr,
-                row_u, row_dt, row_z, row_y, row_B, row_C, s_u_m, s_u_l, s_dt_m, s_dt_l,
-                s_z_m, s_z_l, s_y_m, s_y_l, s_B_m, s_B_l, s_C_m, s_C_l, mask_d, mask_n,
-                HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, COMPUTE,
-            )  # fmt: skip
-            check_d += cd
-            check_n += cn
+            U1, DT1, Z1, B1, C1 = U0, DT0, Z0, B0, C0
+            U2, DT2, Z2, B2, C2 = U0, DT0, Z0, B0, C0
+            U3, DT3, Z3, B3, C3 = U0, DT0, Z0, B0, C0
+            if M > 1:
+                U1, DT1, Z1, B1, C1, cd, cn = _load_tile(
+                    1, t0, cols, tmask, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr,
+                    row_u, row_dt, row_z, row_B, row_C, s_u_m, s_u_l, s_dt_m, s_dt_l,
+                    s_z_m, s_z_l, s_B_m, s_B_l, s_C_m, s_C_l, mask_d, mask_n, HAS_Z, COMPUTE,
+                )  # fmt: skip
+                check_d += cd
+                check_n += cn
+            if M > 2:
+                U2, DT2, Z2, B2, C2, cd, cn = _load_tile(
+                    2, t0, cols, tmask, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr,
+                    row_u, row_dt, row_z, row_B, row_C, s_u_m, s_u_l, s_dt_m, s_dt_l,
+                    s_z_m, s_z_l, s_B_m, s_B_l, s_C_m, s_C_l, mask_d, mask_n, HAS_Z, COMPUTE,
+                )  # fmt: skip
+                check_d += cd
+                check_n += cn
+            if M > 3:
+                U3, DT3, Z3, B3, C3, cd, cn = _load_tile(
+                    3, t0, cols, tmask, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr,
+                    row_u, row_dt, row_z, row_B, row_C, s_u_m, s_u_l, s_dt_m, s_dt_l,
+                    s_z_m, s_z_l, s_B_m, s_B_l, s_C_m, s_C_l, mask_d, mask_n, HAS_Z, COMPUTE,
+                )  # fmt: skip
+                check_d += cd
+                check_n += cn
+            Y0 = tl.full((BLOCK_D, TIME_TILE), 0.0, COMPUTE)
+            Y1 = Y0
+            Y2 = Y0
+            Y3 = Y0
+            for i in tl.static_range(TIME_TILE):
+                valid = t0 + i < length  # the last tile may run past the end
+                x0, x1, x2, x3 = _mix_all(W_ptr, s_W_m, s_W_k, h0, h1, h2, h3, M, HAS_W)
+                h0n, Y0 = _tile_step(
+                    i, cols, x0, A0, D0, bias0, U0, DT0, Z0, B0, C0, Y0,
+                    HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                )  # fmt: skip
+                h0 = tl.where(valid, h0n, h0)
+                if M > 1:
+                    h1n, Y1 = _tile_step(
+                        i, cols, x1, A1, D1, bias1, U1, DT1, Z1, B1, C1, Y1,
+                        HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                    )  # fmt: skip
+                    h1 = tl.where(valid, h1n, h1)
+                if M > 2:
+                    h2n, Y2 = _tile_step(
+                        i, cols, x2, A2, D2, bias2, U2, DT2, Z2, B2, C2, Y2,
+                        HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                    )  # fmt: skip
+                    h2 = tl.where(valid, h2n, h2)
+                if M > 3:
+                    h3n, Y3 = _tile_step(
+                        i, cols, x3, A3, D3, bias3, U3, DT3, Z3, B3, C3, Y3,
+                        HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                    )  # fmt: skip
+                    h3 = tl.where(valid, h3n, h3)
+            _store_tile(0, Y0, t0, cols, tmask, y_ptr, row_y, s_y_m, s_y_l, mask_d)
+            if M > 1:
+                _store_tile(1, Y1, t0, cols, tmask, y_ptr, row_y, s_y_m, s_y_l, mask_d)
+            if M > 2:
+                _store_tile(2, Y2, t0, cols, tmask, y_ptr, row_y, s_y_m, s_y_l, mask_d)
+            if M > 3:
+                _store_tile(3, Y3, t0, cols, tmask, y_ptr, row_y, s_y_m, s_y_l, mask_d)
 
     if STORE_LAST:
         _store_last(0, h0, last_ptr, pid_b, offs_d, offs_n, mask_d, mask_n,

@@ -86,6 +86,12 @@ def triton_next_power_of_2(n: int) -> int:
     return 1 << (max(1, n) - 1).bit_length()
 
 
+# Time steps per loop iteration of the kernel. 1: load and store one step at a time (each a
+# strided access in the (M, b, D, L) layout). >1: load tiles of that many steps along time and
+# unroll the steps over them. Untuned; bench/scan.py sweeps both on a GPU.
+DEFAULT_TIME_TILE = 1
+
+
 def default_num_warps(block_d: int, n_pad: int) -> int:
     """One warp per program up to 16 x 16 state elements per modality, then one per 512."""
     return max(1, min(8, (block_d * n_pad) // 512))
@@ -106,6 +112,7 @@ def _launch_plan(
     block_d: int | None,
     num_warps: int | None,
     max_modalities: int,
+    time_tile: int | None = None,
 ) -> tuple[tuple[int, int], tuple[Any, ...], dict[str, Any], Tensor, Tensor, Tensor]:
     """Allocate the outputs and build (grid, positional args, keyword args) for one launch."""
     M, batch, dim, length = u.shape
@@ -154,6 +161,7 @@ def _launch_plan(
         "HAS_W": coupling is not None,
         "STORE_LAST": bool(return_last_state),
         "COMPUTE": _tl_dtype(compute),
+        "TIME_TILE": time_tile or DEFAULT_TIME_TILE,
         "num_warps": warps,
     }
     return (triton_cdiv(dim, block), batch), args, kwargs, y, last, flag
@@ -173,6 +181,7 @@ def launch_forward(
     return_last_state: bool,
     block_d: int | None = None,
     num_warps: int | None = None,
+    time_tile: int | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """Launch the kernel; return y, the last state (or None) and the int32 non-finite flag.
 
@@ -182,7 +191,7 @@ def launch_forward(
     module = kernel_module(interpret=u.device.type != "cuda")
     grid, args, kwargs, y, last, flag = _launch_plan(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, coupling, return_last_state,
-        block_d, num_warps, module.MAX_MODALITIES,
+        block_d, num_warps, module.MAX_MODALITIES, time_tile,
     )  # fmt: skip
     module.coupled_scan_fwd_kernel[grid](*args, **kwargs)
     return y, (last if return_last_state else None), flag
@@ -217,10 +226,12 @@ class _TritonScanFunction(torch.autograd.Function):
         delta_softplus: bool,
         block_d: int | None,
         num_warps: int | None,
+        time_tile: int | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         y, last, flag = launch_forward(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, coupling, True, block_d, num_warps
-        )
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, coupling, True,
+            block_d, num_warps, time_tile,
+        )  # fmt: skip
         assert last is not None
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, coupling)
         ctx.delta_softplus = delta_softplus
@@ -258,7 +269,7 @@ class _TritonScanFunction(torch.autograd.Function):
             next(grads) if need and t is not None else None
             for t, need in zip(inputs, needs, strict=True)
         ]
-        return (*result, None, None, None)
+        return (*result, None, None, None, None)
 
 
 def coupled_selective_scan_triton(
@@ -276,24 +287,27 @@ def coupled_selective_scan_triton(
     *,
     block_d: int | None = None,
     num_warps: int | None = None,
+    time_tile: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Coupled selective scan with the Triton kernel; same contract as the ref backend.
 
     Checks the inputs for NaN/inf inside the kernel and raises ValueError naming them (one host
-    synchronisation per call, after the launch). ``block_d`` and ``num_warps`` override the
-    launch heuristics (for benchmarks). Shapes must already be validated.
+    synchronisation per call, after the launch). ``block_d``, ``num_warps`` and ``time_tile``
+    (steps loaded per tile: 1, or a power of two) override the launch defaults (benchmarks).
+    Shapes must already be validated.
     """
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, coupling)
     )
     if needs_grad:
         y, last, flag = _TritonScanFunction.apply(
-            u, delta, A, B, C, D, z, delta_bias, coupling, delta_softplus, block_d, num_warps
-        )
+            u, delta, A, B, C, D, z, delta_bias, coupling, delta_softplus,
+            block_d, num_warps, time_tile,
+        )  # fmt: skip
     else:
         y, last_opt, flag = launch_forward(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, coupling,
-            return_last_state, block_d, num_warps,
+            return_last_state, block_d, num_warps, time_tile,
         )  # fmt: skip
         last = last_opt
     if bool(flag.item()):
@@ -314,8 +328,9 @@ def compile_for_target(
     n_state: int = 16,
     length: int = 8,
     with_options: bool = True,
-    block_d: int | None = 32,
+    block_d: int | None = 16,
     num_warps: int | None = None,
+    time_tile: int | None = None,
 ) -> dict[str, Any]:
     """Compile the kernel ahead of time for a CUDA architecture (e.g. 90 = H100), no GPU needed.
 
@@ -340,7 +355,7 @@ def compile_for_target(
         rand(M, b, Dm, L), rand(M, b, Dm, L), -rand(M, Dm, N), rand(M, b, N, L),
         rand(M, b, N, L), rand(M, Dm) if opt else None, rand(M, b, Dm, L) if opt else None,
         rand(M, Dm) if opt else None, opt, rand(M, M) if opt else None, opt,
-        block_d, num_warps, kernel_module(interpret=False).MAX_MODALITIES,
+        block_d, num_warps, kernel_module(interpret=False).MAX_MODALITIES, time_tile,
     )  # fmt: skip
     kernel = kernel_module(interpret=False).coupled_scan_fwd_kernel
     target = GPUTarget("cuda", arch, 32)

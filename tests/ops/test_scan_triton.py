@@ -85,6 +85,15 @@ def test_odd_sizes_several_blocks(scan_inputs: Factory) -> None:
 
 
 @interpreter
+@pytest.mark.parametrize(("M", "length"), [(3, 5), (2, 2)])
+def test_time_tiles(scan_inputs: Factory, M: int, length: int) -> None:
+    # Tiles of 4 steps; L = 5 leaves a partial last tile whose extra steps must not move the state.
+    x = scan_inputs(M=M, coupling="random", batch=1, dim=6, length=length, state=3)
+    check_against_ref({k: v.float() if isinstance(v, torch.Tensor) else v for k, v in x.items()},
+                      block_d=4, time_tile=4)  # fmt: skip
+
+
+@interpreter
 def test_single_step(scan_inputs: Factory) -> None:
     check_against_ref(scan_inputs(coupling="ones", batch=1, dim=3, length=1, state=16))
 
@@ -153,20 +162,23 @@ def test_interpreted_and_compiled_kernels_coexist() -> None:
 
 
 @pytest.mark.parametrize(
-    ("arch", "dtype", "M", "options"),
+    ("arch", "dtype", "M", "options", "time_tile"),
     [
-        (90, torch.float32, 3, True),
-        (90, torch.float32, 3, False),
-        (90, torch.float64, 3, True),
-        (90, torch.float32, 4, True),
-        (80, torch.float32, 1, True),
+        (90, torch.float32, 3, True, 1),
+        (90, torch.float32, 3, False, 1),
+        (90, torch.float64, 3, True, 1),
+        (90, torch.float32, 4, True, 1),
+        (80, torch.float32, 1, True, 1),
+        (90, torch.float32, 3, True, 8),
     ],
 )
 def test_kernel_compiles_for_gpu_without_one(
-    arch: int, dtype: torch.dtype, M: int, options: bool
+    arch: int, dtype: torch.dtype, M: int, options: bool, time_tile: int
 ) -> None:
     """The kernel lowers all the way to a cubin for sm_80 / sm_90 on this CPU-only machine."""
-    asm = compile_for_target(arch=arch, dtype=dtype, modalities=M, with_options=options)
+    asm = compile_for_target(
+        arch=arch, dtype=dtype, modalities=M, with_options=options, time_tile=time_tile
+    )
     assert len(asm["cubin"]) > 1000
     assert re.search(rf"\.target\s+sm_{arch}", asm["ptx"])
     if dtype == torch.float32 and M == 3:
