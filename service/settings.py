@@ -44,6 +44,11 @@ class ServiceSettings(BaseSettings):
     max_batch_delay_ms: float = Field(
         default=5.0, ge=0.0, description="longest wait of the oldest queued clip for company"
     )
+    adaptive_batch_delay: bool = Field(
+        default=True,
+        description="wait for company only while other requests are on their way (a lone "
+        "request never waits); false always waits up to max_batch_delay_ms",
+    )
     length_buckets: tuple[int, ...] = Field(
         default=(16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048),
         description="sequence lengths are padded up to the next bucket; empty = batch longest",

@@ -54,6 +54,8 @@ class MicroBatcher:
         on_batch: called with each model call's batch size.
         on_queue_depth: called with the queue depth whenever it changes.
         thread_init: called first thing on the worker thread (e.g. ``torch.set_num_threads``).
+        upstream: when given, how many clips are on their way (admitted, not yet queued); the
+            worker waits for company only while this is positive, so a lone clip never waits.
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class MicroBatcher:
         on_batch: Callable[[int], None] | None = None,
         on_queue_depth: Callable[[int], None] | None = None,
         thread_init: Callable[[], None] | None = None,
+        upstream: Callable[[], int] | None = None,
     ) -> None:
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
@@ -76,6 +79,7 @@ class MicroBatcher:
         self._on_batch = on_batch
         self._on_queue_depth = on_queue_depth
         self._thread_init = thread_init
+        self._upstream = upstream
         self._queue: deque[_Pending] = deque()
         self._tasks: deque[_Task] = deque()
         self._cond = threading.Condition()
@@ -172,9 +176,15 @@ class MicroBatcher:
                 if self._stopping:
                     return None
                 self._cond.wait()
-            # Wait for company: until the batch is full or the oldest clip has waited enough.
+            # Wait for company: until the batch is full or the oldest clip has waited enough
+            # (or, with an upstream count, until no other clip is on its way).
             flush_at = self._queue[0].enqueued_at + self.max_batch_delay_s
-            while len(self._queue) < self.max_batch_size and not self._stopping and not self._tasks:
+            while (
+                len(self._queue) < self.max_batch_size
+                and not self._stopping
+                and not self._tasks
+                and (self._upstream is None or self._upstream() > 0)
+            ):
                 remaining = flush_at - time.monotonic()
                 if remaining <= 0:
                     break

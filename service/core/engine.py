@@ -198,6 +198,7 @@ class InferenceCore:
             on_batch=self.metrics.batch_size.observe,
             on_queue_depth=self.metrics.queue_depth.set,
             thread_init=lambda: torch.set_num_threads(threads),
+            upstream=self._upstream if s.adaptive_batch_delay else None,
         )
         batcher.start()
         self._batcher = batcher
@@ -314,6 +315,12 @@ class InferenceCore:
     @property
     def inflight(self) -> int:
         return self._inflight
+
+    def _upstream(self) -> int:
+        # Admitted requests not yet queued for the model (reading, parsing, extracting). Read
+        # from the worker thread: a plain int, only ever written on the event loop.
+        batcher = self._batcher
+        return self._inflight - (batcher.depth if batcher is not None else 0)
 
     @property
     def identity(self) -> ModelIdentity:

@@ -36,7 +36,12 @@ def test_answer_does_not_depend_on_the_batch(
     # Same checkpoint, two servers: one without batching, one that waits for a full batch of
     # 8 (a long delay: the batch flushes when the eighth clip arrives).
     single = features_app(max_batch_size=1, length_buckets=buckets)
-    client = features_app(max_batch_size=8, max_batch_delay_ms=5000, length_buckets=buckets)
+    client = features_app(
+        max_batch_size=8,
+        max_batch_delay_ms=5000,
+        adaptive_batch_delay=False,
+        length_buckets=buckets,
+    )
     clip = payload(20, seed=42)
     alone = single.post("/v1/predict/features", json=clip).json()
     assert alone["batch"]["size"] == 1
@@ -59,13 +64,30 @@ def test_answer_does_not_depend_on_the_batch(
 def test_clips_are_grouped_by_length_bucket(
     features_app: Callable[..., TestClient], payload: Callable[..., dict], metric: Callable
 ) -> None:
-    client = features_app(max_batch_size=4, max_batch_delay_ms=5000, length_buckets=(16, 64))
+    client = features_app(
+        max_batch_size=4,
+        max_batch_delay_ms=5000,
+        adaptive_batch_delay=False,
+        length_buckets=(16, 64),
+    )
     answers = post_together(client, [payload(n, seed=n) for n in (10, 12, 40, 50)])
     batches = {a.json()["modalities"]["steps"]: a.json()["batch"] for a in answers}
     assert batches[10] == batches[12] == {"size": 2, "padded_length": 16}
     assert batches[40] == batches[50] == {"size": 2, "padded_length": 64}
     text = client.get("/metrics").text
     assert metric(text, "cmamba_batch_size_bucket", le="2.0") >= 2.0
+
+
+def test_a_lone_request_does_not_wait_for_company(
+    features_app: Callable[..., TestClient], payload: Callable[..., dict]
+) -> None:
+    adaptive = features_app(max_batch_size=8, max_batch_delay_ms=5000)
+    answer = adaptive.post("/v1/predict/features", json=payload(12, 0)).json()
+    assert answer["batch"]["size"] == 1
+    assert answer["timings_ms"]["queue"] < 1000
+    fixed = features_app(max_batch_size=8, max_batch_delay_ms=300, adaptive_batch_delay=False)
+    answer = fixed.post("/v1/predict/features", json=payload(12, 0)).json()
+    assert answer["timings_ms"]["queue"] >= 300
 
 
 class OutOfMemoryAbove:
@@ -87,7 +109,11 @@ def test_oom_batch_is_split_and_every_clip_answered(
 ) -> None:
     hook = OutOfMemoryAbove(budget=25)  # a batch of 4 x 10 steps does not fit; 2 x 10 does
     client = features_app(
-        max_batch_size=4, max_batch_delay_ms=5000, warmup=False, before_forward=hook
+        max_batch_size=4,
+        max_batch_delay_ms=5000,
+        adaptive_batch_delay=False,
+        warmup=False,
+        before_forward=hook,
     )
     answers = post_together(client, [payload(10, seed=i) for i in range(4)])
     assert [a.status_code for a in answers] == [200] * 4
@@ -105,6 +131,7 @@ def test_oom_fails_only_the_clips_that_do_not_fit_alone(
     client = features_app(
         max_batch_size=4,
         max_batch_delay_ms=5000,
+        adaptive_batch_delay=False,
         length_buckets=(),
         warmup=False,
         before_forward=hook,

@@ -28,6 +28,7 @@ def test_sigterm_drains_in_flight_requests_then_exits(
             "CMAMBA_MODEL_PATH": str(checkpoint),
             "CMAMBA_MAX_BATCH_SIZE": "8",
             "CMAMBA_MAX_BATCH_DELAY_MS": "3000",
+            "CMAMBA_ADAPTIVE_BATCH_DELAY": "false",
         },
         ["--features-only"],
     )
