@@ -593,7 +593,11 @@ class InferenceCore:
         }
         masks = {m: np.asarray(bundle.masks[m], dtype=np.bool_) for m in features}
         if not any(mask.any() for mask in masks.values()):
-            raise UndecodableMediaError("no speech, audio or face was found in the media")
+            wanted = {"text": "speech", "audio": "audio", "visual": "a face"}
+            missing = " or ".join(wanted[m] for m in config.modalities)
+            raise UndecodableMediaError(
+                f"the model uses {', '.join(config.modalities)}, and the media holds no {missing}"
+            )
         return ClipFeatures(features=features, masks=masks, length=length)
 
     async def _run_model(self, clip: ClipFeatures, deadline: float) -> ClipOutcome:
