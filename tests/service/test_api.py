@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -485,3 +486,24 @@ def test_gpu_memory_figures_on_cuda(
     text = client.get("/metrics").text
     assert metric(text, "cmamba_gpu_memory_allocated_bytes") > 0
     assert metric(text, "cmamba_gpu_memory_peak_bytes") > 0
+
+
+def test_clip_without_the_models_inputs_is_422(
+    make_checkpoint: Callable[..., Path],
+    make_settings: Callable,
+    start_client: Callable[..., TestClient],
+    real_extractor: Any,
+    tmp_path: Path,
+) -> None:
+    import soundfile
+
+    folder = make_checkpoint(tmp_path / "text-only", modalities=("text",))
+    settings = make_settings(model_path=folder, enable_media=True)
+    client = start_client(create_app(settings, extractor=real_extractor))
+    silence = tmp_path / "silence.wav"
+    soundfile.write(silence, np.zeros(32_000, dtype=np.float32), 16_000)
+    response = client.post(
+        "/v1/predict", files={"file": ("silence.wav", silence.read_bytes(), "audio/wav")}
+    )
+    body = assert_error(response, 422, "undecodable_media")
+    assert "no speech" in body["error"]["message"]
