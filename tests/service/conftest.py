@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -166,21 +167,26 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
-        self.log = open(os.devnull, "wb")  # noqa: SIM115
+        # A file, not a pipe: a pipe nobody reads would block a chatty server once full.
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port),
              "--log-level", "warning", *(args or [])],
             cwd=REPO,
             env=full_env,
-            stdout=subprocess.PIPE,
+            stdout=self.log,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
 
     def wait_ready(self, timeout: float = 180.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                out = self.proc.stdout.read().decode() if self.proc.stdout else ""
+                out = self.output()
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{out[-3000:]}")
             try:
                 if httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
@@ -198,8 +204,6 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-        if self.proc.stdout:
-            self.proc.stdout.close()
         self.log.close()
 
 
