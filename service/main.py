@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
-from service.api import docs, health, metrics, models, predict
+from service.api import docs, health, metrics, models, predict, timeline, webui
 from service.core.engine import InferenceCore
 from service.core.extraction import FeatureExtractor
 from service.errors import install_handlers
@@ -104,6 +104,8 @@ def create_app(
     app.include_router(metrics.router)
     app.include_router(models.router)
     app.include_router(predict.router)
+    app.include_router(timeline.router)
+    app.include_router(webui.router)
     app.include_router(docs.build_router(public=settings.public_docs))
     app.add_middleware(RequestMetricsMiddleware, metrics=service_metrics)
     app.add_middleware(RequestContextMiddleware)

@@ -571,6 +571,59 @@ class InferenceCore:
         extra["extract_wait"] = done.wait_ms
         return self._prediction(clip, outcome, summary, extra, started=started)
 
+    async def extract_bundle(
+        self, path: Path, transcript: str | None, *, deadline: float, remove_after: bool
+    ) -> tuple[FeatureBundleLike, float]:
+        """Extract a media file's features on the pool, without scoring them.
+
+        Returns the bundle and the milliseconds the job waited for a pool thread. Raises the
+        same domain errors as :meth:`predict_media`.
+        """
+        if self._pool is None:
+            if remove_after:
+                path.unlink(missing_ok=True)
+            raise MediaDisabledError(self._media_unavailable)
+        job = self._pool.submit(path, transcript, deadline=deadline, remove_after=remove_after)
+        try:
+            done = await asyncio.wait_for(
+                asyncio.shield(asyncio.wrap_future(job)), self._remaining(deadline)
+            )
+        except TimeoutError as exc:
+            raise DeadlineExceededError("the request deadline passed during extraction") from exc
+        except ServiceError:
+            raise
+        except Exception as exc:
+            if _is_preprocessing_error(exc):
+                raise from_preprocessing_error(exc) from exc
+            raise
+        return done.bundle, done.wait_ms
+
+    async def run_clips(self, clips: Sequence[ClipFeatures], deadline: float) -> list[ClipOutcome]:
+        """Score many clips of one request through the micro-batcher, in order.
+
+        Clips are queued ``max_batch_size`` at a time (so one request never fills the queue on
+        its own); each group is batched together like concurrent requests are.
+        """
+        if self._batcher is None:
+            raise NotReadyError("the model is still loading")
+        outcomes: list[ClipOutcome] = []
+        step = max(1, min(self.settings.max_batch_size, self.settings.max_queue_size))
+        for first in range(0, len(clips), step):
+            # Queued back to back, before any await, so the worker finds them together.
+            futures = [self._batcher.submit(c, deadline) for c in clips[first : first + step]]
+            try:
+                done = await asyncio.wait_for(
+                    asyncio.gather(*(asyncio.wrap_future(f) for f in futures)),
+                    self._remaining(deadline),
+                )
+            except TimeoutError as exc:
+                raise DeadlineExceededError("the deadline passed waiting for the model") from exc
+            for outcome in done:
+                if outcome.error is not None:
+                    raise outcome.error
+            outcomes.extend(done)
+        return outcomes
+
     def _clip_from_bundle(self, bundle: FeatureBundleLike) -> ClipFeatures:
         config = self.config
         if bundle.profile != config.feature_profile:
