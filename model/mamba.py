@@ -9,6 +9,13 @@ Read top to bottom:
 4. Pooling and fusion: masked pooling over time per modality, then a gate over modalities.
 5. ``CoupledMambaForSentiment``: input projections, layers, pooling, fusion, the two heads.
 
+Chunked inference. Without gradients, a sequence longer than ``inference_chunk_size`` steps (a
+runtime setting of the model, not of the checkpoint) runs through all layers one chunk of time
+at a time: each layer carries its conv inputs (the last d_conv - 1 steps) and its scan state
+(``LayerState``) to the next chunk, and pooling accumulates over chunks, so activation memory is
+bounded by the chunk, not by L. The answer equals the unchunked one up to float rounding.
+Training (gradients on) always runs the whole sequence at once.
+
 Shapes: b = batch, L = time steps (shared by all modalities), M = modalities,
 d = d_model, D = d_inner = expand * d_model, N = d_state, R = dt_rank.
 
@@ -27,6 +34,7 @@ clip's answer does not depend on what it is batched with.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -36,6 +44,8 @@ from torch import Tensor, nn
 
 from model import ops
 from model.config import CLASS_NAMES, CoupledMambaConfig
+from model.ops import mamba_kernels
+from model.ops.mamba_kernels import KernelChoice
 
 if TYPE_CHECKING:
     from model.checkpoint import CheckpointInfo
@@ -63,6 +73,24 @@ class SentimentOutput:
     def labels(self) -> list[str]:
         """The most probable class name of each sample."""
         return [CLASS_NAMES[i] for i in self.probabilities.argmax(dim=-1).tolist()]
+
+
+DEFAULT_INFERENCE_CHUNK = 256
+"""Time steps per chunk of chunked inference (see the module docstring); None turns it off."""
+
+
+@dataclass
+class LayerState:
+    """What one layer carries from a chunk of time to the next in chunked inference.
+
+    Attributes:
+        conv: (M, b, D, d_conv - 1) the last d_conv - 1 conv inputs of every modality (masked,
+            zeros before the first step).
+        ssm: (M, b, D, N) the scan's last state (float32, float64 for a float64 model).
+    """
+
+    conv: Tensor
+    ssm: Tensor
 
 
 def _make_norm(config: CoupledMambaConfig) -> nn.Module:
@@ -127,16 +155,65 @@ class MambaMixer(nn.Module):
         Returns:
             u, dt, z: (b, D, L); B, C: (b, N, L); u and dt are zero at masked steps.
         """
-        length = x.shape[1]
+        u, dt, B, C, z, _ = self.scan_inputs_carried(x, mask)
+        return u, dt, B, C, z
+
+    def scan_inputs_carried(
+        self,
+        x: Tensor,
+        mask: Tensor,
+        conv_state: Tensor | None = None,
+        carry: bool = False,
+        conv_kernel: str = "torch",
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        """``scan_inputs`` for one chunk of time of a longer sequence.
+
+        Args:
+            x, mask: as in ``scan_inputs``, for the chunk's L steps.
+            conv_state: (b, D, d_conv - 1) the conv inputs of the steps just before the chunk
+                (``None``: the chunk starts the sequence, zeros before it).
+            carry: also return the conv state to hand to the next chunk.
+            conv_kernel: "torch" or "causal_conv1d" (see ``model.ops.mamba_kernels``).
+
+        Returns:
+            u, dt, B, C, z as in ``scan_inputs``, and the next conv state (b, D, d_conv - 1)
+            when ``carry`` or ``conv_state`` is given, else None.
+        """
         u, z = self.in_proj(x).chunk(2, dim=-1)  # (b, L, D) each
         u = u * mask[..., None]  # padding must not leak into later steps through the conv
-        u = self.conv1d(u.transpose(1, 2))[..., :length]  # (b, D, L), causal
-        u = F.silu(u) * mask[:, None, :]
+        u, next_state = self._conv(u.transpose(1, 2), conv_state, carry, conv_kernel)
+        u = u * mask[:, None, :]  # (b, D, L)
         dt, B, C = self.x_proj(u.transpose(1, 2)).split(
             [self.dt_rank, self.d_state, self.d_state], dim=-1
         )  # (b, L, R), (b, L, N), (b, L, N)
         dt = F.softplus(self.dt_proj(dt)) * mask[..., None]  # (b, L, D), 0 at masked steps
-        return u, dt.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2), z.transpose(1, 2)
+        return (
+            u, dt.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2), z.transpose(1, 2),
+            next_state,
+        )  # fmt: skip
+
+    def _conv(
+        self, u: Tensor, conv_state: Tensor | None, carry: bool, kernel: str
+    ) -> tuple[Tensor, Tensor | None]:
+        """SiLU(causal depthwise conv) of u (b, D, L), after ``conv_state`` (b, D, k-1) when
+        given; returns (b, D, L) and, when asked or continued, the last k-1 inputs."""
+        length = u.shape[-1]
+        width = self.conv1d.kernel_size[0]
+        keep = width - 1
+        next_state = None
+        if carry or conv_state is not None:
+            before = conv_state if conv_state is not None else u.new_zeros(*u.shape[:-1], keep)
+            next_state = torch.cat([before, u[..., length - min(length, keep) :]], dim=-1)
+            next_state = next_state[..., next_state.shape[-1] - keep :]  # (b, D, k-1)
+        # With a carried state the conv runs over [state, u] without padding: k-1 more inputs.
+        x = u if conv_state is None else torch.cat([conv_state, u], dim=-1)
+        if kernel == "causal_conv1d":
+            out = mamba_kernels.causal_conv1d_silu(x, self.conv1d.weight[:, 0, :], self.conv1d.bias)
+            return out[..., x.shape[-1] - length :], next_state
+        if conv_state is None:
+            return F.silu(self.conv1d(u)[..., :length]), next_state  # pad k-1 both sides, causal
+        out = F.conv1d(x, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)
+        return F.silu(out), next_state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,25 +260,72 @@ class CoupledMambaLayer(nn.Module):
         W = self.coupling_fixed
         return W if isinstance(W, Tensor) else None
 
-    def forward(self, hidden: Tensor, mask: Tensor, backend: str) -> Tensor:
+    def forward(
+        self, hidden: Tensor, mask: Tensor, backend: str, kernels: KernelChoice | None = None
+    ) -> Tensor:
         """hidden: (M, b, L, d); mask: (M, b, L) float. Returns (M, b, L, d)."""
+        out, _ = self.forward_carried(hidden, mask, backend, kernels=kernels)
+        return out
+
+    def forward_carried(
+        self,
+        hidden: Tensor,
+        mask: Tensor,
+        backend: str,
+        state: LayerState | None = None,
+        carry: bool = False,
+        kernels: KernelChoice | None = None,
+    ) -> tuple[Tensor, LayerState | None]:
+        """The layer on one chunk of time that follows ``state`` (None: the sequence starts).
+
+        hidden: (M, b, L, d); mask: (M, b, L) float. Returns (M, b, L, d) and, when ``carry``
+        or ``state`` is given, the state after the chunk.
+        """
+        kernels = kernels or KernelChoice()
+        want_state = carry or state is not None
         mixers = [cast(MambaMixer, self.mixers[m]) for m in self.modalities]
+        conv_states = [state.conv[i] if state is not None else None for i in range(len(mixers))]
         parts = [
-            mixers[i].scan_inputs(self.norms[m](hidden[i]), mask[i])
+            mixers[i].scan_inputs_carried(
+                self.norms[m](hidden[i]), mask[i], conv_states[i], want_state, kernels.conv
+            )
             for i, m in enumerate(self.modalities)
         ]
-        u, dt, B, C, z = (torch.stack(p) for p in zip(*parts, strict=True))
-        # u, dt, z: (M, b, D, L); B, C: (M, b, N, L)
+        fields: list[list[Tensor | None]] = [list(f) for f in zip(*parts, strict=True)]
+        del parts  # free each modality's pieces as soon as they are stacked
+        stacked = []
+        for k in range(5):
+            stacked.append(torch.stack(cast(list[Tensor], fields[k])))
+            fields[k] = []
+        u, dt, B, C, z = stacked  # u, dt, z: (M, b, D, L); B, C: (M, b, N, L)
+        del stacked
         A = torch.stack([mx.A() for mx in mixers])  # (M, D, N)
         D = torch.stack([mx.D.float() for mx in mixers])  # (M, D)
         W = self.coupling()
-        y = ops.coupled_selective_scan(
-            u, dt, A, B, C, D=D, z=z, delta_softplus=False, coupling=W, backend=backend
-        )
-        assert isinstance(y, Tensor)
+        initial = state.ssm if state is not None else None
+        if kernels.uncoupled_scan == "mamba_ssm" and W is None and initial is None:
+            result = mamba_kernels.uncoupled_selective_scan(
+                u, dt, A, B, C, D=D, z=z, return_last_state=want_state
+            )
+        else:
+            result = ops.coupled_selective_scan(
+                u, dt, A, B, C, D=D, z=z, delta_softplus=False, coupling=W, backend=backend,
+                return_last_state=want_state, initial_state=initial,
+            )  # fmt: skip
+        del u, dt, B, C, z
+        next_state = None
+        if want_state:
+            assert isinstance(result, tuple)
+            y, last = result
+            conv = torch.stack(cast(list[Tensor], fields[5]))  # (M, b, D, k-1)
+            next_state = LayerState(conv=conv, ssm=last)
+        else:
+            assert isinstance(result, Tensor)
+            y = result
         y = y.transpose(2, 3)  # (M, b, L, D)
         out = torch.stack([mx.out_proj(y[i]) for i, mx in enumerate(mixers)])  # (M, b, L, d)
-        return (hidden + self.dropout(out)) * mask[..., None]
+        del y
+        return (hidden + self.dropout(out)) * mask[..., None], next_state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,6 +378,54 @@ def masked_pool(hidden: Tensor, mask: Tensor, kind: str) -> Tensor:
         filled = hidden.masked_fill(~mask[..., None], float("-inf")).amax(dim=-2)
         return torch.where(present, filled, torch.zeros_like(filled))
     raise ValueError(f"unknown pooling {kind!r}")
+
+
+class StreamingPool:
+    """``masked_pool`` over time, fed one chunk of steps at a time.
+
+    ``add`` each chunk in time order, then ``result()`` equals ``masked_pool`` of the whole
+    sequence ("last" and "max" exactly; "mean" up to the order of the float additions).
+    """
+
+    def __init__(self, kind: str) -> None:
+        if kind not in ("mean", "last", "max"):
+            raise ValueError(f"unknown pooling {kind!r}")
+        self.kind = kind
+        self._value: Tensor | None = None  # (..., d): running sum, last or max
+        self._count: Tensor | None = None  # (..., 1): valid steps so far (mean)
+        self._present: Tensor | None = None  # (..., 1) bool: any valid step so far
+
+    def add(self, hidden: Tensor, mask: Tensor) -> None:
+        """hidden: (..., c, d) a chunk of steps; mask: (..., c) bool."""
+        present = mask.any(dim=-1, keepdim=True)  # (..., 1)
+        if self.kind == "mean":
+            weights = mask.to(hidden.dtype)
+            value = (hidden * weights[..., None]).sum(dim=-2)
+            count = weights.sum(dim=-1, keepdim=True)
+            if self._value is not None and self._count is not None:
+                value, count = self._value + value, self._count + count
+            self._count = count
+        elif self.kind == "last":
+            value = masked_pool(hidden, mask, "last")  # zeros where the chunk has no valid step
+            if self._value is not None:
+                value = torch.where(present, value, self._value)
+        else:
+            value = hidden.masked_fill(~mask[..., None], float("-inf")).amax(dim=-2)
+            if self._value is not None:
+                value = torch.maximum(self._value, value)
+        self._value = value
+        self._present = present if self._present is None else self._present | present
+
+    def result(self) -> Tensor:
+        """The pooled (..., d); all-masked rows give zeros."""
+        if self._value is None or self._present is None:
+            raise RuntimeError("StreamingPool.result() before any add()")
+        if self.kind == "mean":
+            assert self._count is not None
+            return self._value / self._count.clamp_min(1.0)
+        if self.kind == "last":
+            return self._value * self._present.to(self._value.dtype)
+        return torch.where(self._present, self._value, torch.zeros_like(self._value))
 
 
 def masked_softmax(logits: Tensor, present: Tensor) -> Tensor:
@@ -349,6 +521,8 @@ class CoupledMambaForSentiment(nn.Module):
         )
         self._rescale_residual_outputs()
         self.scan_backend = resolve_scan_backend(scan_backend, "cpu")
+        self.kernels = mamba_kernels.select_kernels("cpu", config.state_coupling, self.scan_backend)
+        self.inference_chunk_size: int | None = DEFAULT_INFERENCE_CHUNK
         # Set by load_checkpoint: name, version, hash, training facts, metrics, model card.
         self.checkpoint_info: CheckpointInfo | None = None
 
@@ -368,16 +542,45 @@ class CoupledMambaForSentiment(nn.Module):
         return next(self.parameters()).device
 
     def set_scan_backend(self, name: str = "auto") -> str:
-        """Choose the scan backend ("auto" = best for the model's current device); returns it."""
-        self.scan_backend = resolve_scan_backend(name, self.device)
-        return self.scan_backend
+        """Choose the scan backend ("auto" = best for the model's current device); returns it.
+
+        Also chooses the optional kernels for the device (``model.ops.mamba_kernels``):
+        causal-conv1d's conv and, for uncoupled layers on the GPU kernel, mamba-ssm's scan,
+        where they import; ``kernels`` holds the choice and ``describe()`` reports it.
+        """
+        backend = resolve_scan_backend(name, self.device)
+        self.scan_backend = backend
+        self.kernels = mamba_kernels.select_kernels(
+            self.device, self.config.state_coupling, backend
+        )
+        return backend
+
+    def set_kernels(self, conv: str = "torch", uncoupled_scan: str | None = None) -> KernelChoice:
+        """Force the optional kernels (benchmarks, tests); ``set_scan_backend`` chooses them.
+
+        Raises ValueError for an unknown name and RuntimeError when a kernel does not import.
+        """
+        choice = KernelChoice(conv, uncoupled_scan)
+        mamba_kernels.require(choice)
+        self.kernels = choice
+        return choice
+
+    def set_inference_chunk_size(self, steps: int | None) -> None:
+        """Steps per chunk of chunked inference (None: never chunk). A runtime setting: it
+        changes memory and speed, not the answer (beyond float rounding), and is not saved."""
+        if steps is not None and (
+            not isinstance(steps, int) or isinstance(steps, bool) or steps < 1
+        ):
+            raise ValueError(f"inference chunk size must be a positive int or None, got {steps!r}")
+        self.inference_chunk_size = steps
 
     # -- forward --------------------------------------------------------------------------------
 
-    def _stack_inputs(
+    def _validate_inputs(
         self, features: dict[str, Tensor], masks: dict[str, Tensor]
-    ) -> tuple[Tensor, Tensor]:
-        """Validate the dicts; return projected inputs (M, b, L, d) and masks (M, b, L) bool."""
+    ) -> tuple[int, int, Tensor]:
+        """Validate the dicts; return batch, L and the masks (M, b, L) bool on the model's
+        device (all False for an absent modality)."""
         unknown = sorted(set(features) - set(self.modalities))
         if unknown:
             raise ValueError(
@@ -400,12 +603,11 @@ class CoupledMambaForSentiment(nn.Module):
         batch, length = first[0], first[1]
         if length == 0:
             raise ValueError("features have L = 0 time steps")
-        param = next(self.parameters())
-        inputs, valid = [], []
+        device = next(self.parameters()).device
+        valid = []
         for m in self.modalities:
-            if m not in features:  # absent modality: zeros, fully masked
-                inputs.append(param.new_zeros(batch, length, self.config.d_model))
-                valid.append(torch.zeros(batch, length, dtype=torch.bool, device=param.device))
+            if m not in features:  # absent modality: fully masked
+                valid.append(torch.zeros(batch, length, dtype=torch.bool, device=device))
                 continue
             feature = features[m]
             if feature.shape[-1] != self.config.feature_dims[m]:
@@ -421,29 +623,72 @@ class CoupledMambaForSentiment(nn.Module):
                     f"masks[{m!r}] must be a bool tensor of shape "
                     f"({batch}, {length}), got {mask.dtype} {tuple(mask.shape)}"
                 )
-            mask = mask.to(param.device)
+            valid.append(mask.to(device))
+        return batch, length, torch.stack(valid)
+
+    def _project(self, features: dict[str, Tensor], valid: Tensor, start: int, end: int) -> Tensor:
+        """Projected inputs (M, b, end - start, d) of steps [start, end), zero where masked."""
+        param = next(self.parameters())
+        inputs = []
+        for i, m in enumerate(self.modalities):
+            mask = valid[i, :, start:end]  # (b, c)
+            if m not in features:  # absent modality: zeros
+                inputs.append(param.new_zeros(*mask.shape, self.config.d_model))
+                continue
             # where, not multiply: masked steps may hold inf/NaN (MOSI audio has -inf).
-            feature = torch.where(mask[..., None], feature.to(param), 0.0)
+            feature = torch.where(mask[..., None], features[m][:, start:end].to(param), 0.0)
             inputs.append(self.input_proj[m](feature) * mask[..., None])
-            valid.append(mask)
-        return torch.stack(inputs), torch.stack(valid)
+        return torch.stack(inputs)
+
+    def _time_chunks(self, length: int) -> list[tuple[int, int]]:
+        """[start, end) of each chunk of time the layers run on: one chunk under autograd, when
+        chunking is off or when L fits in one; else ``inference_chunk_size`` steps each."""
+        size = self.inference_chunk_size
+        if torch.is_grad_enabled() or size is None or length <= size:
+            return [(0, length)]
+        return [(start, min(length, start + size)) for start in range(0, length, size)]
+
+    def _encode_chunks(
+        self, features: dict[str, Tensor], valid: Tensor, chunks: list[tuple[int, int]]
+    ) -> Iterator[Tensor]:
+        """Run the layers over the chunks in time order, carrying each layer's state; yield
+        each chunk's hidden states (M, b, c, d) after the final norms, zero at masked steps."""
+        carry = len(chunks) > 1
+        states: list[LayerState | None] = [None] * len(self.layers)
+        for start, end in chunks:
+            hidden = self._project(features, valid, start, end)  # (M, b, c, d)
+            maskf = valid[:, :, start:end].to(hidden.dtype)  # (M, b, c)
+            hidden = self.input_dropout(hidden) * maskf[..., None]
+            for i, layer in enumerate(self.layers):
+                assert isinstance(layer, CoupledMambaLayer)
+                hidden, states[i] = layer.forward_carried(
+                    hidden, maskf, self.scan_backend, states[i], carry, self.kernels
+                )
+                if self.feature_mixing is not None and i < len(self.feature_mixing):
+                    hidden = self.feature_mixing[i](hidden, maskf)
+            hidden = torch.stack(
+                [self.final_norms[m](hidden[i]) for i, m in enumerate(self.modalities)]
+            )
+            yield hidden * maskf[..., None]
 
     def encode(
         self, features: dict[str, Tensor], masks: dict[str, Tensor]
     ) -> tuple[Tensor, Tensor]:
         """Run the layers; return hidden states (M, b, L, d), after the final norms and zero
         at masked steps, and the masks (M, b, L) bool."""
-        hidden, mask = self._stack_inputs(features, masks)
-        maskf = mask.to(hidden.dtype)
-        hidden = self.input_dropout(hidden) * maskf[..., None]
-        for i, layer in enumerate(self.layers):
-            hidden = layer(hidden, maskf, self.scan_backend)
-            if self.feature_mixing is not None and i < len(self.feature_mixing):
-                hidden = self.feature_mixing[i](hidden, maskf)
-        hidden = torch.stack(
-            [self.final_norms[m](hidden[i]) for i, m in enumerate(self.modalities)]
-        )
-        return hidden * maskf[..., None], mask
+        _, length, valid = self._validate_inputs(features, masks)
+        chunks = self._time_chunks(length)
+        if len(chunks) == 1:
+            return next(self._encode_chunks(features, valid, chunks)), valid
+        out: Tensor | None = None
+        for (start, end), hidden in zip(
+            chunks, self._encode_chunks(features, valid, chunks), strict=True
+        ):
+            if out is None:
+                out = hidden.new_empty(*hidden.shape[:2], length, hidden.shape[-1])
+            out[:, :, start:end] = hidden
+        assert out is not None
+        return out, valid
 
     def forward(self, features: dict[str, Tensor], masks: dict[str, Tensor]) -> SentimentOutput:
         """Score a batch.
@@ -456,8 +701,19 @@ class CoupledMambaForSentiment(nn.Module):
         Returns:
             :class:`SentimentOutput` (score on ``config.label_scale``).
         """
-        hidden, mask = self.encode(features, masks)  # (M, b, L, d), (M, b, L)
-        pooled = masked_pool(hidden, mask, self.config.pooling).transpose(0, 1)  # (b, M, d)
+        _, length, mask = self._validate_inputs(features, masks)  # mask: (M, b, L)
+        chunks = self._time_chunks(length)
+        if len(chunks) == 1:
+            hidden = next(self._encode_chunks(features, mask, chunks))  # (M, b, L, d)
+            pooled = masked_pool(hidden, mask, self.config.pooling)  # (M, b, d)
+        else:  # chunked inference: pool as the chunks come, never hold (M, b, L, d)
+            pool = StreamingPool(self.config.pooling)
+            for (start, end), hidden in zip(
+                chunks, self._encode_chunks(features, mask, chunks), strict=True
+            ):
+                pool.add(hidden, mask[:, :, start:end])
+            pooled = pool.result()
+        pooled = pooled.transpose(0, 1)  # (b, M, d)
         present = mask.any(dim=-1).transpose(0, 1)  # (b, M)
         fused, weights = self.fusion(pooled, present)  # (b, d), (b, M)
         low, high = self.config.label_scale
@@ -517,6 +773,9 @@ class CoupledMambaForSentiment(nn.Module):
             "neutral_band": c.neutral_band,
             "parameters": self.count_parameters(),
             "scan_backend": self.scan_backend,
+            "conv_kernel": self.kernels.conv,
+            "uncoupled_scan_kernel": self.kernels.uncoupled_scan,
+            "inference_chunk_size": self.inference_chunk_size,
             "device": str(param.device),
             "dtype": str(param.dtype).removeprefix("torch."),
         }

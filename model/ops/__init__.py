@@ -53,16 +53,24 @@ def coupled_selective_scan(
     coupling: Tensor | None = None,
     return_last_state: bool = False,
     backend: str = "auto",
+    *,
+    initial_state: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Coupled selective scan; ``coupled_selective_scan_ref``'s docstring is the specification.
 
     Shapes: u, delta, z (M, batch, D, L); A (M, D, N); B, C (M, batch, N, L); D, delta_bias
-    (M, D); coupling (M, M) or None for the identity. Returns y (M, batch, D, L) in u's dtype
-    and, with ``return_last_state``, the last state (M, batch, D, N) in the compute dtype
-    (float64 for float64 u, else float32).
+    (M, D); coupling (M, M) or None for the identity; initial_state (M, batch, D, N) or None for
+    zeros. Returns y (M, batch, D, L) in u's dtype and, with ``return_last_state``, the last
+    state (M, batch, D, N) in the compute dtype (float64 for float64 u, else float32).
+
+    ``initial_state`` continues an earlier scan: a sequence scanned in chunks, each chunk
+    starting from the previous chunk's last state, gives the same outputs as one call. It is
+    differentiable on every backend.
 
     Raises ValueError for an unknown backend, wrong ranks or shapes, mismatched M, mixed devices,
-    or NaN/inf in any input (the message names the argument). The finite check costs one
+    or NaN/inf in any input but ``initial_state`` (the message names the argument); the initial
+    state is usually a previous call's last state, which may legitimately have overflowed (with
+    W = ones), and it propagates the way one unchunked call would. The finite check costs one
     reduction over the inputs and one host synchronisation (ref, torch), or nothing extra
     but the synchronisation (triton: the kernel checks what it loads).
     """
@@ -70,21 +78,25 @@ def coupled_selective_scan(
         raise ValueError(
             f"coupled_selective_scan: backend must be one of {(*BACKENDS, 'auto')}, got {backend!r}"
         )
-    validate_scan_inputs(u, delta, A, B, C, D, z, delta_bias, coupling)
+    validate_scan_inputs(u, delta, A, B, C, D, z, delta_bias, coupling, initial_state)
     if backend == "auto":
         backend = select_backend(u.device)
     if backend == "triton":
         from model.ops.scan_triton import coupled_selective_scan_triton
 
         return coupled_selective_scan_triton(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, coupling, return_last_state
-        )
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, coupling, return_last_state,
+            initial_state=initial_state,
+        )  # fmt: skip
     check_finite(
         {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z}
         | {"delta_bias": delta_bias, "coupling": coupling}
     )
     run = coupled_selective_scan_ref if backend == "ref" else coupled_selective_scan_torch
-    return run(u, delta, A, B, C, D, z, delta_bias, delta_softplus, coupling, return_last_state)
+    return run(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, coupling, return_last_state,
+        initial_state=initial_state,
+    )  # fmt: skip
 
 
 __all__ = [

@@ -289,6 +289,15 @@ def _store_last(
 
 
 @triton.jit
+def _load_state(
+    m: tl.constexpr, h0_ptr, pid_b, offs_d, offs_n, mask_d, mask_n, s_m, s_b, s_d, s_n, COMPUTE
+):
+    # The initial state of modality m for this program, (BLOCK_D, N_PAD), zero in the padding.
+    ptrs = h0_ptr + m * s_m + pid_b * s_b + offs_d[:, None] * s_d + offs_n[None, :] * s_n
+    return tl.load(ptrs, mask=mask_d[:, None] & mask_n[None, :], other=0.0).to(COMPUTE)
+
+
+@triton.jit
 def coupled_scan_fwd_kernel(
     u_ptr,
     dt_ptr,
@@ -299,6 +308,7 @@ def coupled_scan_fwd_kernel(
     z_ptr,
     bias_ptr,
     W_ptr,
+    h0_ptr,
     y_ptr,
     last_ptr,
     flag_ptr,
@@ -337,6 +347,10 @@ def coupled_scan_fwd_kernel(
     s_bias_d,
     s_W_m,
     s_W_k,
+    s_h0_m,
+    s_h0_b,
+    s_h0_d,
+    s_h0_n,
     s_last_m,
     s_last_b,
     s_last_d,
@@ -350,6 +364,7 @@ def coupled_scan_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     HAS_W: tl.constexpr,
+    HAS_H0: tl.constexpr,
     STORE_LAST: tl.constexpr,
     COMPUTE: tl.constexpr,
     TIME_TILE: tl.constexpr,
@@ -373,7 +388,12 @@ def coupled_scan_fwd_kernel(
         0, A_ptr, D_ptr, bias_ptr, offs_d, offs_n, mask_d, mask_n, s_A_m, s_A_d, s_A_n,
         s_D_m, s_D_d, s_bias_m, s_bias_d, HAS_D, HAS_BIAS, COMPUTE,
     )  # fmt: skip
+    # The states start at zero, or at the initial state (not part of the finite check: it is
+    # usually an earlier call's last state, see coupled_selective_scan).
     h0 = tl.full((BLOCK_D, N_PAD), 0.0, COMPUTE)
+    if HAS_H0:
+        h0 = _load_state(0, h0_ptr, pid_b, offs_d, offs_n, mask_d, mask_n,
+                         s_h0_m, s_h0_b, s_h0_d, s_h0_n, COMPUTE)  # fmt: skip
     # Unused modalities keep zero-sized work: their names exist but constexpr branches skip them.
     A1, D1, bias1, h1 = A0, D0, bias0, h0
     A2, D2, bias2, h2 = A0, D0, bias0, h0
@@ -384,18 +404,27 @@ def coupled_scan_fwd_kernel(
             s_D_m, s_D_d, s_bias_m, s_bias_d, HAS_D, HAS_BIAS, COMPUTE,
         )  # fmt: skip
         check_p += c1
+        if HAS_H0:
+            h1 = _load_state(1, h0_ptr, pid_b, offs_d, offs_n, mask_d, mask_n,
+                             s_h0_m, s_h0_b, s_h0_d, s_h0_n, COMPUTE)  # fmt: skip
     if M > 2:
         A2, D2, bias2, c2 = _load_params(
             2, A_ptr, D_ptr, bias_ptr, offs_d, offs_n, mask_d, mask_n, s_A_m, s_A_d, s_A_n,
             s_D_m, s_D_d, s_bias_m, s_bias_d, HAS_D, HAS_BIAS, COMPUTE,
         )  # fmt: skip
         check_p += c2
+        if HAS_H0:
+            h2 = _load_state(2, h0_ptr, pid_b, offs_d, offs_n, mask_d, mask_n,
+                             s_h0_m, s_h0_b, s_h0_d, s_h0_n, COMPUTE)  # fmt: skip
     if M > 3:
         A3, D3, bias3, c3 = _load_params(
             3, A_ptr, D_ptr, bias_ptr, offs_d, offs_n, mask_d, mask_n, s_A_m, s_A_d, s_A_n,
             s_D_m, s_D_d, s_bias_m, s_bias_d, HAS_D, HAS_BIAS, COMPUTE,
         )  # fmt: skip
         check_p += c3
+        if HAS_H0:
+            h3 = _load_state(3, h0_ptr, pid_b, offs_d, offs_n, mask_d, mask_n,
+                             s_h0_m, s_h0_b, s_h0_d, s_h0_n, COMPUTE)  # fmt: skip
     check_w = 0.0
     if HAS_W:
         for r in tl.static_range(M):

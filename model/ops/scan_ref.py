@@ -23,15 +23,19 @@ def coupled_selective_scan_ref(
     delta_softplus: bool = False,
     coupling: Tensor | None = None,
     return_last_state: bool = False,
+    *,
+    initial_state: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Coupled selective scan over M modalities that share channels, state size and time.
 
     Shapes (mamba_ssm's ``selective_scan_fn`` layout with a leading modality axis M):
         u, delta, z: (M, batch, D, L)    A: (M, D, N)    B, C: (M, batch, N, L)
         D, delta_bias: (M, D)            coupling W: (M, M), None meaning the identity
+        initial_state: (M, batch, D, N), None meaning zeros
 
     With ``dt = softplus(delta + delta_bias)`` (softplus and bias each optional), for every
-    modality m, batch b, channel d and state index n, starting from ``h[:, -1] = 0``::
+    modality m, batch b, channel d and state index n, starting from ``h[:, -1] = initial_state``
+    (zeros when it is None)::
 
         h[m, t] = exp(dt[m, t] * A[m]) * sum_k W[m, k] * h[k, t-1] + dt[m, t] * B[m, t] * u[m, t]
         y[m, t] = sum_n C[m, t, n] * h[m, t, n] + D[m] * u[m, t]
@@ -44,6 +48,10 @@ def coupled_selective_scan_ref(
     Returns y with u's dtype, shape (M, batch, D, L), and with ``return_last_state`` also the
     final state h[:, :, :, :, L-1] of shape (M, batch, D, N) in the compute dtype.
     The compute dtype is float64 when u is float64, else float32.
+
+    ``initial_state`` continues a scan: running the first k steps with ``return_last_state``
+    and then the remaining steps with ``initial_state`` = that last state gives the same y and
+    last state as one call over all steps (chunked inference relies on it).
     """
     dtype_in = u.dtype
     compute = torch.float64 if dtype_in == torch.float64 else torch.float32
@@ -68,7 +76,10 @@ def coupled_selective_scan_ref(
     dA = torch.exp(torch.einsum("mbdl,mdn->mbdln", delta, A))
     dBu = torch.einsum("mbdl,mbnl,mbdl->mbdln", delta, B, u)
 
-    h = u.new_zeros((M, batch, dim, n_state))
+    if initial_state is not None:
+        h = initial_state.to(compute)
+    else:
+        h = u.new_zeros((M, batch, dim, n_state))
     ys = []
     for t in range(length):
         mixed = torch.einsum("mk,kbdn->mbdn", W, h)  # sum_k W[m,k] h[k, t-1]

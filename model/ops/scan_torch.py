@@ -12,7 +12,11 @@ How it is fast (measured against the alternatives in docs/PERFORMANCE.md, scan s
   several graph nodes per time step.
 
 Forward with gradients keeps every state (L x M x batch x D x N values), like autograd would, but
-nothing else per step.
+nothing else per step. Inference (no input needs a gradient) takes a separate path,
+``_scan_inference``, that holds two states and a few per-step buffers whatever L is: the inputs are
+made time-major one chunk of steps at a time, y = C · h is reduced per step into a preallocated
+buffer, and D, the gate z, delta_bias and softplus are applied per chunk, so the only
+L-sized allocation is the output.
 """
 
 from __future__ import annotations
@@ -35,9 +39,17 @@ def _time_major(x: Tensor) -> Tensor:
 
 
 def _scan_forward(
-    u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, W: Tensor | None, keep_states: bool
+    u: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    W: Tensor | None,
+    keep_states: bool,
+    h0: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Run the recurrence; return y (L, M, b, D), the last state and, if asked, all states."""
+    """Run the recurrence from h0 (zeros when None); return y (L, M, b, D), the last state and,
+    if asked, all states."""
     M, batch, dim, length = u.shape
     n_state = A.shape[-1]
     dt_t = _time_major(dt).unsqueeze(-1)  # (L, M, b, D, 1)
@@ -52,7 +64,7 @@ def _scan_forward(
     else:
         # Ring of chunk buffers; one spare slot so a step never writes the state it reads.
         states = u.new_empty((min(_CHUNK, length) + 1, M, batch, dim, n_state))
-    h = u.new_zeros((M, batch, dim, n_state))
+    h = h0 if h0 is not None else u.new_zeros((M, batch, dim, n_state))
     mixed = torch.empty_like(h) if W is not None else h
     slot = 0
     for t0 in range(0, length, _CHUNK):
@@ -91,13 +103,14 @@ def _scan_backward(
     W: Tensor | None,
     states: Tensor,
     need_W: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-    """Gradients of (u, dt, A, B, C, W) given dL/dy (L, M, b, D) and dL/dh_last.
+    h0: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor]:
+    """Gradients of (u, dt, A, B, C, W, h0) given dL/dy (L, M, b, D) and dL/dh_last.
 
     With a_t = exp(dt_t A), b_t = dt_t B_t u_t, h_t = a_t * (W h_{t-1}) + b_t, y_t = C_t · h_t:
     g_t = dL/dh_t = C_t dy_t + W^T (a_{t+1} * g_{t+1})   (plus dL/dh_last at t = L-1),
     and with q_t = a_t * g_t and x_t = W h_{t-1}: dW = sum_t q_t h_{t-1}^T, d(dt_t A) = q_t x_t,
-    d b_t = g_t, dC_t = sum_D h_t dy_t.
+    d b_t = g_t, dC_t = sum_D h_t dy_t, and dL/dh_{-1} = W^T q_0 (the initial state h0).
     """
     length, M, batch, dim = gy_t.shape
     n_state = A.shape[-1]
@@ -138,7 +151,8 @@ def _scan_backward(
         if t0 > 0:
             H_prev = states[t0 - 1 : t1 - 1]
         else:
-            H_prev = torch.cat([torch.zeros_like(states[:1]), states[: t1 - 1]])
+            first = h0[None] if h0 is not None else torch.zeros_like(states[:1])
+            H_prev = torch.cat([first, states[: t1 - 1]])
         if W is not None:
             X = torch.matmul(W, H_prev.reshape(steps, M, -1)).view_as(H_prev)  # W h_{t-1}
             if d_W is not None:
@@ -156,35 +170,110 @@ def _scan_backward(
     def back(x: Tensor) -> Tensor:
         return x.permute(1, 2, 3, 0)  # (L, M, b, X) -> (M, b, X, L)
 
-    return back(d_u), back(d_dt), d_A, back(d_B), back(d_C), d_W
+    # After the loop, carry = W^T q_0 = dL/dh_{-1}.
+    return back(d_u), back(d_dt), d_A, back(d_B), back(d_C), d_W, carry
 
 
 class _CoupledScanFunction(torch.autograd.Function):
-    """The recurrence alone: (u, dt, A, B, C, W) -> (y without D and z, last state)."""
+    """The recurrence alone: (u, dt, A, B, C, W, h0) -> (y without D and z, last state)."""
 
     @staticmethod
     def forward(
-        ctx: Any, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, W: Tensor | None
+        ctx: Any,
+        u: Tensor,
+        dt: Tensor,
+        A: Tensor,
+        B: Tensor,
+        C: Tensor,
+        W: Tensor | None,
+        h0: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
         keep = any(ctx.needs_input_grad)
-        y_t, last, states = _scan_forward(u, dt, A, B, C, W, keep_states=keep)
+        # h0 is only read (every step writes a fresh buffer).
+        y_t, last, states = _scan_forward(u, dt, A, B, C, W, keep_states=keep, h0=h0)
         if keep:
-            ctx.save_for_backward(u, dt, A, B, C, W, states)
+            ctx.save_for_backward(u, dt, A, B, C, W, states, h0)
         ctx.set_materialize_grads(False)
         return y_t.permute(1, 2, 3, 0).contiguous(), last
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, gy: Tensor | None, g_last: Tensor | None) -> tuple[Tensor | None, ...]:
-        u, dt, A, B, C, W, states = ctx.saved_tensors
+        u, dt, A, B, C, W, states, h0 = ctx.saved_tensors
         if gy is None:
             gy = torch.zeros_like(u)
         grads = _scan_backward(
-            _time_major(gy), g_last, u, dt, A, B, C, W, states, need_W=ctx.needs_input_grad[5]
+            _time_major(gy), g_last, u, dt, A, B, C, W, states, ctx.needs_input_grad[5], h0
         )
         return tuple(
             g if need else None for g, need in zip(grads, ctx.needs_input_grad, strict=True)
         )
+
+
+def _scan_inference(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+    W: Tensor | None,
+    h0: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """The whole scan without autograd; returns y (M, b, D, L) in u's dtype and the last state.
+
+    Memory besides the output: the state twice (ping-pong), the mixed state and one product
+    buffer, each (M, b, D, N), plus time-major copies of one chunk of inputs. Same arithmetic
+    as the autograd path, operation for operation.
+    """
+    compute = torch.float64 if u.dtype == torch.float64 else torch.float32
+    M, batch, dim, length = u.shape
+    n_state = A.shape[-1]
+    A_b = A.to(compute).unsqueeze(1)  # (M, 1, D, N)
+    D_b = D.to(compute)[:, None, :] if D is not None else None  # (M, 1, D)
+    bias_b = delta_bias.to(compute)[:, None, :] if delta_bias is not None else None  # (M, 1, D)
+    W_c = W.to(compute) if W is not None else None
+
+    y = torch.empty((M, batch, dim, length), dtype=u.dtype, device=u.device)
+    if h0 is not None:
+        h = h0.to(compute).clone(memory_format=torch.contiguous_format)
+    else:
+        h = u.new_zeros((M, batch, dim, n_state), dtype=compute)
+    h_next = torch.empty_like(h)
+    mixed = torch.empty_like(h) if W_c is not None else h
+    product = torch.empty_like(h)
+    for t0 in range(0, length, _CHUNK):
+        t1 = min(length, t0 + _CHUNK)
+        u_c = _time_major(u[..., t0:t1]).to(compute)  # (s, M, b, D)
+        dt_c = _time_major(delta[..., t0:t1]).to(compute)
+        if bias_b is not None:
+            dt_c = dt_c + bias_b
+        if delta_softplus:
+            dt_c = F.softplus(dt_c)
+        dtu_c = (dt_c * u_c).unsqueeze(-1)  # (s, M, b, D, 1)
+        dt_e = dt_c.unsqueeze(-1)  # (s, M, b, D, 1)
+        B_c = _time_major(B[..., t0:t1]).to(compute).unsqueeze(3)  # (s, M, b, 1, N)
+        C_c = _time_major(C[..., t0:t1]).to(compute).unsqueeze(3)  # (s, M, b, 1, N)
+        y_c = torch.empty_like(u_c)  # (s, M, b, D)
+        for i in range(t1 - t0):
+            if W_c is not None:
+                torch.mm(W_c, h.view(M, -1), out=mixed.view(M, -1))  # sum_k W[m,k] h[k, t-1]
+            else:
+                mixed = h
+            torch.mul(dt_e[i], A_b, out=h_next)
+            h_next.exp_().mul_(mixed).addcmul_(dtu_c[i], B_c[i])
+            h, h_next = h_next, h
+            torch.mul(h, C_c[i], out=product)
+            torch.sum(product, dim=-1, out=y_c[i])  # y[t] = sum_n C[t, n] h[t, n]
+        if D_b is not None:
+            y_c = y_c + u_c * D_b
+        if z is not None:
+            y_c = y_c * F.silu(_time_major(z[..., t0:t1]).to(compute))
+        y[..., t0:t1].copy_(y_c.permute(1, 2, 3, 0))
+    return y, h
 
 
 def coupled_selective_scan_torch(
@@ -199,12 +288,23 @@ def coupled_selective_scan_torch(
     delta_softplus: bool = False,
     coupling: Tensor | None = None,
     return_last_state: bool = False,
+    *,
+    initial_state: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Coupled selective scan, eager PyTorch; same contract as ``coupled_selective_scan_ref``.
 
-    Differentiable in every input (hand-written backward, not double-differentiable). Inputs are
-    not validated here: call it through ``model.ops.coupled_selective_scan``.
+    Differentiable in every input (hand-written backward, not double-differentiable). Without
+    gradients (no_grad, inference_mode, or no input requiring one) it runs ``_scan_inference``,
+    whose memory does not grow with L beyond the output. Inputs are not validated here: call it
+    through ``model.ops.coupled_selective_scan``.
     """
+    tensors = (u, delta, A, B, C, D, z, delta_bias, coupling, initial_state)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not needs_grad:
+        y_inf, last_inf = _scan_inference(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, coupling, initial_state
+        )
+        return (y_inf, last_inf) if return_last_state else y_inf
     compute = torch.float64 if u.dtype == torch.float64 else torch.float32
     dt = delta.to(compute)
     if delta_bias is not None:
@@ -213,7 +313,10 @@ def coupled_selective_scan_torch(
         dt = F.softplus(dt)
     u_c = u.to(compute)
     W = coupling.to(compute) if coupling is not None else None
-    y, last = _CoupledScanFunction.apply(u_c, dt, A.to(compute), B.to(compute), C.to(compute), W)
+    h0 = initial_state.to(compute) if initial_state is not None else None
+    y, last = _CoupledScanFunction.apply(
+        u_c, dt, A.to(compute), B.to(compute), C.to(compute), W, h0
+    )
     if D is not None:
         y = y + u_c * D.to(compute)[:, None, :, None]
     if z is not None:

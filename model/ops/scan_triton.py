@@ -113,6 +113,7 @@ def _launch_plan(
     num_warps: int | None,
     max_modalities: int,
     time_tile: int | None = None,
+    initial_state: Tensor | None = None,
 ) -> tuple[tuple[int, int], tuple[Any, ...], dict[str, Any], Tensor, Tensor, Tensor]:
     """Allocate the outputs and build (grid, positional args, keyword args) for one launch."""
     M, batch, dim, length = u.shape
@@ -143,11 +144,12 @@ def _launch_plan(
 
     args = (
         u, delta, A, B, C, pointer(D), pointer(z), pointer(delta_bias), pointer(coupling),
-        y, last, flag,
+        pointer(initial_state), y, last, flag,
         dim, length,
         *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(),
         *strides(z, 4), *y.stride(), *strides(D, 2), *strides(delta_bias, 2),
-        *strides(coupling, 2), *strides(last if return_last_state else None, 4),
+        *strides(coupling, 2), *strides(initial_state, 4),
+        *strides(last if return_last_state else None, 4),
     )  # fmt: skip
     kwargs = {
         "M": M,
@@ -159,6 +161,7 @@ def _launch_plan(
         "HAS_BIAS": delta_bias is not None,
         "SOFTPLUS": bool(delta_softplus),
         "HAS_W": coupling is not None,
+        "HAS_H0": initial_state is not None,
         "STORE_LAST": bool(return_last_state),
         "COMPUTE": _tl_dtype(compute),
         "TIME_TILE": time_tile or DEFAULT_TIME_TILE,
@@ -182,6 +185,7 @@ def launch_forward(
     block_d: int | None = None,
     num_warps: int | None = None,
     time_tile: int | None = None,
+    initial_state: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """Launch the kernel; return y, the last state (or None) and the int32 non-finite flag.
 
@@ -191,7 +195,7 @@ def launch_forward(
     module = kernel_module(interpret=u.device.type != "cuda")
     grid, args, kwargs, y, last, flag = _launch_plan(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, coupling, return_last_state,
-        block_d, num_warps, module.MAX_MODALITIES, time_tile,
+        block_d, num_warps, module.MAX_MODALITIES, time_tile, initial_state,
     )  # fmt: skip
     module.coupled_scan_fwd_kernel[grid](*args, **kwargs)
     return y, (last if return_last_state else None), flag
@@ -223,6 +227,7 @@ class _TritonScanFunction(torch.autograd.Function):
         z: Tensor | None,
         delta_bias: Tensor | None,
         coupling: Tensor | None,
+        initial_state: Tensor | None,
         delta_softplus: bool,
         block_d: int | None,
         num_warps: int | None,
@@ -230,10 +235,10 @@ class _TritonScanFunction(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         y, last, flag = launch_forward(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, coupling, True,
-            block_d, num_warps, time_tile,
+            block_d, num_warps, time_tile, initial_state,
         )  # fmt: skip
         assert last is not None
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, coupling)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, coupling, initial_state)
         ctx.delta_softplus = delta_softplus
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(flag)
@@ -244,18 +249,19 @@ class _TritonScanFunction(torch.autograd.Function):
         ctx: Any, gy: Tensor | None, g_last: Tensor | None, _g_flag: Tensor | None
     ) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:9]
+        needs = ctx.needs_input_grad[:10]
         with torch.enable_grad():
             inputs: list[Tensor | None] = [
                 t.detach().requires_grad_(need) if t is not None else None
                 for t, need in zip(saved, needs, strict=True)
             ]
-            u, delta, A, B, C, D, z, delta_bias, coupling = inputs
+            u, delta, A, B, C, D, z, delta_bias, coupling, initial_state = inputs
             assert u is not None and delta is not None and A is not None
             assert B is not None and C is not None
             y, last = coupled_selective_scan_torch(
-                u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, coupling, True
-            )
+                u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, coupling, True,
+                initial_state=initial_state,
+            )  # fmt: skip
             outputs, grad_outputs = [], []
             if gy is not None:
                 outputs.append(y)
@@ -288,26 +294,26 @@ def coupled_selective_scan_triton(
     block_d: int | None = None,
     num_warps: int | None = None,
     time_tile: int | None = None,
+    initial_state: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Coupled selective scan with the Triton kernel; same contract as the ref backend.
 
     Checks the inputs for NaN/inf inside the kernel and raises ValueError naming them (one host
-    synchronisation per call, after the launch). ``block_d``, ``num_warps`` and ``time_tile``
-    (steps loaded per tile: 1, or a power of two) override the launch defaults (benchmarks).
-    Shapes must already be validated.
+    synchronisation per call, after the launch); ``initial_state`` is not checked. ``block_d``,
+    ``num_warps`` and ``time_tile`` (steps loaded per tile: 1, or a power of two) override the
+    launch defaults (benchmarks). Shapes must already be validated.
     """
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, coupling)
-    )
+    tensors = (u, delta, A, B, C, D, z, delta_bias, coupling, initial_state)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if needs_grad:
         y, last, flag = _TritonScanFunction.apply(
-            u, delta, A, B, C, D, z, delta_bias, coupling, delta_softplus,
+            u, delta, A, B, C, D, z, delta_bias, coupling, initial_state, delta_softplus,
             block_d, num_warps, time_tile,
         )  # fmt: skip
     else:
         y, last_opt, flag = launch_forward(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, coupling,
-            return_last_state, block_d, num_warps, time_tile,
+            return_last_state, block_d, num_warps, time_tile, initial_state,
         )  # fmt: skip
         last = last_opt
     if bool(flag.item()):
@@ -336,7 +342,8 @@ def compile_for_target(
 
     Builds the launch exactly as a call on contiguous tensors of the given sizes would (same
     arguments, same specialisation of unit strides and alignment), but compiles for ``arch``
-    instead of launching. ``with_options`` turns on every optional input. Returns the
+    instead of launching. ``with_options`` turns on every optional input (the initial state
+    included). Returns the
     artefacts by stage (``ttir``, ``ttgir``, ``llir``, ``ptx``, ``cubin``). Used by the tests
     and ``scripts/gpu_check.sh`` to catch kernels that fail to lower, without a GPU.
     """
@@ -356,6 +363,7 @@ def compile_for_target(
         rand(M, b, N, L), rand(M, Dm) if opt else None, rand(M, b, Dm, L) if opt else None,
         rand(M, Dm) if opt else None, opt, rand(M, M) if opt else None, opt,
         block_d, num_warps, kernel_module(interpret=False).MAX_MODALITIES, time_tile,
+        rand(M, b, Dm, N) if opt else None,
     )  # fmt: skip
     kernel = kernel_module(interpret=False).coupled_scan_fwd_kernel
     target = GPUTarget("cuda", arch, 32)

@@ -147,3 +147,18 @@ def test_benchmark_shape_triton_equals_torch_backend(scan_inputs: Factory) -> No
     y_triton = coupled_selective_scan(**x, backend="triton")
     y_torch = coupled_selective_scan(**x, backend="torch")
     torch.testing.assert_close(y_triton, y_torch, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("coupling", ["none", "stochastic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_triton_initial_state_matches_ref(
+    scan_inputs: Factory, coupling: str, dtype: torch.dtype
+) -> None:
+    x = scan_inputs(coupling=coupling, batch=2, dim=37, length=21, state=16, dtype=dtype)
+    g = torch.Generator().manual_seed(3)
+    x["initial_state"] = torch.randn(3, 2, 37, 16, generator=g, dtype=dtype)
+    y_ref, h_ref = reference(x)
+    y, h = coupled_selective_scan(**to(x, "cuda"), return_last_state=True, backend="triton")
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(y.cpu().double(), y_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(h.cpu().double(), h_ref, rtol=tol, atol=tol)
