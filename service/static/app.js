@@ -77,7 +77,8 @@ async function analyse(file) {
   current = { answer, scale };
   render();
   const secs = ((performance.now() - started) / 1000).toFixed(1);
-  setStatus(`${file.name}: ${answer.segments.length} segments, ${fmt(answer.duration_s, 1)} s, answered in ${secs} s.`);
+  const n = answer.segments.length;
+  setStatus(`${file.name}: ${n} segment${n === 1 ? "" : "s"}, ${fmt(answer.duration_s, 1)} s, answered in ${secs} s.`);
 }
 
 function symmetricScale(answer) {
