@@ -544,31 +544,15 @@ class InferenceCore:
             remove_after: delete ``path`` once extraction is over (it owns the file).
             upload_ms: time spent receiving the file, reported in the timings.
         """
-        if self._pool is None:
-            if remove_after:
-                path.unlink(missing_ok=True)
-            raise MediaDisabledError(self._media_unavailable)
-        job = self._pool.submit(path, transcript, deadline=deadline, remove_after=remove_after)
-        try:
-            # shield: a job that has not started must still run, to delete its file.
-            done = await asyncio.wait_for(
-                asyncio.shield(asyncio.wrap_future(job)), self._remaining(deadline)
-            )
-        except TimeoutError as exc:
-            raise DeadlineExceededError("the request deadline passed during extraction") from exc
-        except ServiceError:
-            raise
-        except Exception as exc:
-            if _is_preprocessing_error(exc):
-                raise from_preprocessing_error(exc) from exc
-            raise
-        bundle = done.bundle
+        bundle, wait_ms = await self.extract_bundle(
+            path, transcript, deadline=deadline, remove_after=remove_after
+        )
         clip = self._clip_from_bundle(bundle)
         outcome = await self._run_model(clip, deadline)
         summary = _summary_dict(bundle.summary)
         extra = {stage: float(ms) for stage, ms in bundle.timings_ms.items()}
         extra["upload"] = upload_ms
-        extra["extract_wait"] = done.wait_ms
+        extra["extract_wait"] = wait_ms
         return self._prediction(clip, outcome, summary, extra, started=started)
 
     async def extract_bundle(
@@ -585,6 +569,7 @@ class InferenceCore:
             raise MediaDisabledError(self._media_unavailable)
         job = self._pool.submit(path, transcript, deadline=deadline, remove_after=remove_after)
         try:
+            # shield: a job that has not started must still run, to delete its file.
             done = await asyncio.wait_for(
                 asyncio.shield(asyncio.wrap_future(job)), self._remaining(deadline)
             )
