@@ -131,6 +131,46 @@ def acoustic_frames(audio: np.ndarray, f0_method: str = "yin") -> AcousticFrames
     )
 
 
+# Long audio is analysed in blocks so memory does not grow with the clip (librosa's frame
+# matrices of a 10-minute clip peak near 1 GB). Each block is analysed with a margin on both
+# sides, wider than the CQT's longest window (MIN_SAMPLES, ~2.1 s), and only its own frames are
+# kept, so block edges see the same context as the whole signal gives them.
+BLOCK_FRAMES = 1500  # 30 s of frames per block
+MARGIN_FRAMES = 150  # 3 s on each side
+BLOCKED_AFTER_SAMPLES = 60 * AUDIO_SAMPLE_RATE  # audio longer than a minute is analysed in blocks
+
+
+def acoustic_frames_blocked(audio: np.ndarray, f0_method: str = "yin") -> AcousticFrames:
+    """:func:`acoustic_frames` of long audio, computed block by block in bounded memory.
+
+    Frames are the same ones (one per 20 ms, centred), and so are their values: the margins
+    give every kept frame the context the one-pass analysis gives it (a test compares the two).
+    """
+    y = np.asarray(audio, dtype=np.float32)
+    total = 1 + len(y) // HOP  # centred frames of the whole signal
+    parts: list[AcousticFrames] = []
+    for first in range(0, total, BLOCK_FRAMES):
+        stop = min(total, first + BLOCK_FRAMES)
+        lo = max(0, first - MARGIN_FRAMES)
+        hi = min(total, stop + MARGIN_FRAMES)
+        block = acoustic_frames(y[lo * HOP : hi * HOP], f0_method)
+        keep = slice(first - lo, stop - lo)
+        parts.append(
+            AcousticFrames(
+                values=block.values[keep],
+                times_s=block.times_s[keep] + lo * HOP / AUDIO_SAMPLE_RATE,
+                power=block.power[keep],
+                voiced=block.voiced[keep],
+            )
+        )
+    return AcousticFrames(
+        values=np.concatenate([p.values for p in parts]),
+        times_s=np.concatenate([p.times_s for p in parts]),
+        power=np.concatenate([p.power for p in parts]),
+        voiced=np.concatenate([p.voiced for p in parts]),
+    )
+
+
 def audio_on_grid(
     audio: np.ndarray,
     length: int,
@@ -151,7 +191,10 @@ def audio_on_grid(
     mask = np.zeros((length,), dtype=bool)
     if audio is None or len(audio) == 0:
         return features, mask
-    frames = acoustic_frames(audio, f0_method)
+    if len(audio) > BLOCKED_AFTER_SAMPLES:
+        frames = acoustic_frames_blocked(audio, f0_method)
+    else:
+        frames = acoustic_frames(audio, f0_method)
     # Everything but log F0 is a plain mean.
     means, counts = cell_means(frames.values, frames.times_s, length, rate_hz)
     features[:] = means

@@ -68,6 +68,37 @@ class _AsrJob:
         return self._result
 
 
+class _StreamingFaces:
+    """Face features of frames handed in one at a time while decoding (frames are not kept)."""
+
+    def __init__(self, min_confidence: float) -> None:
+        from preprocessing.visual import VISUAL_DIM, FaceMeshRunner
+
+        self._dim = VISUAL_DIM
+        self._runner = FaceMeshRunner(min_confidence)
+        self._values: list[np.ndarray] = []  # each (17,) float32
+        self._found: list[bool] = []
+        self.elapsed_ms = 0.0
+
+    def add(self, rgb: np.ndarray, time_s: float) -> None:
+        start = time.perf_counter()
+        feats = self._runner.features(rgb)
+        self._found.append(feats is not None)
+        self._values.append(
+            np.zeros(self._dim, np.float32) if feats is None else feats.astype(np.float32)
+        )
+        self.elapsed_ms += (time.perf_counter() - start) * 1000.0
+
+    def close(self) -> None:
+        self._runner.close()
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-frame features (F, 17) float32 and face flags (F,) bool, in decoding order."""
+        if not self._values:
+            return np.zeros((0, self._dim), np.float32), np.zeros((0,), bool)
+        return np.stack(self._values), np.asarray(self._found, dtype=bool)
+
+
 class Extractor:
     """Turns a clip into text, audio and visual features on one time grid (profile default-v1).
 
@@ -195,13 +226,27 @@ class Extractor:
         need_asr = want_text and transcript is None
         timings: dict[str, float] = {}
 
-        with _timed(timings, "decode"):
-            decoded = decode_media(
-                path,
-                settings,
-                audio="audio" in self.modalities or need_asr,
-                video="visual" in self.modalities,
-            )
+        want_visual = "visual" in self.modalities
+        stream = None
+        if want_visual:
+            header_s = probe_media(path, settings).duration_s
+            if header_s is None or header_s > settings.stream_frames_after_s:
+                stream = _StreamingFaces(settings.min_face_confidence)
+        try:
+            with _timed(timings, "decode"):
+                decoded = decode_media(
+                    path,
+                    settings,
+                    audio="audio" in self.modalities or need_asr,
+                    video=want_visual,
+                    on_frame=stream.add if stream is not None else None,
+                )
+        finally:
+            if stream is not None:
+                stream.close()
+        if stream is not None:  # face mesh ran inside the decoding loop: count it as visual
+            timings["decode"] -= stream.elapsed_ms
+            timings["visual"] = stream.elapsed_ms
         info = decoded.info
         sources = {
             "text": transcript is not None or info.has_audio,
@@ -255,7 +300,10 @@ class Extractor:
             from preprocessing.visual import frame_features, visual_on_grid
 
             with _timed(timings, "visual"):
-                values, found = frame_features(decoded.frames, settings.min_face_confidence)
+                if stream is not None:
+                    values, found = stream.result()
+                else:
+                    values, found = frame_features(decoded.frames, settings.min_face_confidence)
                 frames_with_face = int(found.sum())
                 features["visual"], masks["visual"] = visual_on_grid(
                     values, found, decoded.frame_times, length, rate, settings.frame_rate_hz
@@ -278,7 +326,7 @@ class Extractor:
                 None if text_out is None else ("client" if transcript is not None else "asr")
             ),
             audio_seconds=round(decoded.audio_seconds, 3),
-            frames=len(decoded.frames),
+            frames=len(decoded.frame_times),
             frames_with_face=frames_with_face,
             duration_s=round(duration, 3),
             container=info.container.name,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,6 +303,7 @@ def decode_media(
     *,
     audio: bool,
     video: bool,
+    on_frame: Callable[[np.ndarray, float], None] | None = None,
 ) -> DecodedMedia:
     """Probe, check limits, then decode the requested streams in one pass over the file.
 
@@ -310,6 +311,10 @@ def decode_media(
     ``settings.frame_rate_hz`` as RGB, scaled so the longer side is at most
     ``settings.frame_max_side``. A stream that the file lacks is simply absent from the result.
     Limits are enforced again while decoding, for headers that under-report.
+
+    ``on_frame``: streaming. Each sampled frame is handed to ``on_frame(rgb, time_s)`` as it is
+    decoded and then dropped, so ``frames`` stays empty (``frame_times`` is still filled) and
+    memory does not grow with the clip's length.
     """
     import av
 
@@ -329,7 +334,9 @@ def decode_media(
             stream.thread_type = "AUTO" if settings.decode_threads != 1 else "SLICE"
         audio_sink = _AudioSink(audio_stream, origin) if audio_stream is not None else None
         frame_sink = (
-            _FrameSink(video_stream, origin, settings) if video_stream is not None else None
+            _FrameSink(video_stream, origin, settings, on_frame)
+            if video_stream is not None
+            else None
         )
         errors = 0
         decoded_any = False
@@ -454,7 +461,14 @@ class _AudioSink:
 class _FrameSink:
     """Keeps one decoded frame per sampling period, converted to a small RGB array."""
 
-    def __init__(self, stream: Any, origin_s: float, settings: ExtractorSettings) -> None:
+    def __init__(
+        self,
+        stream: Any,
+        origin_s: float,
+        settings: ExtractorSettings,
+        on_frame: Callable[[np.ndarray, float], None] | None = None,
+    ) -> None:
+        self._on_frame = on_frame
         self._origin_s = origin_s
         self._period = 1.0 / settings.frame_rate_hz
         self._next_s = 0.0
@@ -480,7 +494,10 @@ class _FrameSink:
             return
         width, height = _scaled_size(frame.width, frame.height, self._max_side)
         rgb = frame.reformat(width=width, height=height, format="rgb24").to_ndarray()
-        self.frames.append(rgb)
+        if self._on_frame is not None:
+            self._on_frame(rgb, max(t, 0.0))
+        else:
+            self.frames.append(rgb)
         self.times.append(max(t, 0.0))
         # Next sample at the next multiple of the period after t.
         self._next_s = (math.floor(max(t, 0.0) / self._period + 1e-6) + 1) * self._period

