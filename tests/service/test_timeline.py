@@ -224,3 +224,25 @@ def test_many_segments_pass_a_small_queue(timeline_app: Callable[..., Any]) -> N
     assert answer.status_code == 200, answer.text
     assert len(answer.json()["segments"]) == 60
     assert answer.json()["largest_batch"] <= 4
+
+
+# -- the page -------------------------------------------------------------------------------------
+
+
+def test_the_page_is_public_and_self_contained(features_app: Callable[..., TestClient]) -> None:
+    client = features_app(api_key="s3cret")
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    html = page.text
+    assert 'src="/static/app.js"' in html and 'href="/static/style.css"' in html
+    for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css")):
+        asset = client.get(f"/static/{name}")
+        assert asset.status_code == 200 and asset.headers["content-type"].startswith(kind)
+        assert "http://" not in asset.text.replace("http://www.w3.org/2000/svg", "")
+        assert "https://" not in asset.text
+    assert "https://" not in html and "http://" not in html
+    for bad in ("../main.py", "..%2Fmain.py", "index.py", ".hidden.js", "nope.js"):
+        assert client.get(f"/static/{bad}").status_code == 404
+    # the API behind it still wants the token
+    files = {"file": ("clip.mp4", b"\x00" * 16, "video/mp4")}
+    assert client.post("/v1/timeline", files=files).status_code == 401
