@@ -119,7 +119,9 @@ def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor
     fn = load_causal_conv1d()
     if fn is None:
         raise RuntimeError("causal_conv1d.causal_conv1d_fn does not import here")
-    return fn(x, weight, bias, activation="silu")
+    # Channel-first contiguous (b, D, L): the layout every version of the kernel takes (a
+    # (b, L, D) activation transposed is channel-last, which some versions restrict).
+    return fn(x.contiguous(), weight.contiguous(), bias, activation="silu")
 
 
 def uncoupled_selective_scan(

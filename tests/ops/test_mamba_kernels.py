@@ -1,0 +1,186 @@
+"""Optional mamba-ssm / causal-conv1d kernels: selection logic and our adapters' argument layout.
+
+The real kernels exist only in the GPU image (compiled CUDA extensions; no CPU path), so here:
+- without the packages (this machine), selection falls back to torch and our scan;
+- with tiny stand-in modules put into ``sys.modules`` by these tests ONLY, written from the
+  packages' documented signatures and semantics (mamba-ssm's ``selective_scan_fn``: u, delta
+  (b, D, L), A (D, N), B, C (b, N, L), D, delta_bias (D,), out = y * silu(z); causal-conv1d's
+  ``causal_conv1d_fn``: x (b, D, L), weight (D, width), bias (D,), activation "silu"), the
+  adapters' calls are checked against our reference scan. This tests how we call the kernels,
+  not the kernels: those run only on a GPU host with the image's wheels.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from model.ops import coupled_selective_scan, mamba_kernels
+from model.ops.mamba_kernels import KernelChoice, select_kernels
+
+Factory = Callable[..., dict[str, Any]]
+
+
+class StandIns:
+    """Plain-PyTorch stand-ins for the two packages' functions, recording every call."""
+
+    def __init__(self) -> None:
+        self.scan_calls: list[dict[str, Any]] = []
+        self.conv_calls: list[dict[str, Any]] = []
+
+    def selective_scan_fn(
+        self,
+        u: Tensor,
+        delta: Tensor,
+        A: Tensor,
+        B: Tensor,
+        C: Tensor,
+        D: Tensor | None = None,
+        z: Tensor | None = None,
+        delta_bias: Tensor | None = None,
+        delta_softplus: bool = False,
+        return_last_state: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        batch, dim, length = u.shape
+        n = A.shape[1]
+        assert delta.shape == u.shape and A.shape == (dim, n)
+        assert B.shape == C.shape == (batch, n, length)
+        assert D is None or D.shape == (dim,)
+        assert delta_bias is None or delta_bias.shape == (dim,)
+        assert z is None or z.shape == u.shape
+        self.scan_calls.append({"u": u, "A": A, "B": B})
+        dt = delta + delta_bias[:, None] if delta_bias is not None else delta
+        dt = F.softplus(dt) if delta_softplus else dt
+        x = u.new_zeros(batch, dim, n)
+        ys = []
+        for t in range(length):
+            x = (
+                torch.exp(dt[:, :, t, None] * A) * x
+                + (dt[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]
+            )
+            ys.append((x * C[:, None, :, t]).sum(-1))
+        y = torch.stack(ys, dim=-1)
+        if D is not None:
+            y = y + D[:, None] * u
+        if z is not None:
+            y = y * F.silu(z)
+        return (y, x) if return_last_state else y
+
+    def causal_conv1d_fn(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None = None,
+        seq_idx: Tensor | None = None,
+        initial_states: Tensor | None = None,
+        return_final_states: bool = False,
+        final_states_out: Tensor | None = None,
+        activation: str | None = None,
+    ) -> Tensor:
+        _, dim, length = x.shape
+        assert weight.dim() == 2 and weight.shape[0] == dim
+        assert seq_idx is None and initial_states is None and not return_final_states
+        self.conv_calls.append({"x": x, "activation": activation})
+        width = weight.shape[1]
+        out = (bias[None, :, None] if bias is not None else 0) + torch.zeros_like(x)
+        for j in range(width):  # tap j looks back width - 1 - j steps
+            shift = width - 1 - j
+            shifted = F.pad(x, (shift, 0))[..., :length]
+            out = out + weight[None, :, j, None] * shifted
+        return F.silu(out) if activation in ("silu", "swish") else out
+
+
+@pytest.fixture
+def stand_ins(monkeypatch: pytest.MonkeyPatch) -> Iterator[StandIns]:
+    """Put stand-in ``causal_conv1d`` and ``mamba_ssm`` modules into sys.modules (undone after
+    the test)."""
+    fakes = StandIns()
+    conv = types.ModuleType("causal_conv1d")
+    conv.causal_conv1d_fn = fakes.causal_conv1d_fn  # type: ignore[attr-defined]
+    interface = types.ModuleType("mamba_ssm.ops.selective_scan_interface")
+    interface.selective_scan_fn = fakes.selective_scan_fn  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "causal_conv1d", conv)
+    monkeypatch.setitem(sys.modules, "mamba_ssm", types.ModuleType("mamba_ssm"))
+    monkeypatch.setitem(sys.modules, "mamba_ssm.ops", types.ModuleType("mamba_ssm.ops"))
+    monkeypatch.setitem(sys.modules, "mamba_ssm.ops.selective_scan_interface", interface)
+    yield fakes
+
+
+def test_without_the_packages_everything_falls_back() -> None:
+    if mamba_kernels.load_causal_conv1d() or mamba_kernels.load_selective_scan():
+        pytest.skip("mamba-ssm / causal-conv1d are installed here")
+    for device in ("cpu", "cuda"):
+        assert select_kernels(device, "none", "triton") == KernelChoice("torch", None)
+    with pytest.raises(RuntimeError, match="does not import"):
+        mamba_kernels.require(KernelChoice("causal_conv1d"))
+    with pytest.raises(RuntimeError, match="does not import"):
+        mamba_kernels.require(KernelChoice(uncoupled_scan="mamba_ssm"))
+
+
+def test_importing_ops_imports_neither_package() -> None:
+    code = (
+        "import sys, model.ops, model.mamba; "
+        "sys.exit(any(m in sys.modules for m in ('mamba_ssm', 'causal_conv1d')))"
+    )
+    import subprocess
+
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_selection_with_the_packages(stand_ins: StandIns) -> None:
+    """CUDA: causal-conv1d's conv always; mamba-ssm's scan only for W = I layers on the GPU
+    kernel. CPU: never (neither package runs there)."""
+    assert select_kernels("cuda", "none", "triton") == KernelChoice("causal_conv1d", "mamba_ssm")
+    assert select_kernels("cuda:0", "learned", "triton") == KernelChoice("causal_conv1d", None)
+    assert select_kernels("cuda", "mean", "triton") == KernelChoice("causal_conv1d", None)
+    assert select_kernels("cuda", "none", "ref") == KernelChoice("causal_conv1d", None)
+    assert select_kernels("cpu", "none", "torch") == KernelChoice("torch", None)
+    mamba_kernels.require(KernelChoice("causal_conv1d", "mamba_ssm"))
+
+
+def test_kernel_choice_rejects_unknown_names() -> None:
+    with pytest.raises(ValueError, match="conv kernel"):
+        KernelChoice("cudnn")
+    with pytest.raises(ValueError, match="uncoupled scan kernel"):
+        KernelChoice("torch", "flash")
+
+
+@pytest.mark.parametrize("options", [True, False], ids=["all-options", "plain"])
+@pytest.mark.parametrize("last", [True, False], ids=["last-state", "y-only"])
+def test_uncoupled_adapter_equals_identity_coupled_scan(
+    stand_ins: StandIns, scan_inputs: Factory, options: bool, last: bool
+) -> None:
+    """One selective_scan_fn call per modality on the modality's (b, D, L) slices equals our
+    coupled scan with W = I."""
+    x = scan_inputs(
+        M=3, coupling="none", D=options, z=options, delta_bias=options, delta_softplus=options
+    )
+    x.pop("coupling")
+    want = coupled_selective_scan(**x, return_last_state=last, backend="ref")
+    got = mamba_kernels.uncoupled_selective_scan(**x, return_last_state=last)
+    assert len(stand_ins.scan_calls) == 3
+    for m, call in enumerate(stand_ins.scan_calls):  # views of the inputs, not copies
+        assert call["u"].data_ptr() == x["u"][m].data_ptr()
+        assert torch.equal(call["A"], x["A"][m]) and torch.equal(call["B"], x["B"][m])
+    if last:
+        torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=1e-12)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_conv_adapter_equals_torch_causal_conv(stand_ins: StandIns) -> None:
+    g = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3).double()
+    x = torch.randn(2, 6, 9, generator=g, dtype=torch.float64)
+    got = mamba_kernels.causal_conv1d_silu(x, conv.weight[:, 0, :], conv.bias)
+    want = F.silu(conv(x)[..., :9])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert stand_ins.conv_calls[0]["activation"] == "silu"
