@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from service.api.dependencies import ApiKeyDep, CoreDep, MetricsDep, SettingsDep
-from service.api.predict import _count_rejections
+from service.api.predict import _MEDIA_BODY, _count_rejections
 from service.api.schemas import ModelInfo, Sentiment, error_responses
 from service.api.uploads import receive_upload
 from service.core.engine import _summary_dict
@@ -101,13 +101,16 @@ def _response(
     "/v1/timeline",
     response_model=TimelineResponse,
     responses=error_responses(401, 413, 415, 422, 501, 503, 504),
+    openapi_extra=_MEDIA_BODY,
 )
 async def predict_timeline(
     request: Request,
     core: CoreDep,
     settings: SettingsDep,
     metrics: MetricsDep,
-    window: float = Query(5.0, ge=1.0, le=30.0, description="fixed window (s) where no speech"),
+    window: Annotated[
+        float, Query(ge=1.0, le=30.0, description="fixed window (s) where nobody speaks")
+    ] = 5.0,
 ) -> JSONResponse:
     """Sentiment over time of a video or audio clip (multipart ``file``, optional
     ``transcript``): one prediction per utterance of the ASR (fixed windows where nobody
