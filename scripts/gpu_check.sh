@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # GPU check: one command for a CUDA machine with PyTorch and Triton preinstalled (installs nothing,
-# needs no network). Runs the CUDA equivalence tests (pytest -m gpu), then the scan benchmark, and
-# writes a report: $OUT/gpu_report.md when OUT is set, else docs/gpu_report.md (and then also the
-# gpu section of docs/PERFORMANCE.md). Budget: under 5 minutes on one H100.
+# needs no network). Runs the CUDA equivalence tests (pytest -m gpu), then the scan benchmark, then
+# the fusion benchmark (Coupled Mamba vs cross-attention, bench/fusion_efficiency.py), and writes a
+# report: $OUT/gpu_report.md when OUT is set, else docs/gpu_report.md (and then also the gpu and
+# fusion sections of docs/PERFORMANCE.md; with OUT, the fusion results are in $OUT/fusion_cuda.json
+# and $OUT/fusion_cuda.md, for `bench/fusion_efficiency.py --render-json`).
+# Budget: under 5 minutes on one H100. Each part has a cap, and the later parts also get no more
+# than what is left of DEADLINE seconds (time a part does not use goes to the next ones).
 #
 #   scripts/gpu_check.sh                 # uses python3 (the interpreter that holds torch there)
 #   PYTHON=.venv/bin/python scripts/gpu_check.sh
@@ -21,7 +25,15 @@ fi
 mkdir -p "$DEST"
 REPORT="$DEST/gpu_report.md"
 START=$(date +%s)
+DEADLINE=${GPU_CHECK_DEADLINE:-285}
 elapsed() { echo $(($(date +%s) - START)); }
+# budget CAP RESERVE: seconds for the next part: at most CAP, and leave RESERVE for later parts.
+budget() {
+    local left=$((DEADLINE - $(elapsed) - $2))
+    ((left > $1)) && left=$1
+    ((left < 20)) && left=20
+    echo "$left"
+}
 
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "gpu_check: no CUDA device visible to $PY" | tee "$REPORT"
@@ -41,8 +53,8 @@ fi
 #    on this machine) must not hide the other folder's tests.
 TEST_DIRS=(tests/ops)
 [[ -d tests/model ]] && TEST_DIRS+=(tests/model)
-timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
-    "${TEST_DIRS[@]}" >"$DEST/gpu_tests.log" 2>&1
+timeout "$(budget 120 150)" "$PY" -m pytest -q -m gpu -p no:cacheprovider \
+    --continue-on-collection-errors "${TEST_DIRS[@]}" >"$DEST/gpu_tests.log" 2>&1
 TEST_RC=$?
 tail -n 40 "$DEST/gpu_tests.log"
 {
@@ -55,7 +67,8 @@ tail -n 40 "$DEST/gpu_tests.log"
 } >>"$REPORT"
 
 # 2. Scan benchmark (GPU tables, triton launch sweep, training step).
-timeout 130 "$PY" bench/scan.py --report "$DEST/gpu_bench.md" $WRITE_DOCS >"$DEST/gpu_bench.log" 2>&1
+timeout "$(budget 110 75)" "$PY" bench/scan.py --report "$DEST/gpu_bench.md" $WRITE_DOCS \
+    >"$DEST/gpu_bench.log" 2>&1
 BENCH_RC=$?
 tail -n 30 "$DEST/gpu_bench.log"
 {
@@ -72,5 +85,26 @@ tail -n 30 "$DEST/gpu_bench.log"
 } >>"$REPORT"
 rm -f "$DEST/gpu_bench.md"
 
-echo "gpu_check: tests rc=$TEST_RC, bench rc=$BENCH_RC, $(elapsed) s; report in $REPORT"
-[[ $TEST_RC -eq 0 && $BENCH_RC -eq 0 ]]
+# 3. Fusion benchmark on CUDA: our model (chunked inference) against cross-attention (a) and (b),
+#    L = 64 .. 16384, batch 1 and 16, latency and peak memory, the targets at L = 4096.
+FUSION_DOC="docs/PERFORMANCE.md"
+[[ -n "${OUT:-}" ]] && FUSION_DOC="$DEST/fusion_cuda.md"
+timeout "$(budget 150 3)" "$PY" bench/fusion_efficiency.py --device cuda --no-predict --repeats 5 \
+    --json "$DEST/fusion_cuda.json" --doc "$FUSION_DOC" >"$DEST/fusion.log" 2>&1
+FUSION_RC=$?
+grep -v "^W0000\|^INFO:" "$DEST/fusion.log" | tail -n 25
+{
+    echo
+    echo "## Fusion benchmark (bench/fusion_efficiency.py --device cuda): exit code $FUSION_RC, after $(elapsed) s"
+    echo
+    if [[ $FUSION_RC -eq 0 && -f "$FUSION_DOC" ]] && grep -q "fusion-cuda:begin" "$FUSION_DOC"; then
+        sed -n '/<!-- fusion-cuda:begin -->/,/<!-- fusion-cuda:end -->/p' "$FUSION_DOC" | sed '1d;$d'
+    else
+        echo '```'
+        tail -n 30 "$DEST/fusion.log"
+        echo '```'
+    fi
+} >>"$REPORT"
+
+echo "gpu_check: tests rc=$TEST_RC, bench rc=$BENCH_RC, fusion rc=$FUSION_RC, $(elapsed) s; report in $REPORT"
+[[ $TEST_RC -eq 0 && $BENCH_RC -eq 0 && $FUSION_RC -eq 0 ]]
