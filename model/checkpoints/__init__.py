@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from model.mamba import CoupledMambaForSentiment
 
-DEFAULT_CHECKPOINT_SHA256 = ""
+DEFAULT_CHECKPOINT_SHA256 = "6f949906fe3be8d66333bd906288f3f450af993875bc740bdb3f8d873d0bab98"
 """sha256 (hex) of ``default/model.safetensors``; written by scripts/build_default_model.py."""
 
 
