@@ -7,9 +7,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
@@ -26,6 +26,11 @@ from service.errors import (
 from service.metrics import ServiceMetrics
 
 router = APIRouter(tags=["predict"], dependencies=[ApiKeyDep])
+
+AttributionQuery = Annotated[
+    bool,
+    Query(description="also answer the per-modality attribution (one more model input each)"),
+]
 
 _MEDIA_BODY: dict[str, Any] = {
     "requestBody": {
@@ -86,7 +91,11 @@ def _answer(prediction: Prediction, request: Request) -> JSONResponse:
     openapi_extra=_MEDIA_BODY,
 )
 async def predict_media(
-    request: Request, core: CoreDep, settings: SettingsDep, metrics: MetricsDep
+    request: Request,
+    core: CoreDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    attribution: AttributionQuery = False,
 ) -> JSONResponse:
     """Score a video or audio clip sent as multipart ``file`` (optional ``transcript``)."""
     with _count_rejections(metrics):
@@ -113,6 +122,7 @@ async def predict_media(
                 deadline=deadline,
                 remove_after=True,
                 upload_ms=upload.receive_ms,
+                attribution=attribution,
             )
     return _answer(prediction, request)
 
@@ -124,7 +134,11 @@ async def predict_media(
     openapi_extra=_FEATURES_BODY,
 )
 async def predict_features(
-    request: Request, core: CoreDep, settings: SettingsDep, metrics: MetricsDep
+    request: Request,
+    core: CoreDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    attribution: AttributionQuery = False,
 ) -> JSONResponse:
     """Score precomputed features in the loaded checkpoint's feature profile.
 
@@ -148,6 +162,7 @@ async def predict_features(
                 started=request.state.start_time,
                 deadline=deadline,
                 transcript=payload.transcript,
+                attribution=attribution,
             )
     return _answer(prediction, request)
 

@@ -62,6 +62,11 @@ class PredictResponse(BaseModel):
     model: ModelInfo
     batch: BatchInfo
     request_id: str
+    attribution: dict[str, float | None] | None = Field(
+        default=None,
+        description="with ?attribution=true: {text, audio, visual}, score(all) - score(all but "
+        "the modality); null for modalities the checkpoint lacks (docs/TIMELINE.md)",
+    )
 
     @classmethod
     def from_prediction(cls, prediction: Prediction, request_id: str) -> PredictResponse:
@@ -90,6 +95,7 @@ class PredictResponse(BaseModel):
             ),
             batch=BatchInfo(size=prediction.batch_size, padded_length=prediction.padded_length),
             request_id=request_id,
+            attribution=prediction.extra.get("attribution"),
         )
 
 

@@ -506,6 +506,7 @@ class InferenceCore:
         started: float,
         deadline: float,
         transcript: str | None = None,
+        attribution: bool = False,
     ) -> Prediction:
         """Score precomputed features.
 
@@ -514,15 +515,18 @@ class InferenceCore:
             started: ``time.perf_counter()`` at the start of the request.
             deadline: ``time.monotonic()`` limit of the request.
             transcript: echoed in ``modalities`` when the client sent one.
+            attribution: also compute the per-modality attribution (``extra["attribution"]``).
         """
-        outcome = await self._run_model(clip, deadline)
+        outcome, attributed = await self._run_attributed(clip, deadline, attribution)
         summary: dict[str, Any] = {
             "transcript": transcript,
             "audio_seconds": None,
             "frames": None,
             "frames_with_face": None,
         }
-        return self._prediction(clip, outcome, summary, {}, started=started)
+        prediction = self._prediction(clip, outcome, summary, {}, started=started)
+        prediction.extra["attribution"] = attributed
+        return prediction
 
     async def predict_media(
         self,
@@ -533,6 +537,7 @@ class InferenceCore:
         deadline: float,
         remove_after: bool,
         upload_ms: float = 0.0,
+        attribution: bool = False,
     ) -> Prediction:
         """Extract features from a media file on the pool, then score them.
 
@@ -543,17 +548,20 @@ class InferenceCore:
             deadline: ``time.monotonic()`` limit of the request.
             remove_after: delete ``path`` once extraction is over (it owns the file).
             upload_ms: time spent receiving the file, reported in the timings.
+            attribution: also compute the per-modality attribution (``extra["attribution"]``).
         """
         bundle, wait_ms = await self.extract_bundle(
             path, transcript, deadline=deadline, remove_after=remove_after
         )
         clip = self._clip_from_bundle(bundle)
-        outcome = await self._run_model(clip, deadline)
+        outcome, attributed = await self._run_attributed(clip, deadline, attribution)
         summary = _summary_dict(bundle.summary)
         extra = {stage: float(ms) for stage, ms in bundle.timings_ms.items()}
         extra["upload"] = upload_ms
         extra["extract_wait"] = wait_ms
-        return self._prediction(clip, outcome, summary, extra, started=started)
+        prediction = self._prediction(clip, outcome, summary, extra, started=started)
+        prediction.extra["attribution"] = attributed
+        return prediction
 
     async def extract_bundle(
         self, path: Path, transcript: str | None, *, deadline: float, remove_after: bool
@@ -582,6 +590,21 @@ class InferenceCore:
                 raise from_preprocessing_error(exc) from exc
             raise
         return done.bundle, done.wait_ms
+
+    async def _run_attributed(
+        self, clip: ClipFeatures, deadline: float, attribution: bool
+    ) -> tuple[ClipOutcome, dict[str, float | None] | None]:
+        """The clip's outcome and, when asked, its attribution (the ablated copies are queued
+        together with the clip, see :mod:`service.core.timeline`)."""
+        if not attribution:
+            return await self._run_model(clip, deadline), None
+        from service.core.timeline import attribution as attribution_of
+        from service.core.timeline import attribution_plan
+
+        plan = attribution_plan(clip, self.config.modalities)
+        outcomes = await self.run_clips(plan.clips, deadline)
+        results = [o.result for o in outcomes if o.result is not None]
+        return outcomes[0], attribution_of(plan, results)
 
     async def run_clips(self, clips: Sequence[ClipFeatures], deadline: float) -> list[ClipOutcome]:
         """Score many clips of one request through the micro-batcher, in order.

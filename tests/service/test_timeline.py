@@ -246,3 +246,33 @@ def test_the_page_is_public_and_self_contained(features_app: Callable[..., TestC
     # the API behind it still wants the token
     files = {"file": ("clip.mp4", b"\x00" * 16, "video/mp4")}
     assert client.post("/v1/timeline", files=files).status_code == 401
+
+
+# -- attribution on /v1/predict -------------------------------------------------------------------
+
+
+def test_predict_answers_attribution_when_asked(timeline_app: Callable[..., Any]) -> None:
+    client, extractor = timeline_app()
+    plain = _post_predict(client, attribution=False)
+    assert plain["attribution"] is None
+    answer = _post_predict(client, attribution=True)
+    assert answer["sentiment"]["score"] == pytest.approx(plain["sentiment"]["score"], abs=1e-5)
+    full = _features_score(client, extractor, 0, 240)
+    for modality in ("text", "audio", "visual"):
+        expected = full - _features_score(client, extractor, 0, 240, drop=modality)
+        assert answer["attribution"][modality] == pytest.approx(expected, abs=1e-4)
+    features = {
+        "profile": "default-v1",
+        "features": {"text": extractor.features["text"][:50].tolist()},
+        "masks": {"text": extractor.masks["text"][:50].tolist()},
+    }
+    only_text = client.post("/v1/predict/features?attribution=true", json=features).json()
+    assert only_text["attribution"]["audio"] == 0.0 and only_text["attribution"]["visual"] == 0.0
+    assert only_text["attribution"]["text"] != 0.0
+
+
+def _post_predict(client: TestClient, attribution: bool) -> Any:
+    files = {"file": ("clip.mp4", b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64, "video/mp4")}
+    answer = client.post(f"/v1/predict?attribution={str(attribution).lower()}", files=files)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
