@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import multiprocessing
 import os
 import pickle
 from collections.abc import Callable, Sequence
@@ -198,8 +199,13 @@ def extract_dataset(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc="extract", disable=not progress, dynamic_ncols=True)
+        # spawn, not fork: forking a process that already runs torch / mediapipe threads can
+        # corrupt the child's allocator state.
         with ProcessPoolExecutor(
-            max_workers=max(1, workers), initializer=_init_worker, initargs=(settings, mods)
+            max_workers=max(1, workers),
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(settings, mods),
         ) as pool:
             futures: dict[Future[str | None], LabelledMedia] = {
                 pool.submit(_extract_one, item, str(work / item.work_name)): item for item in todo
