@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -15,10 +13,9 @@ from pydantic import ValidationError
 
 from service.api.dependencies import ApiKeyDep, CoreDep, MetricsDep, SettingsDep
 from service.api.schemas import FeaturesRequest, PredictResponse, error_responses
-from service.api.uploads import read_body, receive_upload
+from service.api.uploads import read_body, receive_upload_in_time
 from service.core.types import Prediction
 from service.errors import (
-    DeadlineExceededError,
     InvalidInputError,
     ServiceError,
     UnsupportedMediaError,
@@ -102,19 +99,7 @@ async def predict_media(
         async with core.admit():
             core.require_media()  # before reading the body
             deadline = time.monotonic() + settings.request_timeout_s
-            upload_dir: Path = request.app.state.upload_dir
-            try:
-                upload = await asyncio.wait_for(
-                    receive_upload(
-                        request,
-                        max_bytes=settings.max_upload_bytes,
-                        upload_dir=upload_dir,
-                        max_transcript_chars=settings.max_transcript_chars,
-                    ),
-                    settings.request_timeout_s,
-                )
-            except TimeoutError as exc:
-                raise DeadlineExceededError("the upload did not finish in time") from exc
+            upload = await receive_upload_in_time(request, settings)
             prediction = await core.predict_media(
                 upload.path,
                 upload.transcript,

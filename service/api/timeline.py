@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -14,11 +12,10 @@ from pydantic import BaseModel, Field
 from service.api.dependencies import ApiKeyDep, CoreDep, MetricsDep, SettingsDep
 from service.api.predict import _MEDIA_BODY, _count_rejections
 from service.api.schemas import ModelInfo, Sentiment, error_responses
-from service.api.uploads import receive_upload
+from service.api.uploads import receive_upload_in_time
 from service.core.engine import _summary_dict
 from service.core.timeline import Timeline, score_timeline
 from service.core.types import MEDIA_STAGES
-from service.errors import DeadlineExceededError
 
 router = APIRouter(tags=["predict"], dependencies=[ApiKeyDep])
 
@@ -120,19 +117,7 @@ async def predict_timeline(
             core.require_media()
             started = request.state.start_time
             deadline = time.monotonic() + settings.request_timeout_s
-            upload_dir: Path = request.app.state.upload_dir
-            try:
-                upload = await asyncio.wait_for(
-                    receive_upload(
-                        request,
-                        max_bytes=settings.max_upload_bytes,
-                        upload_dir=upload_dir,
-                        max_transcript_chars=settings.max_transcript_chars,
-                    ),
-                    settings.request_timeout_s,
-                )
-            except TimeoutError as exc:
-                raise DeadlineExceededError("the upload did not finish in time") from exc
+            upload = await receive_upload_in_time(request, settings)
             bundle, wait_ms = await core.extract_bundle(
                 upload.path, upload.transcript, deadline=deadline, remove_after=True
             )

@@ -8,6 +8,7 @@ so an oversized upload costs at most one chunk beyond the limit.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 import time
@@ -21,10 +22,12 @@ from starlette.requests import ClientDisconnect, Request
 
 from service.errors import (
     ClientDisconnectedError,
+    DeadlineExceededError,
     InvalidInputError,
     PayloadTooLargeError,
     UnsupportedMediaError,
 )
+from service.settings import ServiceSettings
 
 ACCEPTED_MEDIA_PREFIXES = ("video/", "audio/")
 ACCEPTED_MEDIA_TYPES = ("application/octet-stream", "application/ogg", "")
@@ -226,6 +229,27 @@ async def receive_upload(
     except BaseException:
         path.unlink(missing_ok=True)
         raise
+
+
+async def receive_upload_in_time(request: Request, settings: ServiceSettings) -> Upload:
+    """``receive_upload`` with the app's limits, bounded by the request deadline.
+
+    Raises:
+        DeadlineExceededError: the body did not arrive within ``request_timeout_s``.
+    """
+    upload_dir: Path = request.app.state.upload_dir
+    try:
+        return await asyncio.wait_for(
+            receive_upload(
+                request,
+                max_bytes=settings.max_upload_bytes,
+                upload_dir=upload_dir,
+                max_transcript_chars=settings.max_transcript_chars,
+            ),
+            settings.request_timeout_s,
+        )
+    except TimeoutError as exc:
+        raise DeadlineExceededError("the upload did not finish in time") from exc
 
 
 async def read_body(request: Request, *, max_bytes: int) -> bytes:
