@@ -18,6 +18,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=[1],
         help="server processes: always 1 (one model worker per process; scale out with replicas)",
     )
+    parser.add_argument(
+        "--engine",
+        choices=["uvicorn", "ray"],
+        default="uvicorn",
+        help="uvicorn: one process; ray: Ray Serve replicas (pip install '.[ray]', docs/SCALE.md)",
+    )
+    ray_group = parser.add_argument_group("Ray Serve (--engine ray)")
+    ray_group.add_argument("--replicas", type=int, default=1, help="fixed replica count")
+    ray_group.add_argument("--min-replicas", type=int, help="autoscaling lower bound")
+    ray_group.add_argument("--max-replicas", type=int, help="autoscaling upper bound (turns it on)")
+    ray_group.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
+    ray_group.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (0.5 ok)")
+    ray_group.add_argument(
+        "--ray-address", help="existing Ray cluster (default: start a local one)"
+    )
     settings = parser.add_argument_group("settings (override CMAMBA_* environment variables)")
     settings.add_argument("--model-path", type=Path, help="checkpoint folder to serve")
     settings.add_argument("--model-name", help="name served under /v2/models/{name}")
@@ -64,6 +79,33 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+def run_ray(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    """Serve on Ray Serve until interrupted (see ``service.ray_serve``)."""
+    import ray
+    from ray import serve
+
+    from service.ray_serve import DEFAULT_APP_NAME, build_deployment
+
+    ray.init(address=args.ray_address)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    app = build_deployment(
+        {k: str(v.resolve()) if isinstance(v, Path) else v for k, v in overrides.items()},
+        num_replicas=args.replicas,
+        min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas,
+        num_cpus=args.num_cpus,
+        num_gpus=args.num_gpus,
+    )
+    try:
+        serve.run(app, name=DEFAULT_APP_NAME, route_prefix="/", blocking=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     import logging
     import os
@@ -83,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"cmamba serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
+    if getattr(args, "engine", "uvicorn") == "ray":
+        return run_ray(args, settings_overrides(args))
     app = create_app(settings)
     try:
         app.state.core.check()

@@ -1,0 +1,204 @@
+"""The same FastAPI app on Ray Serve: one app per replica, replicas across GPUs and nodes.
+
+Each replica builds its own app with :func:`service.main.create_app` (so each keeps its own
+micro-batcher, model worker and metrics registry) behind ``@serve.ingress``. Ray is imported
+only when a deployment is built; nothing runs at import.
+
+Every answer carries ``x-cmamba-replica`` (the replica's Ray id), and ``GET /metrics`` adds a
+constant ``replica`` label to every sample of the replica's own registry, so one Prometheus
+scrape job over all replicas keeps their series apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from ray.serve import Application
+
+    from service.settings import ServiceSettings
+
+REPLICA_HEADER = "x-cmamba-replica"
+DEFAULT_APP_NAME = "cmamba"
+DEFAULT_DEPLOYMENT_NAME = "CmambaService"
+
+
+class ReplicaLabelled(Collector):
+    """Every metric of ``source`` with a constant ``replica`` label added to each sample."""
+
+    def __init__(self, source: CollectorRegistry, replica: str) -> None:
+        self.source = source
+        self.replica = replica
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.source.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            for sample in family.samples:
+                labels = {**sample.labels, "replica": self.replica}
+                labelled.samples.append(sample._replace(labels=labels))
+            yield labelled
+
+
+class ReplicaMiddleware:
+    """Tag each answer with the replica id; serve ``/metrics`` with the ``replica`` label."""
+
+    def __init__(self, app: ASGIApp, replica: str, registry: CollectorRegistry) -> None:
+        self.app = app
+        self.header = (REPLICA_HEADER.encode("latin-1"), replica.encode("latin-1"))
+        self.labelled = CollectorRegistry(auto_describe=False)
+        self.labelled.register(ReplicaLabelled(registry, replica))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] == "/metrics" and scope["method"] == "GET":
+            body = generate_latest(self.labelled)
+            headers = [(b"content-type", CONTENT_TYPE_LATEST.encode("latin-1")), self.header]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+
+        async def send_with_replica(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), self.header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_replica)
+
+
+def _wait_warm(
+    original: Callable[[Any], AbstractAsyncContextManager[Any]],
+) -> Callable[[Any], AbstractAsyncContextManager[None]]:
+    """Wrap the app's lifespan so startup returns only once the model is loaded and warm.
+
+    Ray Serve counts a replica as started when the ASGI lifespan startup returns, so no
+    request is routed to a replica that would answer 503 ``not_ready``.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        async with original(app):
+            await asyncio.to_thread(app.state.core.wait_started)
+            if not app.state.core.ready:
+                raise RuntimeError(f"replica startup failed: {app.state.core.startup_error}")
+            yield
+
+    return lifespan
+
+
+def build_replica_app(settings: ServiceSettings, replica: str) -> FastAPI:
+    """The single-process app, tagged with ``replica`` and started only once warm."""
+    from service.main import create_app
+
+    app = create_app(settings)
+    app.state.core.check()
+    app.router.lifespan_context = _wait_warm(app.router.lifespan_context)
+    app.add_middleware(ReplicaMiddleware, replica=replica, registry=app.state.metrics.registry)
+    return app
+
+
+def build_deployment(
+    settings: Mapping[str, Any] | None = None,
+    *,
+    num_replicas: int = 1,
+    min_replicas: int | None = None,
+    max_replicas: int | None = None,
+    target_ongoing_requests: float | None = None,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    max_ongoing_requests: int | None = None,
+    max_queued_requests: int = -1,
+    health_check_period_s: float = 5.0,
+    name: str = DEFAULT_DEPLOYMENT_NAME,
+) -> Application:
+    """A bound Ray Serve application of the service, ready for ``serve.run``.
+
+    Args:
+        settings: ``ServiceSettings`` fields (as for ``ServiceSettings(**settings)``); each
+            replica also reads ``CMAMBA_*`` from its own environment for fields not given.
+        num_replicas: fixed replica count (ignored when ``max_replicas`` is set).
+        min_replicas: autoscaling lower bound (default 1 when ``max_replicas`` is set).
+        max_replicas: autoscaling upper bound; set it to turn autoscaling on.
+        target_ongoing_requests: autoscaling target per replica (default: half of
+            ``max_ongoing_requests``, so replicas are added before requests queue in Ray).
+        num_cpus: CPUs reserved per replica.
+        num_gpus: GPUs per replica; fractions (0.5, 0.25) share one GPU between replicas.
+        max_ongoing_requests: requests Ray sends to one replica at once (default: the
+            replica's ``max_inflight``, so Ray's routing and our admission agree).
+        max_queued_requests: requests waiting in Ray for a replica before Ray answers 503
+            (-1: no limit).
+        health_check_period_s: how often Ray asks each replica whether its model worker lives.
+        name: the deployment name.
+    """
+    from ray import serve
+
+    from service.settings import ServiceSettings
+
+    overrides = dict(settings or {})
+    # Validate in the driver, so a bad value fails here and not on every replica.
+    resolved = ServiceSettings(**overrides)
+    ongoing = max_ongoing_requests if max_ongoing_requests is not None else resolved.max_inflight
+
+    @serve.ingress()
+    class CmambaService:
+        """One replica: the single-process app built in the replica's own process."""
+
+        def __init__(self, overrides: dict[str, Any]) -> None:
+            context = serve.get_replica_context()
+            self.replica = context.replica_id.to_full_id_str()
+            self.settings = ServiceSettings(**overrides)
+
+        def __serve_build_asgi_app__(self) -> FastAPI:
+            self.service_app = build_replica_app(self.settings, self.replica)
+            return self.service_app
+
+        def check_health(self) -> None:
+            """Ray restarts a replica whose model worker died or whose startup failed."""
+            core = self.service_app.state.core
+            if not core.worker_alive or core.startup_error is not None:
+                raise RuntimeError(f"replica unhealthy: {core.startup_error or 'worker died'}")
+
+    options: dict[str, Any] = {
+        "name": name,
+        "max_ongoing_requests": ongoing,
+        "max_queued_requests": max_queued_requests,
+        "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus},
+        "health_check_period_s": health_check_period_s,
+        # Replicas drain like the single-process server: Ray stops routing, in-flight finish.
+        "graceful_shutdown_timeout_s": resolved.drain_timeout_s,
+    }
+    if max_replicas is not None:
+        low = min_replicas if min_replicas is not None else 1
+        target = target_ongoing_requests if target_ongoing_requests else max(1.0, ongoing / 2)
+        options["autoscaling_config"] = {
+            "min_replicas": low,
+            "initial_replicas": low,
+            "max_replicas": max_replicas,
+            "target_ongoing_requests": target,
+        }
+    else:
+        options["num_replicas"] = num_replicas
+    deployment = serve.deployment(**options)(CmambaService)
+    return deployment.bind(overrides)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """Entry point for ``serve run service.ray_serve:app_builder`` and Serve config files.
+
+    ``args`` holds ``settings`` (ServiceSettings fields) and any keyword argument of
+    :func:`build_deployment`; deployment options in a config file's ``deployments`` section
+    override these.
+    """
+    options = dict(args)
+    settings = options.pop("settings", None)
+    return build_deployment(settings, **options)

@@ -1,0 +1,120 @@
+"""A local Ray instance on CPU serving a tiny random checkpoint with two replicas."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from model import CoupledMambaConfig, CoupledMambaForSentiment, save_checkpoint
+from preprocessing import PROFILES
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+REPO = Path(__file__).resolve().parents[2]
+PROFILE = "default-v1"
+DIMS: dict[str, int] = dict(PROFILES[PROFILE].dims)
+APP_NAME = "cmamba-test"
+
+
+def _features_payload(length: int, seed: int) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    return {
+        "profile": PROFILE,
+        "features": {
+            m: rng.standard_normal((length, DIMS[m])).round(4).tolist()
+            for m in ("text", "audio", "visual")
+        },
+    }
+
+
+@pytest.fixture(scope="session")
+def features_payload() -> Callable[..., dict[str, Any]]:
+    """``features_payload(length, seed)``: a random /v1/predict/features body (default-v1)."""
+    return _features_payload
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    config = CoupledMambaConfig(
+        modalities=("text", "audio", "visual"),
+        feature_dims=dict(DIMS),
+        feature_profile=PROFILE,
+        d_model=16,
+        d_state=8,
+        n_layers=2,
+        dropout=0.0,
+    )
+    folder = tmp_path_factory.mktemp("ckpt") / "tiny"
+    return save_checkpoint(CoupledMambaForSentiment(config), folder, name="tiny", version="7")
+
+
+@pytest.fixture(scope="session")
+def service_settings(checkpoint: Path) -> dict[str, Any]:
+    return {
+        "model_path": str(checkpoint),
+        "enable_media": False,
+        "max_batch_delay_ms": 2.0,
+        "torch_threads": 1,
+        "drain_timeout_s": 2.0,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def ray_service(service_settings: dict[str, Any]) -> Iterator[str]:
+    """Two replicas behind the Serve proxy; yields the base URL. Ray is shut down after."""
+    from service.ray_serve import build_deployment
+
+    port = _free_port()
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}},
+    )
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app = build_deployment(
+            service_settings, num_replicas=2, num_cpus=0.5, health_check_period_s=1.0
+        )
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        base = f"http://127.0.0.1:{port}"
+        _wait_ready(base, timeout_s=90.0)
+        yield base
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def _wait_ready(base: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(timeout=5.0) as client:
+        while time.monotonic() < deadline:
+            status = serve.status().applications.get(APP_NAME)
+            if status is not None and status.status == "RUNNING":
+                try:
+                    if client.get(f"{base}/v2/health/ready").status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.2)
+    raise TimeoutError(f"the Ray Serve app did not become ready in {timeout_s} s")
