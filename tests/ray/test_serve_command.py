@@ -1,0 +1,72 @@
+"""``cmamba serve --engine ray``: the one command starts Ray Serve and stops it on Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from service.ray_serve import REPLICA_HEADER
+
+pytest.importorskip("ray.serve")
+
+pytestmark = pytest.mark.timeout(150)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_serve_engine_ray_answers_and_stops_on_interrupt(
+    checkpoint: Path, features_payload: Callable[..., dict[str, Any]], tmp_path: Path
+) -> None:
+    port = _free_port()
+    command = [
+        *(sys.executable, "-m", "service.cli", "serve", "--engine", "ray"),
+        *("--replicas", "1", "--num-cpus", "0.5", "--features-only"),
+        *("--model-path", str(checkpoint), "--port", str(port), "--torch-threads", "1"),
+    ]
+    log = (tmp_path / "serve.log").open("wb")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""}
+    process = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 90.0
+        ready = False
+        with httpx.Client(timeout=5.0) as client:
+            while time.monotonic() < deadline and process.poll() is None:
+                try:
+                    ready = client.get(f"http://127.0.0.1:{port}/v2/health/ready").is_success
+                except httpx.HTTPError:
+                    ready = False
+                if ready:
+                    break
+                time.sleep(0.5)
+            assert ready, (tmp_path / "serve.log").read_text()[-3000:]
+            answer = client.post(
+                f"http://127.0.0.1:{port}/v1/predict/features",
+                json=features_payload(16, 3),
+                timeout=20.0,
+            )
+        assert answer.status_code == 200, answer.text
+        assert answer.headers[REPLICA_HEADER].startswith("SERVE_REPLICA::")
+        assert answer.json()["model"]["name"] == "tiny"
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=45) == 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+        log.close()
