@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, str] = {
     "preprocess": "preprocess.py",
     "load": "load.py",
     "fusion": "fusion_efficiency.py",
+    "ray": "ray_replicas.py",
 }
 
 
