@@ -1,0 +1,36 @@
+"""Fixtures shared by every test folder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+
+def cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes PyTorch's CPU allocator held during ``fn()`` above what was live at its
+    start (every c10 allocation and free, as recorded by ``torch.profiler``)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())  # type: ignore[union-attr]
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            extra = node.extra_fields
+            events.append((node.start_time_ns, extra.alloc_size, extra.total_allocated))
+        stack.extend(node.children)
+    if not events:
+        return 0
+    events.sort()
+    base = events[0][2] - events[0][1]
+    return max(total for _, _, total in events) - base
+
+
+@pytest.fixture
+def peak_bytes() -> Callable[[Callable[[], object]], int]:
+    """``cpu_peak_bytes``: peak CPU allocation of a call."""
+    return cpu_peak_bytes
