@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+
+# The shared folder beside the repository (CI clones the repo with shared/ next to it).
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_media() -> Path:
+    """The shared real media clips (see shared/media/SOURCES.md)."""
+    media = SHARED / "media"
+    if not media.is_dir():
+        pytest.skip(f"shared media folder not found at {media}")
+    return media
 
 
 def cpu_peak_bytes(fn: Callable[[], object]) -> int:

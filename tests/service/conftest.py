@@ -59,16 +59,6 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def shared_media() -> Path:
-    media = Path(__file__).resolve().parents[1].parent / "shared" / "media"
-    if not media.is_dir():
-        media = REPO.parent / "shared" / "media"
-    if not media.is_dir():
-        pytest.skip("shared media folder not found beside the repository")
-    return media
-
-
-@pytest.fixture(scope="session")
 def real_extractor() -> Any:
     """One warmed real extractor for the whole session (it is thread-safe and shareable)."""
     from preprocessing import Extractor

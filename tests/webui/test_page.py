@@ -46,16 +46,6 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def shared_media() -> Path:
-    media = Path(__file__).resolve().parents[1].parent / "shared" / "media"
-    if not media.is_dir():
-        media = REPO.parent / "shared" / "media"
-    if not media.is_dir():
-        pytest.skip("shared media folder not found beside the repository")
-    return media
-
-
-@pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real server on a free port serving a tiny random checkpoint with the real extractor."""
     from model import CoupledMambaConfig, CoupledMambaForSentiment, save_checkpoint
