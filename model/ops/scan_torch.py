@@ -12,11 +12,13 @@ How it is fast (measured against the alternatives in docs/PERFORMANCE.md, scan s
   several graph nodes per time step.
 
 Forward with gradients keeps every state (L x M x batch x D x N values), like autograd would, but
-nothing else per step. Inference (no input needs a gradient) takes a separate path,
-``_scan_inference``, that holds two states and a few per-step buffers whatever L is: the inputs are
-made time-major one chunk of steps at a time, y = C · h is reduced per step into a preallocated
-buffer, and D, the gate z, delta_bias and softplus are applied per chunk, so the only
-L-sized allocation is the output.
+nothing else per step. Inference (no input needs a gradient) takes a separate path, ``_scan_rows``,
+that holds two states and a few per-step buffers whatever L is: the inputs are made time-major one
+chunk of steps at a time, the state is held state-major (M, batch, N, D) so that y = C · h is one
+batched product per step, an identity coupling skips the mixing product, and D, the gate z,
+delta_bias and softplus are applied per chunk, so the only L-sized allocation is the output.
+``coupled_selective_scan_rows`` is that path for callers whose activations are rows of time steps
+(M, batch, L, X), the model's layout: it needs no (D, L) <-> (L, D) transposes.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from model.ops.validation import check_finite
 
 # Steps per chunk: the output contraction and the backward's reductions work on this many steps at
 # once (bounded temporary memory, few large kernels instead of many small ones).
@@ -210,6 +214,99 @@ class _CoupledScanFunction(torch.autograd.Function):
         )
 
 
+def _is_identity(W: Tensor) -> bool:
+    """Whether the coupling W (M, M) is exactly the identity (a learned W of one modality,
+    softmax of one logit, is exactly [[1.0]]). Mixing with it changes no value, so the per-step
+    matrix product can be skipped."""
+    return bool(torch.equal(W, torch.eye(W.shape[0], dtype=W.dtype, device=W.device)))
+
+
+def _rows_time_major(x: Tensor) -> Tensor:
+    """(M, batch, s, X) -> contiguous (s, M, batch, X)."""
+    return x.permute(2, 0, 1, 3).contiguous()
+
+
+def _scan_rows(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+    W: Tensor | None,
+    h0: Tensor | None,
+    y: Tensor,
+) -> Tensor:
+    """The scan without autograd on rows of time steps; writes y and returns the last state.
+
+    u, delta, z: (M, b, L, D); B, C: (M, b, L, N); y: (M, b, L, D), written (any strides: a
+    transposed view of an (M, b, D, L) output works). Returns the last state (M, b, D, N).
+
+    Memory besides the output: the state twice (ping-pong) and the mixed state, each
+    (M, b, D, N), plus time-major copies of one chunk of inputs. Same recurrence as the
+    autograd path; what differs only moves less data (measured at batch 16, D 256, N 16 on a
+    2-core AVX-512 host: 158 -> 92 us per step):
+    - the state is held state-major, (M, b, N, D), so that every per-step operand is a
+      broadcast along N or D of a contiguous block, and y = C · h is one batched
+      (1, N) @ (N, D) product instead of a product buffer and a reduction over an innermost
+      axis of 16;
+    - an identity W (always so with one modality) skips the per-step mixing product;
+    - no per-step allocation: every step writes preallocated buffers.
+    """
+    compute = torch.float64 if u.dtype == torch.float64 else torch.float32
+    M, batch, length, dim = u.shape
+    n_state = A.shape[-1]
+    rows = M * batch
+    A_b = A.to(compute).transpose(-1, -2).unsqueeze(1).contiguous()  # (M, 1, N, D)
+    D_b = D.to(compute)[:, None, :] if D is not None else None  # (M, 1, D)
+    bias_b = delta_bias.to(compute)[:, None, :] if delta_bias is not None else None  # (M, 1, D)
+    W_c = W.to(compute) if W is not None else None
+    if W_c is not None and _is_identity(W_c):
+        W_c = None
+
+    h = u.new_empty((M, batch, n_state, dim), dtype=compute)  # (M, b, N, D)
+    if h0 is not None:
+        h.copy_(h0.transpose(-1, -2))
+    else:
+        h.zero_()
+    h_next = torch.empty_like(h)
+    mixed = torch.empty_like(h) if W_c is not None else h
+    for t0 in range(0, length, _CHUNK):
+        t1 = min(length, t0 + _CHUNK)
+        steps = t1 - t0
+        u_c = _rows_time_major(u[:, :, t0:t1]).to(compute)  # (s, M, b, D)
+        dt_c = _rows_time_major(delta[:, :, t0:t1]).to(compute)
+        if bias_b is not None:
+            dt_c = dt_c + bias_b
+        if delta_softplus:
+            dt_c = F.softplus(dt_c)
+        dtu_c = (dt_c * u_c).unsqueeze(-2)  # (s, M, b, 1, D)
+        dt_e = dt_c.unsqueeze(-2)  # (s, M, b, 1, D)
+        B_c = _rows_time_major(B[:, :, t0:t1]).to(compute).unsqueeze(-1)  # (s, M, b, N, 1)
+        C_c = _rows_time_major(C[:, :, t0:t1]).to(compute).view(steps, rows, 1, n_state)
+        y_c = torch.empty_like(u_c)  # (s, M, b, D)
+        y_rows = y_c.view(steps, rows, 1, dim)
+        for i in range(steps):
+            if W_c is not None:
+                torch.mm(W_c, h.view(M, -1), out=mixed.view(M, -1))  # sum_k W[m,k] h[k, t-1]
+            else:
+                mixed = h
+            torch.mul(dt_e[i], A_b, out=h_next)
+            h_next.exp_().mul_(mixed).addcmul_(dtu_c[i], B_c[i])
+            h, h_next = h_next, h
+            # y[t] = sum_n C[t, n] h[t, n]: one (1, N) @ (N, D) product per (m, b) row
+            torch.bmm(C_c[i], h.view(rows, n_state, dim), out=y_rows[i])
+        if D_b is not None:
+            y_c = y_c + u_c * D_b
+        if z is not None:
+            y_c = y_c * F.silu(_rows_time_major(z[:, :, t0:t1]).to(compute))
+        y[:, :, t0:t1].copy_(y_c.permute(1, 2, 0, 3))
+    return h.transpose(-1, -2).contiguous()
+
+
 def _scan_inference(
     u: Tensor,
     delta: Tensor,
@@ -225,55 +322,54 @@ def _scan_inference(
 ) -> tuple[Tensor, Tensor]:
     """The whole scan without autograd; returns y (M, b, D, L) in u's dtype and the last state.
 
-    Memory besides the output: the state twice (ping-pong), the mixed state and one product
-    buffer, each (M, b, D, N), plus time-major copies of one chunk of inputs. Same arithmetic
-    as the autograd path, operation for operation.
+    ``_scan_rows`` on (L, X)-transposed views of the inputs and of the output.
     """
-    compute = torch.float64 if u.dtype == torch.float64 else torch.float32
-    M, batch, dim, length = u.shape
-    n_state = A.shape[-1]
-    A_b = A.to(compute).unsqueeze(1)  # (M, 1, D, N)
-    D_b = D.to(compute)[:, None, :] if D is not None else None  # (M, 1, D)
-    bias_b = delta_bias.to(compute)[:, None, :] if delta_bias is not None else None  # (M, 1, D)
-    W_c = W.to(compute) if W is not None else None
+    y = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+    last = _scan_rows(
+        u.transpose(-1, -2), delta.transpose(-1, -2), A, B.transpose(-1, -2),
+        C.transpose(-1, -2), D, z.transpose(-1, -2) if z is not None else None, delta_bias,
+        delta_softplus, W, h0, y.transpose(-1, -2),
+    )  # fmt: skip
+    return y, last
 
-    y = torch.empty((M, batch, dim, length), dtype=u.dtype, device=u.device)
-    if h0 is not None:
-        h = h0.to(compute).clone(memory_format=torch.contiguous_format)
-    else:
-        h = u.new_zeros((M, batch, dim, n_state), dtype=compute)
-    h_next = torch.empty_like(h)
-    mixed = torch.empty_like(h) if W_c is not None else h
-    product = torch.empty_like(h)
-    for t0 in range(0, length, _CHUNK):
-        t1 = min(length, t0 + _CHUNK)
-        u_c = _time_major(u[..., t0:t1]).to(compute)  # (s, M, b, D)
-        dt_c = _time_major(delta[..., t0:t1]).to(compute)
-        if bias_b is not None:
-            dt_c = dt_c + bias_b
-        if delta_softplus:
-            dt_c = F.softplus(dt_c)
-        dtu_c = (dt_c * u_c).unsqueeze(-1)  # (s, M, b, D, 1)
-        dt_e = dt_c.unsqueeze(-1)  # (s, M, b, D, 1)
-        B_c = _time_major(B[..., t0:t1]).to(compute).unsqueeze(3)  # (s, M, b, 1, N)
-        C_c = _time_major(C[..., t0:t1]).to(compute).unsqueeze(3)  # (s, M, b, 1, N)
-        y_c = torch.empty_like(u_c)  # (s, M, b, D)
-        for i in range(t1 - t0):
-            if W_c is not None:
-                torch.mm(W_c, h.view(M, -1), out=mixed.view(M, -1))  # sum_k W[m,k] h[k, t-1]
-            else:
-                mixed = h
-            torch.mul(dt_e[i], A_b, out=h_next)
-            h_next.exp_().mul_(mixed).addcmul_(dtu_c[i], B_c[i])
-            h, h_next = h_next, h
-            torch.mul(h, C_c[i], out=product)
-            torch.sum(product, dim=-1, out=y_c[i])  # y[t] = sum_n C[t, n] h[t, n]
-        if D_b is not None:
-            y_c = y_c + u_c * D_b
-        if z is not None:
-            y_c = y_c * F.silu(_time_major(z[..., t0:t1]).to(compute))
-        y[..., t0:t1].copy_(y_c.permute(1, 2, 3, 0))
-    return y, h
+
+def coupled_selective_scan_rows(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    coupling: Tensor | None = None,
+    initial_state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Inference entry of the torch backend for inputs held as rows of time steps.
+
+    The same scan as ``coupled_selective_scan_torch(u.mT, delta.mT, A, B.mT, C.mT, D, z.mT,
+    coupling=coupling, return_last_state=True, initial_state=initial_state)`` (``.mT`` swaps
+    the last two axes), with delta used as given (no bias, no softplus), without autograd,
+    and laid out the way a model's activations are: no (D, L) <-> (L, D) transposes in or
+    out, which on a CPU cost more than the scan's element-wise steps at batch 16.
+
+    Args:
+        u, delta, z: (M, b, L, D); B, C: (M, b, L, N); A: (M, D, N); D: (M, D);
+        coupling: (M, M) or None (identity); initial_state: (M, b, D, N) or None (zeros).
+
+    Returns:
+        y (M, b, L, D) in u's dtype and the last state (M, b, D, N) in the compute dtype.
+
+    Raises:
+        ValueError: NaN or infinity in an input (the message names it), like
+            ``model.ops.coupled_selective_scan``. Shapes are the caller's to get right.
+    """
+    check_finite(
+        {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "coupling": coupling}
+    )
+    with torch.no_grad():
+        y = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+        last = _scan_rows(u, delta, A, B, C, D, z, None, False, coupling, initial_state, y)
+    return y, last
 
 
 def coupled_selective_scan_torch(

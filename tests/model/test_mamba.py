@@ -360,6 +360,41 @@ def test_backends_give_the_same_model(make_model, batch_of) -> None:
         torch.testing.assert_close(fast_grads[name], grad, rtol=1e-8, atol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize(
+    ("modalities", "coupling"),
+    [(("text", "audio", "visual"), "learned"), (("text", "audio", "visual"), "none"),
+     (("text",), "learned")],
+    ids=["three-learned", "three-none", "text-learned"],
+)  # fmt: skip
+@pytest.mark.parametrize("chunk", [None, 5], ids=["whole", "chunked"])
+def test_inference_path_equals_training_path(
+    make_model, batch_of, modalities: tuple[str, ...], coupling: str, chunk: int | None
+) -> None:
+    """Without gradients the torch backend takes its own path (the conv on (b, L, D) rows,
+    the rows scan, no stacking copy for one modality); it answers what the path that
+    training takes answers (nn.Conv1d, the autograd scan)."""
+    dims = {m: d for m, d in {"text": 7, "audio": 5, "visual": 6}.items() if m in modalities}
+    features, masks = batch_of([12, 7], dims=dims)
+    masks["text"][0, 3:5] = False
+    model = make_model(
+        scan_backend="torch", modalities=modalities, feature_dims=dims, state_coupling=coupling
+    ).double()
+    if coupling == "learned":
+        with torch.no_grad():
+            for layer in model.layers:
+                layer.coupling_logits.normal_()
+    model.set_inference_chunk_size(chunk)
+    features = {m: f.double() for m, f in features.items()}
+    trained = model(features, masks)  # gradients on: the training path, never chunked
+    assert trained.score.requires_grad
+    with torch.no_grad():
+        inferred = model(features, masks)
+    for name in ("score", "logits", "modality_weights"):
+        torch.testing.assert_close(
+            getattr(inferred, name), getattr(trained, name).detach(), rtol=1e-9, atol=1e-10
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # Training, validation, metadata
 # ---------------------------------------------------------------------------------------------
