@@ -1,4 +1,8 @@
-"""FastAPI dependencies: the app's settings, metrics and core, and the optional bearer check."""
+"""FastAPI dependencies: the app's settings, metrics and core, and the optional bearer check.
+
+All are ``async def``: FastAPI runs a plain ``def`` dependency in its thread pool, a thread hop
+per dependency per request for what is an attribute read.
+"""
 
 from __future__ import annotations
 
@@ -14,19 +18,19 @@ from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
 
 
-def get_settings(request: Request) -> ServiceSettings:
+async def get_settings(request: Request) -> ServiceSettings:
     """The settings the app was built with."""
     settings: ServiceSettings = request.app.state.settings
     return settings
 
 
-def get_metrics(request: Request) -> ServiceMetrics:
+async def get_metrics(request: Request) -> ServiceMetrics:
     """The app's metrics (its own registry)."""
     metrics: ServiceMetrics = request.app.state.metrics
     return metrics
 
 
-def get_core(request: Request) -> InferenceCore:
+async def get_core(request: Request) -> InferenceCore:
     """The app's inference core."""
     core: InferenceCore = request.app.state.core
     return core
@@ -39,7 +43,7 @@ CoreDep = Annotated[InferenceCore, Depends(get_core)]
 _bearer = HTTPBearer(auto_error=False, description="the server's CMAMBA_API_KEY, when it has one")
 
 
-def require_api_key(
+async def require_api_key(
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:

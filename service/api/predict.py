@@ -9,17 +9,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 
 from service.api.dependencies import ApiKeyDep, CoreDep, MetricsDep, SettingsDep
+from service.api.features_body import parse_features_body
 from service.api.schemas import FeaturesRequest, PredictResponse, error_responses
 from service.api.uploads import read_body, receive_upload_in_time
 from service.core.types import Prediction
-from service.errors import (
-    InvalidInputError,
-    ServiceError,
-    UnsupportedMediaError,
-)
+from service.errors import ServiceError, UnsupportedMediaError
 from service.metrics import ServiceMetrics
 
 router = APIRouter(tags=["predict"], dependencies=[ApiKeyDep])
@@ -137,10 +133,7 @@ async def predict_features(
             if media_type != "application/json":
                 raise UnsupportedMediaError("send the features as application/json")
             body = await read_body(request, max_bytes=settings.max_upload_bytes)
-            try:
-                payload = FeaturesRequest.model_validate_json(body)
-            except ValidationError as exc:
-                raise InvalidInputError(_describe(exc)) from None
+            payload = parse_features_body(body)
             clip = core.clip_from_features(payload.profile, payload.features, payload.masks)
             prediction = await core.predict_features(
                 clip,
@@ -150,11 +143,3 @@ async def predict_features(
                 attribution=attribution,
             )
     return _answer(prediction, request)
-
-
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors(include_url=False)[:5]:
-        where = ".".join(str(p) for p in err.get("loc", ())) or "body"
-        parts.append(f"{where}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts)

@@ -423,10 +423,10 @@ class InferenceCore:
     def clip_from_features(
         self,
         profile: str,
-        features: Mapping[str, Sequence[Sequence[float]]],
-        masks: Mapping[str, Sequence[bool]] | None = None,
+        features: Mapping[str, np.ndarray | Sequence[Sequence[float]]],
+        masks: Mapping[str, np.ndarray | Sequence[bool]] | None = None,
     ) -> ClipFeatures:
-        """Validate precomputed features against the loaded checkpoint.
+        """Validate precomputed features (arrays or nested lists) against the loaded checkpoint.
 
         Raises:
             FeatureMismatchError: other profile, modality or feature size than the checkpoint.
