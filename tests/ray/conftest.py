@@ -1,4 +1,8 @@
-"""A local Ray instance on CPU serving a tiny random checkpoint with two replicas."""
+"""A local Ray instance on CPU serving a tiny random checkpoint with two replicas.
+
+Clients reach the replicas as in production: through HAProxy (deploy/ray/haproxy.cfg, the
+real binary) in front of Ray Serve's proxy.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,12 +81,25 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class RayStack:
+    url: str  # HAProxy, where clients go
+    ray_proxy_url: str  # Ray Serve's own proxy, behind HAProxy
+    haproxy_metrics_url: str
+    haproxy_log: Path
+    metrics_sd_dir: Path  # where replicas list their own /metrics endpoints
+
+
 @pytest.fixture(scope="module")
-def ray_service(service_settings: dict[str, Any]) -> Iterator[str]:
-    """Two replicas behind the Serve proxy; yields the base URL. Ray is shut down after."""
+def ray_service(
+    service_settings: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RayStack]:
+    """Two replicas behind Ray's proxy behind HAProxy. Ray and HAProxy are stopped after."""
+    from service.ray_front import HAProxyFront
     from service.ray_serve import build_deployment
 
-    port = _free_port()
+    work = tmp_path_factory.mktemp("ray-stack")
+    proxy_port, front_port, metrics_port = _free_port(), _free_port(), _free_port()
     pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     ray.init(
         num_cpus=2,
@@ -89,20 +107,40 @@ def ray_service(service_settings: dict[str, Any]) -> Iterator[str]:
         log_to_driver=False,
         runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}},
     )
+    log = (work / "haproxy.log").open("wb")
+    front = HAProxyFront(
+        bind=f"127.0.0.1:{front_port}",
+        ray_proxy=f"127.0.0.1:{proxy_port}",
+        metrics_bind=f"127.0.0.1:{metrics_port}",
+        output=log,
+    )
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options={"host": "127.0.0.1", "port": proxy_port})
         app = build_deployment(
-            service_settings, num_replicas=2, num_cpus=0.5, health_check_period_s=1.0
+            service_settings,
+            num_replicas=2,
+            num_cpus=0.5,
+            health_check_period_s=1.0,
+            metrics_sd_dir=str(work / "metrics-sd"),
         )
+        front.start()
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-        base = f"http://127.0.0.1:{port}"
-        _wait_ready(base, timeout_s=90.0)
-        yield base
+        stack = RayStack(
+            url=f"http://127.0.0.1:{front_port}",
+            ray_proxy_url=f"http://127.0.0.1:{proxy_port}",
+            haproxy_metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+            haproxy_log=work / "haproxy.log",
+            metrics_sd_dir=work / "metrics-sd",
+        )
+        _wait_ready(stack.url, timeout_s=90.0)
+        yield stack
     finally:
         try:
+            front.stop()
             serve.shutdown()
         finally:
             ray.shutdown()
+            log.close()
 
 
 def _wait_ready(base: str, timeout_s: float) -> None:

@@ -1,7 +1,11 @@
-"""The service on Ray Serve: two CPU replicas, spread, same answers, a replica killed mid-load."""
+"""The service on Ray Serve: two CPU replicas, spread, same answers, a replica killed mid-load.
+
+Every request goes through HAProxy in front of Ray's proxy, as deployed (conftest.py).
+"""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections import Counter
@@ -13,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.main import create_app
 from service.ray_serve import REPLICA_HEADER
@@ -38,9 +43,9 @@ def _concurrent(base: str, bodies: list[dict[str, Any]], workers: int = 8) -> li
 
 
 def test_requests_spread_over_both_replicas(
-    ray_service: str, features_payload: Callable[..., dict[str, Any]]
+    ray_service: Any, features_payload: Callable[..., dict[str, Any]]
 ) -> None:
-    answers = _concurrent(ray_service, [features_payload(16, seed) for seed in range(40)])
+    answers = _concurrent(ray_service.url, [features_payload(16, seed) for seed in range(40)])
     assert [r.status_code for r in answers] == [200] * 40
     replicas = Counter(r.headers[REPLICA_HEADER] for r in answers)
     assert len(replicas) == 2, replicas
@@ -48,7 +53,7 @@ def test_requests_spread_over_both_replicas(
 
 
 def test_answers_equal_the_single_process_service(
-    ray_service: str,
+    ray_service: Any,
     service_settings: dict[str, Any],
     features_payload: Callable[..., dict[str, Any]],
 ) -> None:
@@ -59,65 +64,89 @@ def test_answers_equal_the_single_process_service(
         replies = [local.post("/v1/predict/features", json=body) for body in bodies]
     assert [r.status_code for r in replies] == [200] * len(bodies)
     expected = [r.json() for r in replies]
-    seen: set[str] = set()
-    with httpx.Client(timeout=CLIENT_TIMEOUT_S) as client:
-        for _ in range(5):  # the same inputs on both replicas
-            for body, want in zip(bodies, expected, strict=True):
-                answer = _post(client, ray_service, body)
-                assert answer.status_code == 200, answer.text
-                seen.add(answer.headers[REPLICA_HEADER])
-                got = answer.json()
-                assert got["sentiment"]["score"] == pytest.approx(
-                    want["sentiment"]["score"], abs=1e-5
-                )
-                assert got["sentiment"]["label"] == want["sentiment"]["label"]
-                assert got["model"] == want["model"]
-    assert len(seen) == 2
+    # Concurrent, so both replicas answer: Ray routes sequential requests by its cached
+    # queue lengths, and a stale entry can send a whole sequence to one replica.
+    answers = _concurrent(ray_service.url, bodies * 6)
+    for answer, want in zip(answers, expected * 6, strict=True):
+        assert answer.status_code == 200, answer.text
+        got = answer.json()
+        assert got["sentiment"]["score"] == pytest.approx(want["sentiment"]["score"], abs=1e-5)
+        assert got["sentiment"]["label"] == want["sentiment"]["label"]
+        assert got["model"] == want["model"]
+    assert len({answer.headers[REPLICA_HEADER] for answer in answers}) == 2
 
 
-def test_metrics_carry_the_replica_label(ray_service: str) -> None:
+def test_metrics_carry_the_replica_label(ray_service: Any) -> None:
     replicas: set[str] = set()
-    with httpx.Client(timeout=CLIENT_TIMEOUT_S) as client:
-        for _ in range(20):
-            page = client.get(f"{ray_service}/metrics")
-            assert page.status_code == 200
-            replica = page.headers[REPLICA_HEADER]
-            replicas.add(replica)
-            samples = [
-                line
-                for line in page.text.splitlines()
-                if line.startswith("cmamba_") and not line.startswith("#")
-            ]
-            assert samples
-            assert all(f'replica="{replica}"' in line for line in samples)
-            assert re.search(r"^cmamba_ready\{replica=\"[^\"]+\"\} 1\.0$", page.text, re.M)
+    with httpx.Client(timeout=CLIENT_TIMEOUT_S) as client, ThreadPoolExecutor(8) as pool:
+        for _ in range(5):  # concurrent scrapes through the proxy reach both replicas
+            pages = list(pool.map(lambda _: client.get(f"{ray_service.url}/metrics"), range(16)))
+            for page in pages:
+                assert page.status_code == 200
+                replica = page.headers[REPLICA_HEADER]
+                replicas.add(replica)
+                samples = [
+                    line
+                    for line in page.text.splitlines()
+                    if line.startswith("cmamba_") and not line.startswith("#")
+                ]
+                assert samples
+                assert all(f'replica="{replica}"' in line for line in samples)
+                assert re.search(r"^cmamba_ready\{replica=\"[^\"]+\"\} 1\.0$", page.text, re.M)
             if len(replicas) == 2:
                 break
     assert len(replicas) == 2
 
 
-def test_a_replica_killed_mid_load_leaves_no_request_unanswered(
-    ray_service: str, features_payload: Callable[..., dict[str, Any]]
-) -> None:
-    """Every request gets an answer in time; the survivor serves; Serve replaces the dead one.
+def test_every_replica_lists_its_own_metrics_endpoint(ray_service: Any) -> None:
+    """Each replica serves its own registry on its own port, listed for Prometheus."""
+    replicas = _listed_replicas(ray_service)
+    assert len(replicas) == 2 and len(set(replicas)) == 2, replicas
+    assert all(replica.startswith("SERVE_REPLICA::") for replica in replicas)
 
-    Ray's proxy answers 500 for the requests that were inside the killed replica (it does not
-    retry them, and maps a dead actor to 500); those are at most the client's concurrency.
-    Every request sent after the kill is answered by the survivor.
+
+def _haproxy_sample(stack: Any, name: str, proxy: str = "ray_serve") -> float:
+    """A counter of HAProxy's Prometheus exporter, summed over the samples of ``proxy``."""
+    page = httpx.get(stack.haproxy_metrics_url, timeout=CLIENT_TIMEOUT_S)
+    assert page.status_code == 200
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(page.text)
+        for sample in family.samples
+        if sample.name == name and sample.labels.get("proxy") == proxy
+    )
+
+
+def test_a_replica_killed_mid_load_leaves_no_request_unanswered(
+    ray_service: Any, features_payload: Callable[..., dict[str, Any]]
+) -> None:
+    """Every request gets an answer in time; none is a 500; Serve replaces the dead replica.
+
+    Ray's proxy answers 500 for the requests that were inside the killed replica; HAProxy
+    replays them (Ray routes the replay to the survivor) or, failing that, answers 503 with
+    Retry-After. Every request sent after the kill is answered by the survivor.
     """
     workers = 8
     bodies = [features_payload(64, seed) for seed in range(120)]
+    replays_before = _haproxy_sample(ray_service, "haproxy_backend_retry_warnings_total")
     with httpx.Client(timeout=CLIENT_TIMEOUT_S) as client, ThreadPoolExecutor(workers) as pool:
-        futures = [pool.submit(_post, client, ray_service, body) for body in bodies]
+        futures = [pool.submit(_post, client, ray_service.url, body) for body in bodies]
         victim = futures[0].result(timeout=CLIENT_TIMEOUT_S).headers[REPLICA_HEADER]
+        # Kill it while it holds requests (its own metrics endpoint says how many).
+        _wait_for_inflight(_metrics_endpoints(ray_service)[victim], at_least=2)
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
         answers = [f.result(timeout=2 * CLIENT_TIMEOUT_S) for f in futures]
-        after = [_post(client, ray_service, body) for body in bodies[:20]]
+        after = [_post(client, ray_service.url, body) for body in bodies[:20]]
+    replays = _haproxy_sample(ray_service, "haproxy_backend_retry_warnings_total") - replays_before
     statuses = Counter(r.status_code for r in answers)
-    assert set(statuses) <= {200, 500, 503}, statuses
-    assert statuses[500] <= workers, statuses
-    assert all("retry-after" in r.headers for r in answers if r.status_code == 503)
+    log = ray_service.haproxy_log.read_text(errors="replace")[-3000:]
+    assert set(statuses) <= {200, 503}, f"{statuses}\n{log}"
+    for refused in (r for r in answers if r.status_code == 503):
+        assert int(refused.headers["retry-after"]) >= 1
+        assert refused.json()["error"]["type"]
     assert statuses[200] >= len(bodies) - workers, statuses
+    # The kill did catch requests inside the victim: they were replayed or refused.
+    assert replays + statuses[503] >= 1, f"{statuses}, {replays} replays\n{log}"
     assert [r.status_code for r in after] == [200] * len(after)
     assert victim not in {r.headers[REPLICA_HEADER] for r in after}
 
@@ -126,10 +155,49 @@ def test_a_replica_killed_mid_load_leaves_no_request_unanswered(
     deadline = time.monotonic() + 60.0
     with httpx.Client(timeout=CLIENT_TIMEOUT_S) as client:
         while len(replicas) < 2 and time.monotonic() < deadline:
-            batch = _concurrent(ray_service, [features_payload(16, s) for s in range(8)])
+            batch = _concurrent(ray_service.url, [features_payload(16, s) for s in range(8)])
             replicas |= {r.headers[REPLICA_HEADER] for r in batch if r.status_code == 200}
-            client.get(f"{ray_service}/v2/health/live")
+            client.get(f"{ray_service.url}/v2/health/live")
     assert len(replicas) == 2 and victim not in replicas, replicas
+
+    # Prometheus discovery lists the two live replicas only: the replacement removed the
+    # entry the killed replica could not remove itself.
+    assert sorted(_listed_replicas(ray_service)) == sorted(replicas)
+
+
+def _metrics_endpoints(stack: Any) -> dict[str, str]:
+    """Replica id -> its own metrics URL, from the discovery folder (each one checked)."""
+    found: dict[str, str] = {}
+    for path in sorted(stack.metrics_sd_dir.glob("*.json")):
+        for group in json.loads(path.read_text()):
+            for target in group["targets"]:
+                url = f"http://{target}/metrics"
+                page = httpx.get(url, timeout=CLIENT_TIMEOUT_S)
+                assert page.status_code == 200, target
+                labels = {
+                    sample.labels.get("replica")
+                    for family in text_string_to_metric_families(page.text)
+                    for sample in family.samples
+                    if sample.name.startswith("cmamba_")
+                }
+                assert len(labels) == 1, labels
+                found[labels.pop()] = url
+    return found
+
+
+def _listed_replicas(stack: Any) -> list[str]:
+    return list(_metrics_endpoints(stack))
+
+
+def _wait_for_inflight(url: str, at_least: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        page = httpx.get(url, timeout=CLIENT_TIMEOUT_S)
+        for family in text_string_to_metric_families(page.text):
+            for sample in family.samples:
+                if sample.name == "cmamba_inflight_requests" and sample.value >= at_least:
+                    return
+    raise AssertionError(f"fewer than {at_least} requests in flight at {url}")
 
 
 def test_config_file_builds_the_documented_deployment() -> None:
