@@ -5,6 +5,11 @@
 ``checkpoint`` section (name, version, file hash, library versions), ``training`` (data and
 recipe) and ``metrics``. Loading is strict: every tensor must be present with its shape and
 dtype, and nothing extra may be there.
+
+A checkpoint may also carry its own text encoder layers (``text_encoder.safetensors``, fine-tuned
+top layers of MiniLM applied over the bundled base model; see
+:mod:`model.training.text_tuning`), declared in a ``text_encoder`` section with the file's
+sha256, which loading checks. Its features are then of profile ``tuned-text-v1``.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +31,11 @@ from model.mamba import CoupledMambaForSentiment
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "MODEL_CARD.md"
+TEXT_ENCODER_FILE = "text_encoder.safetensors"
 
-_RESERVED_KEYS = ("checkpoint", "training", "metrics")
+TUNED_TEXT_PROFILE = "tuned-text-v1"
+
+_RESERVED_KEYS = ("checkpoint", "training", "metrics", "text_encoder")
 
 
 class CheckpointError(ValueError):
@@ -44,6 +53,8 @@ class CheckpointInfo:
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     model_card: str = ""
+    # The ``text_encoder`` section with ``path`` (absolute) added; None without one.
+    text_encoder: dict[str, Any] | None = None
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -130,6 +141,8 @@ def save_checkpoint(
     metrics: Mapping[str, Any] | None = None,
     name: str | None = None,
     version: str = "1",
+    text_encoder: str | os.PathLike[str] | None = None,
+    text_encoder_info: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint folder (created if needed; its three files are overwritten).
 
@@ -141,6 +154,9 @@ def save_checkpoint(
         metrics: JSON-ready evaluation results.
         name: the model's name (default: the folder's name).
         version: the model's version string.
+        text_encoder: a file of fine-tuned text encoder layers to ship in the folder (the
+            model's ``feature_profile`` must then be ``tuned-text-v1``); ``text_encoder_info``
+            is recorded beside its sha256 in the ``text_encoder`` section.
 
     Returns:
         The folder's path.
@@ -167,6 +183,27 @@ def save_checkpoint(
     }
     config["training"] = dict(training or {})
     config["metrics"] = dict(metrics or {})
+    tuned_file = folder / TEXT_ENCODER_FILE
+    if text_encoder is not None:
+        if model.config.feature_profile != TUNED_TEXT_PROFILE:
+            raise CheckpointError(
+                f"a text encoder needs feature_profile {TUNED_TEXT_PROFILE!r}, "
+                f"not {model.config.feature_profile!r}"
+            )
+        source = Path(text_encoder)
+        if source.resolve() != tuned_file.resolve():
+            shutil.copyfile(source, tuned_file)
+        config["text_encoder"] = {
+            **dict(text_encoder_info or {}),
+            "file": TEXT_ENCODER_FILE,
+            "sha256": sha256_file(tuned_file),
+        }
+    elif model.config.feature_profile == TUNED_TEXT_PROFILE:
+        raise CheckpointError(
+            f"feature_profile {TUNED_TEXT_PROFILE!r} needs the text encoder layers it was made with"
+        )
+    else:
+        tuned_file.unlink(missing_ok=True)
     text = json.dumps(config, indent=2, sort_keys=False, default=_json_default)
     (folder / CONFIG_FILE).write_text(text + "\n", encoding="utf-8")
 
@@ -231,6 +268,7 @@ def load_checkpoint(
     scan_backend: str = "auto",
     *,
     expected_sha256: str | None = None,
+    expected_text_encoder_sha256: str | None = None,
 ) -> CoupledMambaForSentiment:
     """Load a checkpoint folder into a model in eval mode on ``device``.
 
@@ -240,6 +278,8 @@ def load_checkpoint(
         scan_backend: a name of ``model.ops.BACKENDS``, or "auto" to pick the best one for
             ``device`` (chosen once, here, and kept in ``model.scan_backend``).
         expected_sha256: when given, ``model.safetensors`` must have this sha256 (hex).
+        expected_text_encoder_sha256: when given, the checkpoint must ship a text encoder file
+            with this sha256 (its config's own record is always checked).
 
     Returns:
         The model, with ``model.checkpoint_info`` (:class:`CheckpointInfo`) attached.
@@ -288,6 +328,14 @@ def load_checkpoint(
     model.eval()
     model.set_scan_backend(scan_backend)
 
+    text_encoder = _text_encoder_section(folder, raw, config)
+    if expected_text_encoder_sha256 is not None and (
+        text_encoder is None or text_encoder["sha256"] != expected_text_encoder_sha256.lower()
+    ):
+        found = text_encoder["sha256"] if text_encoder else "none"
+        raise CheckpointError(
+            f"{folder}: text encoder sha256 {found}, expected {expected_text_encoder_sha256}"
+        )
     card_path = folder / CARD_FILE
     section = raw.get("checkpoint") or {}
     model.checkpoint_info = CheckpointInfo(
@@ -298,5 +346,29 @@ def load_checkpoint(
         training=dict(raw.get("training") or {}),
         metrics=dict(raw.get("metrics") or {}),
         model_card=card_path.read_text(encoding="utf-8") if card_path.is_file() else "",
+        text_encoder=text_encoder,
     )
     return model
+
+
+def _text_encoder_section(
+    folder: Path, raw: Mapping[str, Any], config: CoupledMambaConfig
+) -> dict[str, Any] | None:
+    """Check the ``text_encoder`` section and its file; the section with ``path`` added."""
+    section = raw.get("text_encoder")
+    if section is None:
+        if config.feature_profile == TUNED_TEXT_PROFILE:
+            raise CheckpointError(
+                f"checkpoint {folder} takes {TUNED_TEXT_PROFILE} features but has no "
+                "text_encoder section"
+            )
+        return None
+    if not isinstance(section, dict) or not isinstance(section.get("sha256"), str):
+        raise CheckpointError(f"checkpoint {folder}: text_encoder must hold a sha256")
+    path = folder / str(section.get("file") or TEXT_ENCODER_FILE)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {folder} has no {path.name}")
+    digest = sha256_file(path)
+    if digest != section["sha256"].lower():
+        raise CheckpointError(f"{path} has sha256 {digest}, expected {section['sha256']}")
+    return {**section, "path": str(path.resolve())}

@@ -21,6 +21,7 @@ from preprocessing.settings import ExtractorSettings
 from preprocessing.text import TextEncoder, align_text, uniform_word_times
 
 PROFILE_NAME = "default-v1"
+TUNED_PROFILE_NAME = "tuned-text-v1"  # with ExtractorSettings.text_tuning_path
 
 
 @contextmanager
@@ -140,7 +141,8 @@ class Extractor:
     @property
     def profile(self) -> FeatureProfile:
         """The feature profile this extractor produces."""
-        return PROFILES[PROFILE_NAME]
+        tuned = self.settings.text_tuning_path is not None
+        return PROFILES[TUNED_PROFILE_NAME if tuned else PROFILE_NAME]
 
     @property
     def dims(self) -> dict[str, int]:
@@ -153,7 +155,10 @@ class Extractor:
         with self._lock:
             if self._text_encoder is None:
                 self._text_encoder = TextEncoder(
-                    self.settings.text_model_dir, torch_threads=self.settings.torch_threads
+                    self.settings.text_model_dir,
+                    torch_threads=self.settings.torch_threads,
+                    tuning=self.settings.text_tuning_path,
+                    tuning_sha256=self.settings.text_tuning_sha256,
                 )
             return self._text_encoder
 
@@ -335,7 +340,7 @@ class Extractor:
             present=tuple(m for m in self.modalities if bool(masks[m].any())),
         )
         return FeatureBundle(
-            profile=PROFILE_NAME,
+            profile=self.profile.name,
             rate_hz=rate,
             length=length,
             features=features,

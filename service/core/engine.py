@@ -67,8 +67,16 @@ class CoreState(enum.StrEnum):
     FAILED = "failed"
 
 
-def default_extractor(settings: ServiceSettings, modalities: Sequence[str]) -> FeatureExtractor:
-    """The real feature extractor, limited to ``modalities`` (nothing else is loaded)."""
+def default_extractor(
+    settings: ServiceSettings,
+    modalities: Sequence[str],
+    text_encoder: Mapping[str, Any] | None = None,
+) -> FeatureExtractor:
+    """The real feature extractor, limited to ``modalities`` (nothing else is loaded).
+
+    ``text_encoder`` is a checkpoint's ``text_encoder`` section (``CheckpointInfo``): its
+    fine-tuned layers are applied over the bundled text model, hash checked.
+    """
     from preprocessing import Extractor, ExtractorSettings
 
     options: dict[str, Any] = {
@@ -76,19 +84,13 @@ def default_extractor(settings: ServiceSettings, modalities: Sequence[str]) -> F
         "max_file_bytes": settings.max_upload_bytes,
     }
     options.update(settings.extractor_options)
+    if text_encoder is not None:
+        options["text_tuning_path"] = Path(text_encoder["path"])
+        options["text_tuning_sha256"] = text_encoder["sha256"]
     extractor: FeatureExtractor = Extractor(
         ExtractorSettings(**options), modalities=tuple(modalities)
     )
     return extractor
-
-
-def pinned_sha256(path: Path) -> str | None:
-    """The pinned weights hash when ``path`` is the embedded default checkpoint, else None."""
-    from model.checkpoints import DEFAULT_CHECKPOINT_SHA256, default_checkpoint_path
-
-    if DEFAULT_CHECKPOINT_SHA256 and default_checkpoint_path().resolve() == path.resolve():
-        return DEFAULT_CHECKPOINT_SHA256
-    return None
 
 
 class InferenceCore:
@@ -174,12 +176,13 @@ class InferenceCore:
         if model is None:
             self.check()
             from model import load_checkpoint
+            from model.checkpoints import pinned_hashes
 
             model = load_checkpoint(
                 s.model_path,
                 device=device,
                 scan_backend=s.scan_backend,
-                expected_sha256=pinned_sha256(s.model_path),
+                **pinned_hashes(s.model_path),
             )
         else:
             model = model.to(device).eval()
@@ -262,7 +265,10 @@ class InferenceCore:
                     f"the checkpoint's feature sizes differ from profile {profile.name!r} "
                     f"(checkpoint, profile): {wrong}"
                 )
-            source = default_extractor(self.settings, modalities)
+            info = self._model.checkpoint_info if self._model is not None else None
+            source = default_extractor(
+                self.settings, modalities, info.text_encoder if info else None
+            )
         pool = ExtractionPool(source, self.settings.extract_workers)
         pool.warmup()
         return pool
@@ -296,6 +302,11 @@ class InferenceCore:
                 "sha256": info.sha256 if info else None,
                 "training": info.training if info else {},
                 "metrics": info.metrics if info else {},
+                "text_encoder": (
+                    {k: v for k, v in info.text_encoder.items() if k != "path"}
+                    if info and info.text_encoder
+                    else None
+                ),
             },
             "model_card": info.model_card if info else None,
         }

@@ -194,3 +194,57 @@ def test_loading_leaves_the_global_rng_alone(trained, tmp_path: Path) -> None:
     torch.manual_seed(123)
     load_checkpoint(tmp_path)
     assert torch.equal(torch.rand(3), expected)
+
+
+def _tuning_file(path: Path) -> Path:
+    save_file({"encoder.layer.5.output.dense.bias": torch.linspace(-1, 1, 384)}, str(path))
+    return path
+
+
+def test_text_encoder_ships_in_the_folder_and_is_checked(make_model, tmp_path: Path) -> None:
+    model = make_model(feature_profile="tuned-text-v1")
+    source = _tuning_file(tmp_path / "layers.safetensors")
+    folder = save_checkpoint(
+        model, tmp_path / "ckpt", text_encoder=source, text_encoder_info={"tuned_layers": [5]}
+    )
+    shipped = folder / "text_encoder.safetensors"
+    assert shipped.read_bytes() == source.read_bytes()
+    section = json.loads((folder / "config.json").read_text())["text_encoder"]
+    assert section["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert section["tuned_layers"] == [5] and section["file"] == shipped.name
+
+    info = load_checkpoint(folder).checkpoint_info
+    assert info is not None and info.text_encoder is not None
+    assert Path(info.text_encoder["path"]) == shipped.resolve()
+    assert info.text_encoder["sha256"] == section["sha256"]
+
+    data = bytearray(shipped.read_bytes())
+    data[-1] ^= 0x01
+    shipped.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(folder)
+    shipped.unlink()
+    with pytest.raises(CheckpointError, match=r"has no text_encoder\.safetensors"):
+        load_checkpoint(folder)
+
+    # Saving again without a text encoder removes the stale file and the section.
+    plain = make_model()
+    save_checkpoint(plain, folder)
+    assert not shipped.exists()
+    assert load_checkpoint(folder).checkpoint_info.text_encoder is None
+
+
+def test_text_encoder_and_profile_must_agree(make_model, tmp_path: Path) -> None:
+    layers = _tuning_file(tmp_path / "layers.safetensors")
+    with pytest.raises(CheckpointError, match="tuned-text-v1"):
+        save_checkpoint(make_model(), tmp_path / "a", text_encoder=layers)
+    with pytest.raises(CheckpointError, match="needs the text encoder"):
+        save_checkpoint(make_model(feature_profile="tuned-text-v1"), tmp_path / "b")
+    folder = save_checkpoint(
+        make_model(feature_profile="tuned-text-v1"), tmp_path / "c", text_encoder=layers
+    )
+    config = json.loads((folder / "config.json").read_text())
+    del config["text_encoder"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="no text_encoder section"):
+        load_checkpoint(folder)
