@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from service.api.dependencies import ApiKeyDep, CoreDep, MetricsDep, SettingsDep
+from service.api.dependencies import ApiKeyDep, PartsDep
 from service.api.features_body import parse_features_body
 from service.api.schemas import FeaturesRequest, PredictResponse, error_responses
 from service.api.uploads import read_body, receive_upload_in_time
@@ -85,12 +85,11 @@ def _answer(prediction: Prediction, request: Request) -> JSONResponse:
 )
 async def predict_media(
     request: Request,
-    core: CoreDep,
-    settings: SettingsDep,
-    metrics: MetricsDep,
+    parts: PartsDep,
     attribution: AttributionQuery = False,
 ) -> JSONResponse:
     """Score a video or audio clip sent as multipart ``file`` (optional ``transcript``)."""
+    core, settings, metrics = parts.core, parts.settings, parts.metrics
     with _count_rejections(metrics):
         async with core.admit():
             core.require_media()  # before reading the body
@@ -116,9 +115,7 @@ async def predict_media(
 )
 async def predict_features(
     request: Request,
-    core: CoreDep,
-    settings: SettingsDep,
-    metrics: MetricsDep,
+    parts: PartsDep,
     attribution: AttributionQuery = False,
 ) -> JSONResponse:
     """Score precomputed features in the loaded checkpoint's feature profile.
@@ -126,6 +123,7 @@ async def predict_features(
     Features of another profile, modality set or size than the checkpoint's are refused with
     422 ``feature_mismatch``.
     """
+    core, settings, metrics = parts.core, parts.settings, parts.metrics
     with _count_rejections(metrics):
         async with core.admit():
             deadline = time.monotonic() + settings.request_timeout_s
