@@ -4,8 +4,10 @@ Each replica builds its own app with :func:`service.main.create_app` (so each ke
 micro-batcher, model worker and metrics registry) behind ``@serve.ingress``. Ray is imported
 only when a deployment is built; nothing runs at import.
 
-Every answer carries ``x-cmamba-replica`` (the replica's Ray id), and ``GET /metrics`` adds a
-constant ``replica`` label to every sample of the replica's own registry. A scrape through
+Every answer carries ``x-cmamba-replica`` (the replica's full Ray id, also its actor name),
+and ``GET /metrics`` adds a constant ``replica`` label to every sample of the replica's own
+registry: the replica's short Ray id, the value Ray's own ``ray_serve_replica_*`` metrics
+carry in their ``replica`` label. A scrape through
 Ray's proxy reaches one replica only, so each replica also serves that labelled registry on a
 port of its own and lists it for Prometheus's file-based discovery
 (:class:`ReplicaMetricsEndpoint`): one scrape job then covers every replica.
@@ -211,25 +213,32 @@ def build_replica_app(
     settings: ServiceSettings,
     replica: str,
     *,
+    label: str | None = None,
     metrics_port: int | None = None,
     metrics_sd_dir: str | Path | None = None,
     advertise: str | None = None,
 ) -> FastAPI:
     """The single-process app, tagged with ``replica`` and started only once warm.
 
-    With ``metrics_port`` (0: any free port), the replica also serves its labelled registry
-    on that port and lists it in ``metrics_sd_dir`` (see :class:`ReplicaMetricsEndpoint`),
-    under the address ``advertise`` (default: the host name).
+    Answers carry ``replica`` in ``x-cmamba-replica``; metrics carry ``label`` (default:
+    ``replica``) in their ``replica`` label. With ``metrics_port`` (0: any free port), the
+    replica also serves its labelled registry on that port and lists it in
+    ``metrics_sd_dir`` (see :class:`ReplicaMetricsEndpoint`), under the address
+    ``advertise`` (default: the host name).
     """
     from service.main import create_app
 
     app = create_app(settings)
     app.state.core.check()
-    labelled = replica_labelled_registry(app.state.metrics.registry, replica)
+    labelled = replica_labelled_registry(app.state.metrics.registry, label or replica)
     endpoint = None
     if metrics_port is not None:
         endpoint = ReplicaMetricsEndpoint(
-            labelled, replica, sd_dir=metrics_sd_dir, port=metrics_port, advertise=advertise
+            labelled,
+            label or replica,
+            sd_dir=metrics_sd_dir,
+            port=metrics_port,
+            advertise=advertise,
         )
     app.state.replica_metrics = endpoint
     app.router.lifespan_context = _wait_warm(app.router.lifespan_context, endpoint)
@@ -296,11 +305,14 @@ def build_deployment(
 
             context = serve.get_replica_context()
             self.replica = context.replica_id.to_full_id_str()
+            self.label = context.replica_id.unique_id  # Ray's own replica label value
             self.settings = ServiceSettings(**overrides)
             self.metrics = {**metrics, "advertise": ray.util.get_node_ip_address()}
 
         def __serve_build_asgi_app__(self) -> FastAPI:
-            self.service_app = build_replica_app(self.settings, self.replica, **self.metrics)
+            self.service_app = build_replica_app(
+                self.settings, self.replica, label=self.label, **self.metrics
+            )
             return self.service_app
 
         def __del__(self) -> None:

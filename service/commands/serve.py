@@ -128,6 +128,7 @@ def run_ray(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     With ``--front haproxy`` (the default), HAProxy listens on ``--port`` and Ray's proxy on
     a loopback port behind it (``service.ray_front``).
     """
+    import signal
     import sys
 
     import ray
@@ -155,7 +156,13 @@ def run_ray(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     else:
         http_options = {"host": args.host, "port": args.port}
 
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
     ray.init(address=args.ray_address, _temp_dir=args.ray_temp_dir)
+    # After ray.init, which installs its own handler (kill the local Ray, exit 1): SIGTERM
+    # (docker stop, systemd) stops in order like Ctrl-C, HAProxy first, and exits 0.
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         serve.start(http_options=http_options)
         app = build_deployment(

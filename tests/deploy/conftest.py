@@ -11,9 +11,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -351,24 +353,14 @@ class PrometheusServer:
         return body["data"]
 
 
-@pytest.fixture(scope="session")
-def prometheus(
-    live_service: Process, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[PrometheusServer]:
-    """Debian's Prometheus on loopback, scraping the live service every second.
-
-    The cmamba job also has a target where nothing listens, so the down alert has something
-    to catch.
-    """
+def launch_prometheus(
+    work: Path, config_for: Callable[[str], dict[str, Any]]
+) -> tuple[Process, str]:
+    """Debian's Prometheus on a free loopback port with ``config_for(listen address)``."""
     binary = find_tool("prometheus")
-    work = tmp_path_factory.mktemp("prometheus")
-    port, dead_port = free_port(), free_port()
-    listen = f"127.0.0.1:{port}"
-    dead_target = f"127.0.0.1:{dead_port}"
+    listen = f"127.0.0.1:{free_port()}"
     config_path = work / "prometheus.yml"
-    config_path.write_text(
-        yaml.safe_dump(prometheus_config(live_service.url, [dead_target], listen))
-    )
+    config_path.write_text(yaml.safe_dump(config_for(listen)))
     args = [binary, f"--config.file={config_path}", f"--storage.tsdb.path={work / 'data'}",
             f"--web.listen-address={listen}", "--log.level=warn"]  # fmt: skip
     process = start_process("prometheus", args, work / "prometheus.log", f"http://{listen}")
@@ -379,6 +371,27 @@ def prometheus(
             timeout=30,
             process=process,
         )
+    except BaseException:
+        process.stop()
+        raise
+    return process, listen
+
+
+@pytest.fixture(scope="session")
+def prometheus(
+    live_service: Process, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PrometheusServer]:
+    """Debian's Prometheus on loopback, scraping the live service every second.
+
+    The cmamba job also has a target where nothing listens, so the down alert has something
+    to catch.
+    """
+    dead_target = f"127.0.0.1:{free_port()}"
+    process, _ = launch_prometheus(
+        tmp_path_factory.mktemp("prometheus"),
+        lambda listen: prometheus_config(live_service.url, [dead_target], listen),
+    )
+    try:
         server = PrometheusServer(process, dead_target)
         # Traffic sent from here on lands between two scrapes, so rates see it.
         live = urllib.parse.urlsplit(live_service.url).netloc
@@ -386,5 +399,124 @@ def prometheus(
             f'up{{job="cmamba", instance="{live}"}} == 1', bool, "a first scrape of the service"
         )
         yield server
+    finally:
+        process.stop()
+
+
+# --- the service on Ray Serve, and Prometheus with deploy/ray/prometheus.yml -----------------
+
+
+@dataclass
+class RayServeStack:
+    """``cmamba serve --engine ray``: HAProxy at ``process.url``, two replicas behind Ray."""
+
+    process: Process
+    haproxy_metrics: str  # host:port of HAProxy's Prometheus exporter
+    metrics_sd_dir: Path  # where the replicas list their own /metrics
+    ray_temp_dir: Path  # Ray's session folder, with Ray's Prometheus discovery file
+
+    def interrupt(self, timeout: float = 90.0) -> int:
+        """Ctrl-C, as a user stops the command; returns its exit code."""
+        popen = self.process.popen
+        if popen.poll() is None:
+            popen.send_signal(signal.SIGINT)
+            try:
+                popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(popen.pid, signal.SIGKILL)
+                popen.wait(timeout=10)
+        return popen.returncode
+
+
+@pytest.fixture(scope="module")
+def ray_stack(
+    tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RayServeStack]:
+    """``cmamba serve --engine ray`` with two CPU replicas of the tiny checkpoint, once ready.
+
+    Ray gets a session folder of its own (a short path: Ray's sockets live in it), so its
+    Prometheus discovery file is this instance's.
+    """
+    work = tmp_path_factory.mktemp("ray-serve")
+    ray_temp = Path(tempfile.mkdtemp(prefix="cmr", dir="/tmp"))
+    port, haproxy_metrics = free_port(), f"127.0.0.1:{free_port()}"
+    args = [sys.executable, "-m", "service.cli", "serve", "--engine", "ray",
+            "--replicas", "2", "--num-cpus", "0.5", "--host", "127.0.0.1", "--port", str(port),
+            "--haproxy-metrics-port", haproxy_metrics.rpartition(":")[2],
+            "--metrics-sd-dir", str(work / "metrics-sd"), "--ray-temp-dir", str(ray_temp),
+            "--model-path", str(tiny_checkpoint), "--features-only", "--device", "cpu",
+            "--torch-threads", "1", "--max-batch-size", "4",
+            "--max-upload-bytes", str(MAX_UPLOAD_BYTES)]  # fmt: skip
+    log_path = work / "serve.log"
+    with log_path.open("wb") as log:
+        popen = subprocess.Popen(
+            args,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C is sent by the test, not by the terminal
+            # Ray's agents report every second instead of every ten (test speed only).
+            env={
+                **os.environ,
+                "OMP_NUM_THREADS": "1",
+                "RAY_ADDRESS": "",
+                "RAY_metrics_report_interval_ms": "1000",
+            },
+        )
+    stack = RayServeStack(
+        Process("cmamba serve --engine ray", popen, log_path, f"http://127.0.0.1:{port}"),
+        haproxy_metrics,
+        work / "metrics-sd",
+        ray_temp,
+    )
+    try:
+        wait_until(
+            lambda: http_json(stack.process.url + "/v2/health/ready", timeout=2)[0] == 200,
+            "the Ray Serve replicas to be ready behind HAProxy",
+            timeout=150,
+            process=stack.process,
+        )
+        yield stack
+    finally:
+        stack.interrupt()
+        shutil.rmtree(ray_temp, ignore_errors=True)
+
+
+def ray_prometheus_config(stack: RayServeStack, listen: str) -> dict[str, Any]:
+    """deploy/ray/prometheus.yml made to run here: 1 s intervals, this stack's paths and ports.
+
+    The jobs, their discovery mechanisms and the rule files are the shipped ones; only the
+    discovery file paths and the addresses change.
+    """
+    shipped = yaml.safe_load((REPO / "deploy/ray/prometheus.yml").read_text())
+    config = dict(shipped)
+    config["global"] = {**shipped["global"], "scrape_interval": "1s", "scrape_timeout": "1s",
+                        "evaluation_interval": "1s"}  # fmt: skip
+    config["rule_files"] = [str(REPO / "deploy/ray" / pattern) for pattern in shipped["rule_files"]]
+    jobs = {job["job_name"]: dict(job) for job in shipped["scrape_configs"]}
+    (cmamba_sd,) = jobs["cmamba"]["file_sd_configs"]
+    jobs["cmamba"]["file_sd_configs"] = [
+        {**cmamba_sd, "files": [str(stack.metrics_sd_dir / "*.json")]}
+    ]
+    (ray_sd,) = jobs["ray"]["file_sd_configs"]
+    discovery = stack.ray_temp_dir / Path(ray_sd["files"][0]).name
+    jobs["ray"]["file_sd_configs"] = [{**ray_sd, "files": [str(discovery)]}]
+    jobs["haproxy"]["static_configs"] = [{"targets": [stack.haproxy_metrics]}]
+    jobs["prometheus"]["static_configs"] = [{"targets": [listen]}]
+    config["scrape_configs"] = list(jobs.values())
+    return config
+
+
+@pytest.fixture(scope="module")
+def ray_prometheus(
+    ray_stack: RayServeStack, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PrometheusServer]:
+    """Debian's Prometheus with deploy/ray/prometheus.yml, scraping ``ray_stack`` every second."""
+    process, _ = launch_prometheus(
+        tmp_path_factory.mktemp("prometheus-ray"),
+        lambda listen: ray_prometheus_config(ray_stack, listen),
+    )
+    try:
+        yield PrometheusServer(process, dead_target="")
     finally:
         process.stop()

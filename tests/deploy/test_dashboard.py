@@ -26,8 +26,22 @@ def test_dashboard_identity_and_variables(dashboard: dict[str, Any]) -> None:
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
-    for name in ("instance", "endpoint"):
+    for name in ("instance", "replica", "endpoint"):
         assert variables[name]["includeAll"] and variables[name]["allValue"] == ".*"
+    # All must also match series without the label: a single-host service has no replica.
+    assert re.fullmatch(variables["replica"]["allValue"], "")
+
+
+def test_every_service_selector_honours_instance_and_replica(
+    dashboard: dict[str, Any], metric_names: Callable[[str], set[str]]
+) -> None:
+    """Each cmamba_* selector filters by the instance and replica variables."""
+    selector = re.compile(r"\b(cmamba_\w+)(\{[^}]*\})?")
+    for panel in non_row_panels(dashboard):
+        for expr in exprs_of(panel):
+            for name, labels in selector.findall(expr):
+                assert 'instance=~"$instance"' in labels, f"{panel['title']}: {name}{labels}"
+                assert 'replica=~"$replica"' in labels, f"{panel['title']}: {name}{labels}"
 
 
 def test_every_panel_is_well_formed(dashboard: dict[str, Any]) -> None:
@@ -82,6 +96,11 @@ def test_dashboard_shows_what_operators_need(
         "torch GPU memory": uses("cmamba_gpu_memory_reserved_bytes"),
         "DCGM GPU memory": uses("DCGM_FI_DEV_FB_USED"),
         "model info": uses("cmamba_model_info"),
+        "requests per replica": lambda e: "by (replica)" in e and "cmamba_requests_total" in e,
+        "Ray Serve requests": uses("ray_serve_num_http_requests_total"),
+        "Ray Serve latency": uses("ray_serve_http_request_latency_ms_bucket"),
+        "Ray Serve healthy replicas": uses("ray_serve_deployment_replica_healthy"),
+        "failover replays": uses("haproxy_backend_retry_warnings_total"),
     }
     missing = [need for need, predicate in needs.items() if not panels_with(predicate)]
     assert not missing, f"no panel shows: {missing}"

@@ -85,13 +85,14 @@ def test_metrics_carry_the_replica_label(ray_service: Any) -> None:
                 assert page.status_code == 200
                 replica = page.headers[REPLICA_HEADER]
                 replicas.add(replica)
+                label = _label_of(replica)
                 samples = [
                     line
                     for line in page.text.splitlines()
                     if line.startswith("cmamba_") and not line.startswith("#")
                 ]
                 assert samples
-                assert all(f'replica="{replica}"' in line for line in samples)
+                assert all(f'replica="{label}"' in line for line in samples)
                 assert re.search(r"^cmamba_ready\{replica=\"[^\"]+\"\} 1\.0$", page.text, re.M)
             if len(replicas) == 2:
                 break
@@ -102,7 +103,13 @@ def test_every_replica_lists_its_own_metrics_endpoint(ray_service: Any) -> None:
     """Each replica serves its own registry on its own port, listed for Prometheus."""
     replicas = _listed_replicas(ray_service)
     assert len(replicas) == 2 and len(set(replicas)) == 2, replicas
-    assert all(replica.startswith("SERVE_REPLICA::") for replica in replicas)
+    answered = {r.headers[REPLICA_HEADER] for r in _concurrent(ray_service.url, [{}] * 16)}
+    assert {_label_of(replica) for replica in answered} <= set(replicas)
+
+
+def _label_of(replica: str) -> str:
+    """The ``replica`` label value of a replica: its short Ray id, as Ray's own metrics use."""
+    return replica.rsplit("#", 1)[-1]
 
 
 def _haproxy_sample(stack: Any, name: str, proxy: str = "ray_serve") -> float:
@@ -133,7 +140,7 @@ def test_a_replica_killed_mid_load_leaves_no_request_unanswered(
         futures = [pool.submit(_post, client, ray_service.url, body) for body in bodies]
         victim = futures[0].result(timeout=CLIENT_TIMEOUT_S).headers[REPLICA_HEADER]
         # Kill it while it holds requests (its own metrics endpoint says how many).
-        _wait_for_inflight(_metrics_endpoints(ray_service)[victim], at_least=2)
+        _wait_for_inflight(_metrics_endpoints(ray_service)[_label_of(victim)], at_least=2)
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
         answers = [f.result(timeout=2 * CLIENT_TIMEOUT_S) for f in futures]
         after = [_post(client, ray_service.url, body) for body in bodies[:20]]
@@ -162,7 +169,7 @@ def test_a_replica_killed_mid_load_leaves_no_request_unanswered(
 
     # Prometheus discovery lists the two live replicas only: the replacement removed the
     # entry the killed replica could not remove itself.
-    assert sorted(_listed_replicas(ray_service)) == sorted(replicas)
+    assert sorted(_listed_replicas(ray_service)) == sorted(map(_label_of, replicas))
 
 
 def _metrics_endpoints(stack: Any) -> dict[str, str]:

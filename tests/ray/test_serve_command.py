@@ -1,4 +1,4 @@
-"""``cmamba serve --engine ray``: the one command starts Ray Serve and stops it on Ctrl-C."""
+"""``cmamba serve --engine ray``: the one command starts Ray Serve behind HAProxy and stops both."""
 
 from __future__ import annotations
 
@@ -28,14 +28,20 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_serve_engine_ray_answers_and_stops_on_interrupt(
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_serve_engine_ray_answers_and_stops_on_sigterm(
     checkpoint: Path, features_payload: Callable[..., dict[str, Any]], tmp_path: Path
 ) -> None:
-    port = _free_port()
+    port, haproxy_metrics = _free_port(), _free_port()
     command = [
         *(sys.executable, "-m", "service.cli", "serve", "--engine", "ray"),
         *("--replicas", "1", "--num-cpus", "0.5", "--features-only"),
         *("--model-path", str(checkpoint), "--port", str(port), "--torch-threads", "1"),
+        *("--haproxy-metrics-port", str(haproxy_metrics), "--metrics-sd-dir", str(tmp_path)),
     ]
     log = (tmp_path / "serve.log").open("wb")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""}
@@ -63,8 +69,14 @@ def test_serve_engine_ray_answers_and_stops_on_interrupt(
         assert answer.status_code == 200, answer.text
         assert answer.headers[REPLICA_HEADER].startswith("SERVE_REPLICA::")
         assert answer.json()["model"]["name"] == "tiny"
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=45) == 0
+        # HAProxy is the front: its exporter counts the answer it passed on.
+        front = httpx.get(f"http://127.0.0.1:{haproxy_metrics}/metrics", timeout=5.0).text
+        assert 'haproxy_backend_http_responses_total{proxy="ray_serve",code="2xx"}' in front
+        assert len(list(tmp_path.glob("*.json"))) == 1  # the replica's metrics endpoint
+        process.send_signal(signal.SIGTERM)  # docker stop, systemd
+        assert process.wait(timeout=45) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+        assert not _listening(port) and not _listening(haproxy_metrics)
+        assert list(tmp_path.glob("*.json")) == []
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
