@@ -3,16 +3,18 @@
 Starts ``cmamba serve`` processes on free ports and drives them with concurrent HTTP clients:
 
 - ``POST /v1/predict/features`` at concurrency 1, 8 and 32, with micro-batching off
-  (``max_batch_size`` 1) and on (``--batch-size``, default 16, ``max_batch_delay_ms`` 5);
+  (``max_batch_size`` 1) and on (``--batch-size``, default 16, ``max_batch_delay_ms`` 5): both
+  servers run at once and each cell alternates between them (``--repeats`` runs each);
 - ``POST /v1/predict`` with a shared clip (feature extraction included), batching on.
 
-It prints requests per second and p50 / p99 latency per cell, the batching ratio at the highest
+It prints requests per second, p50 / p99 latency and the server's CPU time per request per
+cell, the host's load average, the batching ratio at the highest
 concurrency (target: at least 3x the requests per second of no batching, with p99 no worse than
 2x), and with ``--write-docs`` rewrites the ``load`` section of docs/PERFORMANCE.md.
 
 Usage::
 
-    python bench/load.py [--checkpoint DIR] [--duration 8] [--write-docs]
+    python bench/load.py [--checkpoint DIR] [--duration 5] [--repeats 2] [--write-docs]
 
 The clients run on the same machine as the server: on a small CPU host they take cores from it,
 so compare the ratios measured side by side in one run rather than absolute numbers.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import mimetypes
 import os
 import platform
@@ -60,6 +63,15 @@ class Cell:
     batch_sizes: list[int]
     stage_ms: dict[str, float]
     timings: list[dict[str, float]]
+    load: float  # the host's 1-minute load average (the higher of before and after the cell)
+    server_cpu_s: float | None = None  # CPU seconds the server process used during the cell
+
+    @property
+    def server_cpu_ms(self) -> float:
+        """Server CPU time per answered request (all its threads), ms; nan when unknown."""
+        if self.server_cpu_s is None or not self.requests:
+            return float("nan")
+        return self.server_cpu_s / self.requests * 1000.0
 
     @property
     def rps(self) -> float:
@@ -117,6 +129,14 @@ class Server:
             time.sleep(0.25)
         raise TimeoutError("server did not become ready")
 
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU time of the server process so far (Linux /proc), else None."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -139,6 +159,7 @@ async def _drive(
     duration: float,
     warmup_requests: int,
 ) -> tuple[list[float], list[int], int, float, list[dict[str, Any]]]:
+    """httpx clients (multipart uploads)."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
         for _ in range(warmup_requests):
@@ -170,8 +191,96 @@ async def _drive(
     return latencies, batch_sizes, refused, seconds, bodies
 
 
+class RawJsonPoster:
+    """A lean HTTP/1.1 keep-alive client for one JSON POST, on asyncio streams.
+
+    The features cells run hundreds of requests per second from a client process that shares
+    the server's two cores; httpx spent 2.5-4.3 ms of CPU per request there (measured with
+    /proc CPU times), more than the server's HTTP and JSON work, so the client's own cost
+    decided the numbers. This client sends the same bytes (request line, Host, Content-Type,
+    Content-Length, the JSON body) and reads the status, headers and Content-Length body.
+    """
+
+    def __init__(self, url: str, path: str, body: bytes) -> None:
+        netloc = url.split("://", 1)[1]
+        host, _, port = netloc.partition(":")
+        self.host, self.port = host, int(port or 80)
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {netloc}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        self.request = head.encode("latin-1") + body
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection(self.host, self.port, limit=2**20)
+
+    async def post(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> tuple[int, bytes]:
+        writer.write(self.request)
+        await writer.drain()
+        status_line = await reader.readline()
+        if not status_line:
+            raise ConnectionError("the server closed the connection")
+        status = int(status_line.split(None, 2)[1])
+        length = 0
+        while True:
+            line = await reader.readline()
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding":
+                raise RuntimeError("chunked answers are not expected here")
+        return status, await reader.readexactly(length)
+
+
+async def _drive_raw(
+    url: str, path: str, body: bytes, concurrency: int, duration: float, warmup_requests: int
+) -> tuple[list[float], list[int], int, float, list[dict[str, Any]]]:
+    """``concurrency`` keep-alive connections of :class:`RawJsonPoster`, closed loop."""
+    poster = RawJsonPoster(url, path, body)
+    connections = [await poster.connect() for _ in range(concurrency)]
+    try:
+        for _ in range(warmup_requests):
+            status, data = await poster.post(*connections[0])
+            if status != 200:
+                raise RuntimeError(f"warm-up answered {status}: {data[:300]!r}")
+        latencies: list[float] = []
+        batch_sizes: list[int] = []
+        bodies: list[dict[str, Any]] = []
+        refused = 0
+        stop_at = time.perf_counter() + duration
+
+        async def worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal refused
+            while time.perf_counter() < stop_at:
+                start = time.perf_counter()
+                status, data = await poster.post(reader, writer)
+                elapsed = (time.perf_counter() - start) * 1000.0
+                if status == 503:
+                    refused += 1
+                    continue
+                if status != 200:
+                    raise RuntimeError(f"answered {status}: {data[:300]!r}")
+                answer = json.loads(data)
+                latencies.append(elapsed)
+                batch_sizes.append(int(answer["batch"]["size"]))
+                bodies.append(answer["timings_ms"])
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker(r, w) for r, w in connections))
+        seconds = time.perf_counter() - began
+    finally:
+        for _, writer in connections:
+            writer.close()
+    return latencies, batch_sizes, refused, seconds, bodies
+
+
 def measure(
-    url: str,
+    server: Server,
     path: str,
     make_request: Any,
     *,
@@ -179,9 +288,15 @@ def measure(
     concurrency: int,
     duration: float,
 ) -> Cell:
-    latencies, batches, refused, seconds, timings = asyncio.run(
-        _drive(url, path, make_request, concurrency, duration, warmup_requests=2)
-    )
+    load_before = os.getloadavg()[0]
+    cpu_before = server.cpu_seconds()
+    if isinstance(make_request, bytes):  # a JSON body: the lean client
+        run = _drive_raw(server.url, path, make_request, concurrency, duration, warmup_requests=2)
+    else:
+        run = _drive(server.url, path, make_request, concurrency, duration, warmup_requests=2)
+    latencies, batches, refused, seconds, timings = asyncio.run(run)
+    cpu_after = server.cpu_seconds()
+    load = max(load_before, os.getloadavg()[0])
     stage_ms: dict[str, float] = {}
     if timings:
         for key in timings[0]:
@@ -197,15 +312,40 @@ def measure(
         batches,
         stage_ms,
         timings,
+        load,
+        cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None,
     )
     print(
         f"  {path:22s} batching {batching:3s} c={concurrency:<3d} {cell.rps:8.1f} req/s  "
         f"p50 {cell.percentile(50):8.1f} ms  p99 {cell.percentile(99):8.1f} ms  "
         f"server p50 {cell.server_percentile(50):7.1f} p99 {cell.server_percentile(99):7.1f}  "
-        f"mean batch {cell.mean_batch:5.1f}  refused {refused}",
+        f"mean batch {cell.mean_batch:5.1f}  refused {refused}  server CPU/req "
+        f"{cell.server_cpu_ms:5.2f} ms  load {load:.2f}",
         flush=True,
     )
     return cell
+
+
+def merge(runs: list[Cell]) -> Cell:
+    """One cell from repeated runs of the same configuration (totals and pooled samples)."""
+    first = runs[0]
+    timings = [t for c in runs for t in c.timings]
+    stage_ms = {key: float(np.mean([t.get(key, 0.0) for t in timings])) for key in first.stage_ms}
+    cpu = [c.server_cpu_s for c in runs]
+    return Cell(
+        first.endpoint,
+        first.batching,
+        first.concurrency,
+        sum(c.requests for c in runs),
+        sum(c.refused for c in runs),
+        sum(c.seconds for c in runs),
+        [x for c in runs for x in c.latencies_ms],
+        [x for c in runs for x in c.batch_sizes],
+        stage_ms,
+        timings,
+        max(c.load for c in runs),
+        None if any(x is None for x in cpu) else sum(x for x in cpu if x is not None),
+    )
 
 
 # -- setup -------------------------------------------------------------------------------------
@@ -251,8 +391,6 @@ def features_body(checkpoint: Path, length: int) -> bytes:
         m: rng.standard_normal((length, config.feature_dims[m])).round(4).tolist()
         for m in config.modalities
     }
-    import json
-
     return json.dumps({"profile": config.feature_profile, "features": features}).encode()
 
 
@@ -311,21 +449,27 @@ def render(
         f"{context['device']}, scan backend `{context['scan_backend']}`, torch threads "
         f"{context['torch_threads']}, batching on = max_batch_size {context['batch_size']} and "
         f"max_batch_delay_ms 5. Features body: {context['length']} steps "
-        f"({context['body_kb']} kB of JSON). Each cell runs {context['duration']} s of closed-loop "
-        "clients on the same machine (the clients share its cores). p50 / p99 are measured by the "
-        "client; server p50 / p99 are the answers' `timings_ms.total` (from when the app gets the "
-        "request to its answer), so their gap is time spent queued in the client, the "
-        "socket and the event loop.",
+        f"({context['body_kb']} kB of JSON). Both features servers run at once and their cells "
+        f"alternate (off, on, off, on: {context['repeats']} runs of {context['duration']} s per "
+        "cell, pooled), so that load from elsewhere on the host falls on both modes alike; the "
+        "closed-loop clients run on the same machine and share its cores (features: a lean "
+        "keep-alive HTTP/1.1 client sending the same JSON, `RawJsonPoster`; media: httpx). "
+        "p50 / p99 are measured by the client; server p50 / p99 are the answers' "
+        "`timings_ms.total` (from when the app gets the request to its answer), so their gap is "
+        "time spent queued in the client, the socket and the event loop. Server CPU is the "
+        "server process's CPU time (all threads, from /proc) per answered request; load is the "
+        f"host's 1-minute load average during the cell ({context['load']} when the run began).",
         "",
         "| endpoint | batching | concurrency | req/s | p50 ms | p99 ms | server p50 ms | "
-        "server p99 ms | mean batch | 503s |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "server p99 ms | mean batch | server CPU ms/req | load | 503s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for c in cells:
         lines.append(
             f"| `{c.endpoint}` | {c.batching} | {c.concurrency} | {c.rps:.1f} | "
             f"{c.percentile(50):.1f} | {c.percentile(99):.1f} | {c.server_percentile(50):.1f} | "
-            f"{c.server_percentile(99):.1f} | {c.mean_batch:.1f} | {c.refused} |"
+            f"{c.server_percentile(99):.1f} | {c.mean_batch:.1f} | {c.server_cpu_ms:.2f} | "
+            f"{c.load:.2f} | {c.refused} |"
         )
     if scaling:
         first = min(scaling)
@@ -360,7 +504,10 @@ def write_section(text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, help="default: the embedded default")
-    parser.add_argument("--duration", type=float, default=8.0, help="seconds per cell")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per run of a cell")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="runs per features cell, alternating off and on"
+    )
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")
     parser.add_argument("--length", type=int, default=50, help="steps per features request")
     parser.add_argument("--clip", type=Path, default=DEFAULT_CLIP, help="clip for /v1/predict")
@@ -373,14 +520,10 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     media_levels = [int(c) for c in args.media_concurrency.split(",") if c]
 
+    load_at_start = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     with tempfile.TemporaryDirectory(prefix="cmamba-load-") as work:
         checkpoint, checkpoint_text = resolve_checkpoint(args.checkpoint, Path(work))
         body = features_body(checkpoint, args.length)
-        headers = {"content-type": "application/json"}
-
-        def features_request() -> dict[str, Any]:
-            return {"content": body, "headers": headers}
-
         common = {
             "CMAMBA_TORCH_THREADS": str(args.torch_threads),
             "CMAMBA_DEVICE": args.device,
@@ -388,26 +531,43 @@ def main(argv: list[str] | None = None) -> int:
             "CMAMBA_MAX_INFLIGHT": "512",
         }
         cells: list[Cell] = []
-        backend = "?"
-        for batching, size in (("off", 1), ("on", args.batch_size)):
-            env = {**common, "CMAMBA_MAX_BATCH_SIZE": str(size), "CMAMBA_MAX_BATCH_DELAY_MS": "5"}
-            server = Server(checkpoint, env, ["--features-only"])
-            try:
+        pair_ratios: list[float] = []  # on / off req/s of each back-to-back pair at the top level
+        # Both servers run at once and the cells alternate off, on, off, on...: load from
+        # elsewhere on the host then falls on both modes alike instead of on whichever ran
+        # while it lasted.
+        servers: dict[str, Server] = {}
+        try:
+            for batching, size in (("off", 1), ("on", args.batch_size)):
+                env = {
+                    **common,
+                    "CMAMBA_MAX_BATCH_SIZE": str(size),
+                    "CMAMBA_MAX_BATCH_DELAY_MS": "5",
+                }
+                servers[batching] = Server(checkpoint, env, ["--features-only"])
+            for server in servers.values():
                 server.wait_ready()
-                backend = scan_backend(server.url)
-                for level in levels:
-                    cells.append(
-                        measure(
-                            server.url,
-                            "/v1/predict/features",
-                            features_request,
-                            batching=batching,
-                            concurrency=level,
-                            duration=args.duration,
+            backend = scan_backend(servers["on"].url)
+            for level in levels:
+                runs: dict[str, list[Cell]] = {"off": [], "on": []}
+                for _ in range(args.repeats):
+                    for batching, server in servers.items():
+                        runs[batching].append(
+                            measure(
+                                server,
+                                "/v1/predict/features",
+                                body,
+                                batching=batching,
+                                concurrency=level,
+                                duration=args.duration,
+                            )
                         )
-                    )
-            finally:
+                    if level == max(levels) and runs["off"][-1].rps:
+                        pair_ratios.append(runs["on"][-1].rps / runs["off"][-1].rps)
+                cells += [merge(runs["off"]), merge(runs["on"])]
+        finally:
+            for server in servers.values():
                 server.stop()
+        cells.sort(key=lambda c: (c.batching != "off", c.concurrency))
 
         if media_levels and args.clip.is_file():
             clip_bytes = args.clip.read_bytes()
@@ -427,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
                 for level in media_levels:
                     cells.append(
                         measure(
-                            server.url,
+                            server,
                             "/v1/predict",
                             media_request,
                             batching="on",
@@ -455,11 +615,21 @@ def main(argv: list[str] | None = None) -> int:
     ratio = on.rps / off.rps if off.rps else float("nan")
     p99_ratio = on.percentile(99) / off.percentile(99)
     met = ratio >= 3.0 and p99_ratio <= 2.0
+    spread = (
+        f"; back-to-back pairs {min(pair_ratios):.2f}x to {max(pair_ratios):.2f}x"
+        if len(pair_ratios) > 1
+        else ""
+    )
     verdict = [
         f"Batching at concurrency {top}: **{ratio:.2f}x** the requests per second of no batching "
-        f"(target >= 3x), p99 {p99_ratio:.2f}x of no batching's (target <= 2x): "
+        f"(target >= 3x{spread}), p99 {p99_ratio:.2f}x of no batching's (target <= 2x): "
         f"{'target met' if met else 'target NOT met'}."
     ]
+    verdict.append(
+        f"Server CPU per request at concurrency {top}: {off.server_cpu_ms:.2f} ms off, "
+        f"{on.server_cpu_ms:.2f} ms on ({off.server_cpu_ms / on.server_cpu_ms:.2f}x less with "
+        "batching)."
+    )
     if scaling:
         first = min(scaling)
         best_size, best_gain = max(
@@ -467,10 +637,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         verdict.append(
             f"The model alone gains at most {best_gain:.2f}x clips/s from batching here (batch "
-            f"{best_size}); end to end, batching on moves the server-side p50 at concurrency {top} "
-            f"from {off.server_percentile(50):.0f} ms to {on.server_percentile(50):.0f} ms while "
-            f"the requests per second stay where the host's CPU (HTTP, JSON, the co-located "
-            "clients) puts them."
+            f"{best_size})."
         )
     print("\n" + verdict[0])
     import torch
@@ -495,6 +662,8 @@ def main(argv: list[str] | None = None) -> int:
         "duration": f"{args.duration:g}",
         "padded": str(padded),
         "batch_size": str(args.batch_size),
+        "repeats": str(args.repeats),
+        "load": load_at_start,
     }
     text = render(cells, context, scaling, verdict)
     print("\n" + text)
