@@ -288,17 +288,21 @@ def _scan_rows(
         B_c = _rows_time_major(B[:, :, t0:t1]).to(compute).unsqueeze(-1)  # (s, M, b, N, 1)
         C_c = _rows_time_major(C[:, :, t0:t1]).to(compute).view(steps, rows, 1, n_state)
         y_c = torch.empty_like(u_c)  # (s, M, b, D)
-        y_rows = y_c.view(steps, rows, 1, dim)
-        for i in range(steps):
+        # Per-step views made once per chunk (one call each, not one indexing call per step).
+        per_step = zip(
+            dt_e.unbind(0), dtu_c.unbind(0), B_c.unbind(0), C_c.unbind(0),
+            y_c.view(steps, rows, 1, dim).unbind(0), strict=True,
+        )  # fmt: skip
+        for dt_i, dtu_i, B_i, C_i, y_i in per_step:
             if W_c is not None:
                 torch.mm(W_c, h.view(M, -1), out=mixed.view(M, -1))  # sum_k W[m,k] h[k, t-1]
             else:
                 mixed = h
-            torch.mul(dt_e[i], A_b, out=h_next)
-            h_next.exp_().mul_(mixed).addcmul_(dtu_c[i], B_c[i])
+            torch.mul(dt_i, A_b, out=h_next)
+            h_next.exp_().mul_(mixed).addcmul_(dtu_i, B_i)
             h, h_next = h_next, h
             # y[t] = sum_n C[t, n] h[t, n]: one (1, N) @ (N, D) product per (m, b) row
-            torch.bmm(C_c[i], h.view(rows, n_state, dim), out=y_rows[i])
+            torch.bmm(C_i, h.view(rows, n_state, dim), out=y_i)
         if D_b is not None:
             y_c = y_c + u_c * D_b
         if z is not None:
