@@ -88,6 +88,8 @@ class HAProxyFront:
     bind: str
     ray_proxy: str
     metrics_bind: str = "127.0.0.1:8405"
+    # How long HAProxy waits for Ray's answer before replaying (above request_timeout_s).
+    timeout_server_s: float = 40.0
     binary: str | None = None
     config: Path | None = None
     output: IO[bytes] | int | None = None
@@ -99,6 +101,7 @@ class HAProxyFront:
             "CMAMBA_FRONT_BIND": self.bind,
             "CMAMBA_RAY_PROXY": self.ray_proxy,
             "CMAMBA_HAPROXY_METRICS_BIND": self.metrics_bind,
+            "CMAMBA_HAPROXY_TIMEOUT_SERVER": f"{max(1, round(self.timeout_server_s * 1000))}ms",
         }
 
     def start(self, timeout_s: float = 15.0) -> HAProxyFront:

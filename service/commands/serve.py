@@ -136,6 +136,7 @@ def run_ray(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
     from service.ray_front import FrontError, HAProxyFront, find_config, find_haproxy
     from service.ray_serve import DEFAULT_APP_NAME, DEFAULT_METRICS_SD_DIR, build_deployment
+    from service.settings import ServiceSettings
 
     front: HAProxyFront | None = None
     if args.front == "haproxy":
@@ -145,10 +146,13 @@ def run_ray(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             print(f"cmamba serve: {exc}", file=sys.stderr)
             return 1
         proxy_port = args.ray_proxy_port or _free_loopback_port()
+        deadline_s = ServiceSettings(**overrides).request_timeout_s
         front = HAProxyFront(
             bind=f"{args.host}:{args.port}",
             ray_proxy=f"127.0.0.1:{proxy_port}",
             metrics_bind=f"{args.host}:{args.haproxy_metrics_port}",
+            # Past the replicas' own deadline (they answer 504 then), the request is lost.
+            timeout_server_s=deadline_s + 10.0,
             binary=binary,
             config=config,
         )

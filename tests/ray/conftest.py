@@ -29,6 +29,8 @@ REPO = Path(__file__).resolve().parents[2]
 PROFILE = "default-v1"
 DIMS: dict[str, int] = dict(PROFILES[PROFILE].dims)
 APP_NAME = "cmamba-test"
+# HAProxy's wait for an answer before replaying: above the replicas' request_timeout_s.
+FRONT_TIMEOUT_S = 8.0
 
 
 def _features_payload(length: int, seed: int) -> dict[str, Any]:
@@ -72,6 +74,7 @@ def service_settings(checkpoint: Path) -> dict[str, Any]:
         "max_batch_delay_ms": 2.0,
         "torch_threads": 1,
         "drain_timeout_s": 2.0,
+        "request_timeout_s": 5.0,  # HAProxy replays what Ray's proxy loses after FRONT_TIMEOUT_S
     }
 
 
@@ -112,6 +115,7 @@ def ray_service(
         bind=f"127.0.0.1:{front_port}",
         ray_proxy=f"127.0.0.1:{proxy_port}",
         metrics_bind=f"127.0.0.1:{metrics_port}",
+        timeout_server_s=FRONT_TIMEOUT_S,
         output=log,
     )
     try:

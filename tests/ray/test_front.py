@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -72,6 +73,11 @@ class StandIn:
             def do_GET(self) -> None:
                 self._answer(200, b"success", {"content-type": "text/plain"})
 
+            def do_HEAD(self) -> None:
+                self.send_response(200)
+                self.send_header("content-length", "7")
+                self.end_headers()
+
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", "0")))
                 key = self.headers["x-test-id"]
@@ -86,6 +92,20 @@ class StandIn:
                     self._answer(500, b"Internal Server Error", {"content-type": "text/plain"})
                 elif script == "close-once" and attempt == 1:
                     self.close_connection = True  # no answer at all: a replica process died
+                elif script == "truncate-once" and attempt == 1:
+                    # Headers and part of the body, then the connection drops.
+                    self.send_response(200)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(ok) + 100))
+                    self.end_headers()
+                    self.wfile.write(ok)
+                    self.wfile.flush()
+                    self.close_connection = True
+                elif script == "big":
+                    self._answer(200, b"x" * 1_500_000, {"content-type": "text/plain"})
+                elif script == "hang-once" and attempt == 1:
+                    time.sleep(3.0)  # a request lost inside Ray's proxy
+                    self._answer(200, ok, service)
                 elif script == "500-service":
                     self._answer(500, b'{"error": {"type": "internal_error"}}', service)
                 elif script == "503-ray":
@@ -135,6 +155,7 @@ def front(
             bind=f"127.0.0.1:{port}",
             ray_proxy=f"127.0.0.1:{server.server_address[1]}",
             metrics_bind=f"127.0.0.1:{_free_port()}",
+            timeout_server_s=2.0,  # the stand-in answers at once, or never ("hang-once")
             binary=binary,
             output=log,
         )
@@ -161,6 +182,31 @@ def test_a_500_from_rays_proxy_is_replayed(front: Front) -> None:
 
 def test_a_connection_closed_without_answer_is_replayed(front: Front) -> None:
     answer = _send(front, "close-once", "closed")
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["attempt"] == 2
+
+
+def test_an_answer_cut_short_is_refused_not_passed_on_truncated(front: Front) -> None:
+    # Too late to replay (Ray's proxy sent its status), not too late to refuse.
+    answer = _send(front, "truncate-once", "truncated")
+    assert answer.status_code == 503
+    assert answer.headers["retry-after"] == "1"
+    assert answer.json()["error"]["type"] == "replica_unavailable"
+
+
+def test_a_head_answer_has_no_body_and_passes(front: Front) -> None:
+    answer = httpx.head(f"{front.url}/v2/health/ready", timeout=30)
+    assert answer.status_code == 200 and answer.headers["content-length"] == "7"
+
+
+def test_a_large_answer_passes_whole(front: Front) -> None:
+    answer = _send(front, "big", "big")
+    assert answer.status_code == 200
+    assert answer.content == b"x" * 1_500_000
+
+
+def test_an_answer_that_never_comes_is_replayed(front: Front) -> None:
+    answer = _send(front, "hang-once", "hung")
     assert answer.status_code == 200, answer.text
     assert answer.json()["attempt"] == 2
 

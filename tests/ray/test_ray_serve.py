@@ -220,6 +220,11 @@ def test_config_file_builds_the_documented_deployment() -> None:
     assert bound.num_replicas == args["num_replicas"]
     assert bound.ray_actor_options["num_gpus"] == args["num_gpus"]
     assert bound.max_ongoing_requests == args["settings"]["max_inflight"]
+    _, metrics = bound.init_args
+    assert metrics == {"metrics_port": 0, "metrics_sd_dir": "/tmp/ray/cmamba_metrics"}
+    # The file's proxy port is the one haproxy.cfg sends to by default.
+    front = (REPO / "deploy" / "ray" / "haproxy.cfg").read_text()
+    assert f'"${{CMAMBA_RAY_PROXY-127.0.0.1:{config["http_options"]["port"]}}}"' in front
 
     scaled = app_builder({**args, "num_gpus": 0.5, "min_replicas": 1, "max_replicas": 4})
     deployment = scaled._bound_deployment
