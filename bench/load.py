@@ -400,9 +400,11 @@ def model_scaling(
     device: str,
     threads: int,
     sizes: tuple[int, ...] = (1, 8, 32),
-    repeats: int = 11,
+    repeats: int = 15,
 ) -> dict[int, float]:
-    """Milliseconds of one forward pass per batch size, in this process (no HTTP, no queue)."""
+    """Milliseconds of one forward pass per batch size, in this process (no HTTP, no queue):
+    the best of ``repeats`` interleaved runs, the estimate least moved by load from elsewhere
+    on a shared host (a median there moved batch 1 from 4.5 to 10 ms between two runs)."""
     import torch
 
     from model import load_checkpoint
@@ -425,7 +427,7 @@ def model_scaling(
                 if cuda:
                     torch.cuda.synchronize()
                 runs[size].append((time.perf_counter() - start) * 1000.0)
-    return {size: float(np.median(times)) for size, times in runs.items()}
+    return {size: float(np.min(times)) for size, times in runs.items()}
 
 
 def scan_backend(url: str) -> str:
@@ -480,7 +482,7 @@ def render(
         lines += [
             "",
             f"One forward pass of the model alone at the padded length {context['padded']} "
-            f"(median of 11, sizes interleaved, same threads): {parts}. This bounds what "
+            f"(best of 15, sizes interleaved, same threads): {parts}. This bounds what "
             "batching can gain on this device.",
         ]
     media = [c for c in cells if c.endpoint == "/v1/predict"]
