@@ -79,7 +79,8 @@ class ReplicaMetricsEndpoint:
     """A replica's labelled registry on its own port, listed for Prometheus file discovery.
 
     ``start`` serves ``/metrics`` on ``bind_host:port`` (0: a free port) and writes
-    ``<sd_dir>/<host>-<pid>-<tag>.json``, a file_sd target group naming ``advertise:port``;
+    ``<sd_dir>/<host>_<pid>_<tag>.json`` (``_`` is never part of a host name), a file_sd
+    target group naming ``advertise:port``;
     ``stop`` removes both. A replica killed without a chance to clean up leaves its file
     behind: every replica that starts removes the files of dead processes on its host.
     """
@@ -102,7 +103,7 @@ class ReplicaMetricsEndpoint:
         self.hostname = socket.gethostname()
         safe_tag = "".join(c if c.isalnum() else "_" for c in tag)
         self.sd_file = (
-            self.sd_dir / f"{self.hostname}-{os.getpid()}-{safe_tag}.json" if self.sd_dir else None
+            self.sd_dir / f"{self.hostname}_{os.getpid()}_{safe_tag}.json" if self.sd_dir else None
         )
         self._server: Any = None
 
@@ -127,8 +128,8 @@ class ReplicaMetricsEndpoint:
         """Delete the discovery files of processes on this host that no longer run."""
         if self.sd_dir is None:
             return
-        for path in self.sd_dir.glob(f"{self.hostname}-*.json"):
-            pid_text = path.name[len(self.hostname) + 1 :].split("-", 1)[0]
+        for path in self.sd_dir.glob(f"{self.hostname}_*.json"):
+            pid_text = path.name[len(self.hostname) + 1 :].split("_", 1)[0]
             if pid_text.isdigit() and not _pid_alive(int(pid_text)):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
