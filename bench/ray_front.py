@@ -53,6 +53,15 @@ def replayed_requests(log: Path) -> int:
     return sum(1 for m in RETRIES.finditer(text) if int(m.group(1)) > 0)
 
 
+def haproxy_version(binary: str) -> str:
+    """``HAProxy 2.6.12-1+deb12u4 (/usr/sbin/haproxy)``."""
+    import subprocess
+
+    first = subprocess.run([binary, "-v"], capture_output=True, text=True, check=False)
+    words = first.stdout.split()
+    return f"HAProxy {words[2] if len(words) > 2 else '?'} ({binary})"
+
+
 def replicas_ready(url: str, body: bytes, want: int, timeout: float = 120.0) -> set[str]:
     """Send bursts of 8 concurrent requests until ``want`` replicas have answered."""
     seen: set[str] = set()
@@ -186,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = (
         f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} CPUs, "
         f"Python {platform.python_version()}, ray {ray.__version__}, "
-        f"HAProxy {find_haproxy()}"
+        f"{haproxy_version(find_haproxy())}"
     )
     lines = [
         BEGIN,
