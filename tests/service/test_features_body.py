@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +33,6 @@ def schema_reading(body: bytes) -> tuple[str, dict[str, np.ndarray], dict[str, n
 TYPED = {
     "floats": {"profile": "p", "features": {"text": [[0.5, -1.25], [3.0, 1e-3]]}},
     "ints and floats": {"profile": "p", "features": {"text": [[1, 2.5], [-3, 0]]}},
-    "bools as numbers": {"profile": "p", "features": {"text": [[True, 0.5]]}},
     "with masks": {
         "profile": "p",
         "features": {"text": [[0.1], [0.2]], "audio": [[1.0], [2.0]]},
@@ -48,6 +48,7 @@ TYPED = {
     "huge value": {"profile": "p", "features": {"text": [[1e39, 1.0]]}},
 }
 LAX = {
+    "bools as numbers": {"profile": "p", "features": {"text": [[True, 0.5]]}},
     "numbers as strings": {"profile": "p", "features": {"text": [["0.5", "-1.25"]]}},
     "masks as 0/1": {
         "profile": "p",
@@ -82,6 +83,30 @@ def test_values_equal_the_schemas(body: dict[str, Any]) -> None:
             np.testing.assert_array_equal(
                 np.asarray(parsed.masks[m], dtype=np.bool_), expected_mask
             )
+
+
+SLOW = {
+    "ragged": b'{"profile": "p", "features": {"text": [[1.0, 2.0], [3.0]]}}',
+    "nested deeper": b'{"profile": "p", "features": {"text": [[1.0, [2.0]]]}}',
+    "bracket in a string": b'{"profile": "[p]", "features": {"text": [[1.0, 2.0]]}}',
+    "repeated key": b'{"profile": "p", "profile": "q", "features": {"text": [[1.0]]}}',
+    "65-bit integer": b'{"profile": "p", "features": {"text": [[36893488147419103232]]}}',
+}
+
+
+@pytest.mark.parametrize("raw", list(SLOW.values()), ids=list(SLOW))
+def test_other_bodies_go_to_the_schema(raw: bytes) -> None:
+    """What the fast path does not take is read by the pydantic model: same value or error."""
+    try:
+        FeaturesRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        with pytest.raises(InvalidInputError, match=re.escape(describe_validation_error(exc))):
+            parse_features_body(raw)
+        return
+    parsed = parse_features_body(raw)
+    assert not any(isinstance(v, np.ndarray) for v in parsed.features.values())
+    assert parsed.features == FeaturesRequest.model_validate_json(raw).features
+    assert parsed.profile == FeaturesRequest.model_validate_json(raw).profile
 
 
 @pytest.mark.parametrize("body", list(TYPED.values()), ids=list(TYPED))
