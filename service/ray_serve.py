@@ -80,9 +80,9 @@ class ReplicaMetricsEndpoint:
 
     ``start`` serves ``/metrics`` on ``bind_host:port`` (0: a free port) and writes
     ``<sd_dir>/<host>_<pid>_<tag>.json`` (``_`` is never part of a host name), a file_sd
-    target group naming ``advertise:port``;
-    ``stop`` removes both. A replica killed without a chance to clean up leaves its file
-    behind: every replica that starts removes the files of dead processes on its host.
+    target group naming ``advertise:port``; ``stop`` removes both. A replica killed without a
+    chance to clean up leaves its file behind: every replica that starts removes the files
+    of dead processes on its host.
     """
 
     def __init__(
