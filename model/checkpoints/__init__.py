@@ -16,10 +16,10 @@ if TYPE_CHECKING:
 
     from model.mamba import CoupledMambaForSentiment
 
-DEFAULT_CHECKPOINT_SHA256 = "6f949906fe3be8d66333bd906288f3f450af993875bc740bdb3f8d873d0bab98"
+DEFAULT_CHECKPOINT_SHA256 = "c7b007ddc8e076354c7e3a8540f175ce555f74e6ab400084f5895800ba09e95c"
 """sha256 (hex) of ``default/model.safetensors``; written by scripts/build_default_model.py."""
 
-DEFAULT_TEXT_ENCODER_SHA256 = ""
+DEFAULT_TEXT_ENCODER_SHA256 = "a51bf4769e389ad02163fab8d79765c1abe6d3a0cd3ef4603f45399309c14fdc"
 """sha256 (hex) of ``default/text_encoder.safetensors`` (empty: the checkpoint has none)."""
 
 

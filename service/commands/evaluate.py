@@ -70,14 +70,15 @@ def _texts(args: argparse.Namespace, model: Any) -> dict[str, Any]:
     from model.training.rated_texts import read_rated_texts, rescale, split_of
     from model.training.trainer import predict_scores
     from preprocessing.dataset import encode_texts_on_grid
+    from preprocessing.text import TextEncoder
 
     config = model.config
     if "text" not in config.modalities:
         raise SystemExit(f"the checkpoint has no text branch (modalities {config.modalities})")
-    if config.feature_profile != "default-v1":
+    if config.feature_profile not in ("default-v1", "tuned-text-v1"):
         raise SystemExit(
             f"the checkpoint expects profile {config.feature_profile!r}; "
-            "--texts produces default-v1 text features"
+            "--texts produces default-v1 or tuned-text-v1 text features"
         )
     items = read_rated_texts(args.texts)
     if args.split not in (None, "all"):
@@ -86,7 +87,13 @@ def _texts(args: argparse.Namespace, model: Any) -> dict[str, Any]:
         raise SystemExit(f"{args.texts}: no texts to score")
     scale = (float(args.rating_scale[0]), float(args.rating_scale[1]))
     labels = np.array([rescale(i.rating, scale, config.label_scale) for i in items])
-    encoded = encode_texts_on_grid([i.text for i in items])
+    info = model.checkpoint_info
+    tuning = info.text_encoder if info is not None else None
+    encoder = TextEncoder(
+        tuning=tuning["path"] if tuning else None,
+        tuning_sha256=tuning["sha256"] if tuning else None,
+    )
+    encoded = encode_texts_on_grid([i.text for i in items], encoder)
     samples = [
         Sample.from_dense(i.id, float(y), {"text": f}, {"text": m}, dtype=np.float32)
         for i, y, (f, m) in zip(items, labels, encoded, strict=True)
