@@ -343,7 +343,7 @@ The default checkpoint served by `make run`. A Coupled Mamba network (arXiv 2405
   ({", ".join(str(n) for n in tuning["tuned_layers"])}) were fine-tuned on the train split with
   a throw-away regression head (mean of the word-piece embeddings -> linear; AdamW lr
   {tuning["recipe"]["lr"]}, {tuning["recipe"]["epochs"]} epochs, squared error weighted per
-  source; the epoch with the best mean per-source validation r, epoch {tuning["best_epoch"]}).
+  source; the epoch with the best mean per-source validation r, epoch {tuning["best_epoch"] + 1}).
   Only those layers ship, as `text_encoder.safetensors` (float16, sha256 in `config.json` and
   pinned in the package); the service applies them over the bundled base model. Validation r
   of the head per epoch: {"; ".join(_history_line(h) for h in tuning["history"])}.
@@ -389,7 +389,7 @@ Acc-2 and F1 are over sentences with a non-zero rating (sign agreement).
 
 def _history_line(entry: dict[str, Any]) -> str:
     values = ", ".join(f"{k} {v:.3f}" for k, v in sorted(entry["valid_r"].items()))
-    return f"epoch {entry['epoch']}: {values}"
+    return f"epoch {entry['epoch'] + 1}: {values}"
 
 
 def main(argv: list[str] | None = None) -> int:
