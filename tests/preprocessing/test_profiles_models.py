@@ -84,3 +84,18 @@ def test_a_changed_model_file_is_refused(tmp_path: Path) -> None:
         ).load()
     with pytest.raises(ModelLoadError, match="text model"):
         TextEncoder(tmp_path).load()
+
+
+def test_tuned_text_profile_changes_only_the_text_encoder(tmp_path: Path) -> None:
+    from preprocessing import Extractor
+
+    plain, tuned = PROFILES["default-v1"], PROFILES["tuned-text-v1"]
+    assert dict(tuned.dims) == dict(plain.dims) and tuned.rate_hz == plain.rate_hz
+    assert tuned.has_extractor
+    for modality in ("audio", "visual"):
+        assert tuned.names[modality] == plain.names[modality]
+        assert tuned.sources[modality] == plain.sources[modality]
+    assert tuned.sources["text"] != plain.sources["text"]
+    assert Extractor().profile is plain
+    layers = tmp_path / "text_encoder.safetensors"
+    assert Extractor(ExtractorSettings(text_tuning_path=layers)).profile is tuned
