@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -232,11 +232,17 @@ class Extractor:
         timings: dict[str, float] = {}
 
         want_visual = "visual" in self.modalities
-        stream = None
-        if want_visual:
-            header_s = probe_media(path, settings).duration_s
-            if header_s is None or header_s > settings.stream_frames_after_s:
-                stream = _StreamingFaces(settings.min_face_confidence)
+        streams: list[_StreamingFaces] = []
+
+        def stream_long_clips(info: MediaInfo) -> Callable[[np.ndarray, float], None] | None:
+            # Decided from the header read by decode_media: a long clip (or one of unknown
+            # length) has its frames through face mesh as they are decoded.
+            header_s = info.duration_s
+            if header_s is not None and header_s <= settings.stream_frames_after_s:
+                return None
+            streams.append(_StreamingFaces(settings.min_face_confidence))
+            return streams[-1].add
+
         try:
             with _timed(timings, "decode"):
                 decoded = decode_media(
@@ -244,11 +250,12 @@ class Extractor:
                     settings,
                     audio="audio" in self.modalities or need_asr,
                     video=want_visual,
-                    on_frame=stream.add if stream is not None else None,
+                    frame_handler=stream_long_clips,
                 )
         finally:
-            if stream is not None:
-                stream.close()
+            for opened in streams:
+                opened.close()
+        stream = streams[0] if streams else None
         if stream is not None:  # face mesh ran inside the decoding loop: count it as visual
             timings["decode"] -= stream.elapsed_ms
             timings["visual"] = stream.elapsed_ms

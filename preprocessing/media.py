@@ -304,6 +304,7 @@ def decode_media(
     audio: bool,
     video: bool,
     on_frame: Callable[[np.ndarray, float], None] | None = None,
+    frame_handler: Callable[[MediaInfo], Callable[[np.ndarray, float], None] | None] | None = None,
 ) -> DecodedMedia:
     """Probe, check limits, then decode the requested streams in one pass over the file.
 
@@ -315,6 +316,11 @@ def decode_media(
     ``on_frame``: streaming. Each sampled frame is handed to ``on_frame(rgb, time_s)`` as it is
     decoded and then dropped, so ``frames`` stays empty (``frame_times`` is still filled) and
     memory does not grow with the clip's length.
+
+    ``frame_handler``: the streaming decision made from the header, without opening the file
+    twice. It is called once with the header's :class:`MediaInfo` (before any frame is
+    decoded, and only when a video stream is decoded); what it returns, when not None, is used
+    as ``on_frame``.
     """
     import av
 
@@ -327,6 +333,8 @@ def decode_media(
         if video_stream is None and audio_stream is None:
             return DecodedMedia(info=info, duration_s=info.duration_s or 0.0)
 
+        if video_stream is not None and frame_handler is not None:
+            on_frame = frame_handler(info) or on_frame
         origin = _origin_seconds(handle)
         streams = [s for s in (video_stream, audio_stream) if s is not None]
         for stream in streams:

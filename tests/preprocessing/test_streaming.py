@@ -62,3 +62,51 @@ def test_blocked_audio_analysis_matches_one_pass() -> None:
     np.testing.assert_allclose(blocked.values, whole.values, atol=1e-3)
     np.testing.assert_array_equal(blocked.voiced, whole.voiced)
     np.testing.assert_allclose(blocked.power, whole.power, rtol=1e-6)
+
+
+def test_frame_handler_decides_from_the_header(clip: Callable[[str], Path]) -> None:
+    infos: list[float | None] = []
+    seen: list[float] = []
+
+    def stream_all(info):  # type: ignore[no-untyped-def]
+        infos.append(info.duration_s)
+        return lambda rgb, t: seen.append(t)
+
+    streamed = decode_media(
+        clip("grid_mp4"), ExtractorSettings(), audio=False, video=True, frame_handler=stream_all
+    )
+    assert len(infos) == 1 and infos[0] is not None and infos[0] > 2.5
+    assert streamed.frames == []
+    np.testing.assert_allclose(seen, streamed.frame_times)
+
+    kept = decode_media(
+        clip("grid_mp4"),
+        ExtractorSettings(),
+        audio=False,
+        video=True,
+        frame_handler=lambda info: None,
+    )
+    assert len(kept.frames) == len(kept.frame_times) == len(seen)
+
+
+def test_extraction_opens_the_clip_once(
+    extractor: Extractor, clip: Callable[[str], Path], monkeypatch
+) -> None:
+    import preprocessing.media as media
+
+    opened: list[str] = []
+    real = media.open_container
+
+    def counting(path, container):  # type: ignore[no-untyped-def]
+        opened.append(str(path))
+        return real(path, container)
+
+    monkeypatch.setattr(media, "open_container", counting)
+    for after_s in (0.0, 600.0):  # streamed, then kept frames
+        opened.clear()
+        Extractor(
+            ExtractorSettings(stream_frames_after_s=after_s),
+            text_encoder=extractor.text_encoder,
+            recognizer=extractor.recognizer,
+        ).extract(clip("hap_mp4"), transcript="Don't forget a jacket")
+        assert len(opened) == 1, (after_s, opened)
