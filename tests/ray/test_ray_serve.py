@@ -132,9 +132,28 @@ def test_a_replica_killed_mid_load_leaves_no_request_unanswered(
     Ray's proxy answers 500 for the requests that were inside the killed replica; HAProxy
     replays them (Ray routes the replay to the survivor) or, failing that, answers 503 with
     Retry-After. Every request sent after the kill is answered by the survivor.
+
+    A kill does not always catch a request at the HTTP level (the victim may finish what it
+    holds before it dies, and Ray re-routes what it had not yet sent): the round is repeated,
+    up to three times, until one does, so that the replay path is known to have run.
+    """
+    caught = 0
+    for round_number in range(3):
+        caught += _kill_round(ray_service, features_payload, seed_base=1000 * round_number)
+        if caught:
+            break
+    assert caught >= 1, "no kill caught a request in flight in three rounds"
+
+
+def _kill_round(
+    ray_service: Any, features_payload: Callable[..., dict[str, Any]], seed_base: int
+) -> int:
+    """Kill one replica under load; check every answer; wait for the replacement.
+
+    Returns how many requests the kill caught (replayed by HAProxy or refused with 503).
     """
     workers = 8
-    bodies = [features_payload(64, seed) for seed in range(120)]
+    bodies = [features_payload(64, seed_base + seed) for seed in range(120)]
     replays_before = _haproxy_sample(ray_service, "haproxy_backend_retry_warnings_total")
     with httpx.Client(timeout=CLIENT_TIMEOUT_S) as client, ThreadPoolExecutor(workers) as pool:
         futures = [pool.submit(_post, client, ray_service.url, body) for body in bodies]
@@ -152,8 +171,6 @@ def test_a_replica_killed_mid_load_leaves_no_request_unanswered(
         assert int(refused.headers["retry-after"]) >= 1
         assert refused.json()["error"]["type"]
     assert statuses[200] >= len(bodies) - workers, statuses
-    # The kill did catch requests inside the victim: they were replayed or refused.
-    assert replays + statuses[503] >= 1, f"{statuses}, {replays} replays\n{log}"
     assert [r.status_code for r in after] == [200] * len(after)
     assert victim not in {r.headers[REPLICA_HEADER] for r in after}
 
@@ -170,6 +187,7 @@ def test_a_replica_killed_mid_load_leaves_no_request_unanswered(
     # Prometheus discovery lists the two live replicas only: the replacement removed the
     # entry the killed replica could not remove itself.
     assert sorted(_listed_replicas(ray_service)) == sorted(map(_label_of, replicas))
+    return int(replays) + statuses[503]
 
 
 def _metrics_endpoints(stack: Any) -> dict[str, str]:
