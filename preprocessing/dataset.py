@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from preprocessing.models import sha256_file
 from preprocessing.profiles import DEFAULT_RATE_HZ, MODALITIES
 from preprocessing.settings import NOMINAL_WORDS_PER_S, ExtractorSettings
 from preprocessing.text import TextEncoder, align_text
@@ -184,7 +185,10 @@ def extract_dataset(
     output = Path(output)
     work = Path(work_dir) if work_dir else output.with_name(output.name + ".parts")
     work.mkdir(parents=True, exist_ok=True)
-    stamp = {"modalities": list(mods), "rate_hz": settings.rate_hz}
+    profile = "tuned-text-v1" if settings.text_tuning_path is not None else "default-v1"
+    stamp: dict[str, Any] = {"modalities": list(mods), "rate_hz": settings.rate_hz}
+    if settings.text_tuning_path is not None:  # features made with a checkpoint's text layers
+        stamp["text_tuning_sha256"] = sha256_file(Path(settings.text_tuning_path))
     stamp_file = work / "extract.json"
     if stamp_file.exists() and json.loads(stamp_file.read_text()) != stamp:
         raise ValueError(f"{work} holds clips extracted with other settings ({stamp_file})")
@@ -220,7 +224,7 @@ def extract_dataset(
         log(f"failed: {key}: {error}")
 
     done = [i for i in items if (work / i.work_name).exists()]
-    data = _assemble(done, work, mods, settings.rate_hz, str(csv_path))
+    data = _assemble(done, work, mods, settings.rate_hz, str(csv_path), profile)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")
     with tmp.open("wb") as handle:
@@ -235,13 +239,14 @@ def _assemble(
     modalities: tuple[str, ...],
     rate_hz: float,
     source: str,
+    profile: str = "default-v1",
 ) -> dict[str, Any]:
     from preprocessing.profiles import PROFILES
 
-    dims = {m: PROFILES["default-v1"].dims[m] for m in modalities}
+    dims = {m: PROFILES[profile].dims[m] for m in modalities}
     out: dict[str, Any] = {
         "meta": {
-            "feature_profile": "default-v1",
+            "feature_profile": profile,
             "rate_hz": rate_hz,
             "modalities": list(modalities),
             "source": source,

@@ -27,16 +27,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="folder of per-clip results; a rerun resumes from it (default: OUT.parts)",
     )
+    parser.add_argument(
+        "--text-encoder",
+        type=Path,
+        help="fine-tuned text encoder layers (a checkpoint's text_encoder.safetensors): text "
+        "features of profile tuned-text-v1, for training with `cmamba train --text-encoder`",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
+    from preprocessing import ExtractorSettings
     from preprocessing.dataset import extract_dataset
 
+    if args.text_encoder is not None and not args.text_encoder.is_file():
+        print(f"error: --text-encoder {args.text_encoder} does not exist", file=sys.stderr)
+        return 2
     try:
         report = extract_dataset(
             args.csv,
             args.out,
+            settings=ExtractorSettings(text_tuning_path=args.text_encoder),
             modalities=args.modalities,
             workers=args.workers,
             work_dir=args.work_dir,

@@ -70,3 +70,40 @@ def test_extract_writes_mmsa_layout_and_resumes(tmp_path: Path) -> None:
     assert (again.extracted, again.reused) == (0, 2)
     with pytest.raises(ValueError, match="other settings"):
         extract_dataset(csv, out, modalities=("text",), progress=False, log=logs.append)
+
+
+@pytest.mark.skipif(not MEDIA.is_dir(), reason="shared media not present")
+def test_extract_with_a_checkpoints_text_encoder(tmp_path: Path) -> None:
+    from model.checkpoints import default_checkpoint_path
+    from preprocessing import Extractor, ExtractorSettings
+    from service.cli import main as cli_main
+
+    layers = default_checkpoint_path() / "text_encoder.safetensors"
+    clip = MEDIA / "cremad_1001_DFA_HAP_XX.mp4"
+    csv = tmp_path / "clips.csv"
+    csv.write_text(f"path,label,transcript,split\n{clip},1.0,What a lovely surprise,train\n")
+    out = tmp_path / "tuned.pkl"
+    with pytest.raises(SystemExit) as exit_code:
+        cli_main(
+            ["extract", str(csv), "--out", str(out), "--modalities", "text", "--quiet",
+             "--text-encoder", str(layers)]
+        )  # fmt: skip
+    assert exit_code.value.code == 0
+    with out.open("rb") as handle:
+        raw = pickle.load(handle)
+    assert raw["meta"]["feature_profile"] == "tuned-text-v1"
+    text = raw["train"]["text"][0]
+
+    def features(settings: ExtractorSettings) -> np.ndarray:
+        bundle = Extractor(settings, modalities=("text",)).extract(
+            clip, transcript="What a lovely surprise"
+        )
+        return bundle.features["text"]
+
+    tuned = features(ExtractorSettings(text_tuning_path=layers))
+    np.testing.assert_allclose(text[: len(tuned)], tuned, atol=1e-3)
+    assert not np.allclose(text[: len(tuned)], features(ExtractorSettings()), atol=1e-2)
+
+    # The parts folder remembers which layers made its features.
+    with pytest.raises(ValueError, match="other settings"):
+        extract_dataset(csv, out, modalities=("text",), progress=False)
