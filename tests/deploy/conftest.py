@@ -352,6 +352,27 @@ class PrometheusServer:
         assert status == 200 and body["status"] == "success", f"{path}: {status} {body}"
         return body["data"]
 
+    def variable_values(self, definition: str) -> list[str]:
+        """The values a Grafana ``label_values(selector, label)`` variable gets here; other
+        variables in the selector match anything (``.*``)."""
+        assert definition.startswith("label_values(") and definition.endswith(")"), definition
+        selector, _, label = definition[len("label_values(") : -1].rpartition(",")
+        selector = re.sub(r"\$\{?\w+\}?", ".*", selector)
+        return self.api(f"/api/v1/label/{label.strip()}/values", **{"match[]": selector})
+
+    def wait_rules_evaluated(self, names: set[str]) -> list[dict[str, Any]]:
+        """Wait until exactly the alert rules ``names`` are loaded and each evaluated
+        without error; returns them."""
+
+        def all_evaluated_ok() -> list[dict[str, Any]] | None:
+            groups = self.api("/api/v1/rules")["groups"]
+            rules = [rule for group in groups for rule in group["rules"]]
+            if {r["name"] for r in rules} != names:
+                return None
+            return rules if all(r["health"] == "ok" for r in rules) else None
+
+        return self.poll(all_evaluated_ok, "every alert rule to evaluate without error")
+
 
 def launch_prometheus(
     work: Path, config_for: Callable[[str], dict[str, Any]]

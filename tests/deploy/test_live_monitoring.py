@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -145,11 +144,7 @@ def test_dashboard_variables_resolve(prometheus: Any, dashboard: dict[str, Any])
     for variable in dashboard["templating"]["list"]:
         if variable["type"] != "query":
             continue
-        definition = variable["definition"]
-        assert definition.startswith("label_values(") and definition.endswith(")")
-        selector, _, label = definition[len("label_values(") : -1].rpartition(",")
-        selector = re.sub(r"\$\{?\w+\}?", ".*", selector)
-        values = prometheus.api(f"/api/v1/label/{label.strip()}/values", **{"match[]": selector})
+        values = prometheus.variable_values(variable["definition"])
         if variable["name"] == "replica":
             assert values == []  # one process has no replica label: All (.*) matches that
         else:
@@ -160,15 +155,7 @@ def test_alert_rules_evaluate_and_down_alert_catches_a_dead_target(
     prometheus: Any, live_service: Any, alert_rules: list[dict[str, Any]]
 ) -> None:
     expected = {rule["alert"] for rule in alert_rules}
-
-    def all_evaluated_ok() -> list[dict[str, Any]] | None:
-        groups = prometheus.api("/api/v1/rules")["groups"]
-        rules = [rule for group in groups for rule in group["rules"]]
-        if {r["name"] for r in rules} != expected:
-            return None
-        return rules if all(r["health"] == "ok" for r in rules) else None
-
-    rules = prometheus.poll(all_evaluated_ok, "every alert rule to evaluate without error")
+    rules = prometheus.wait_rules_evaluated(expected)
     assert {rule["name"] for rule in rules} == expected
 
     # The cmamba job's second target has nothing listening: CmambaDown goes pending for it

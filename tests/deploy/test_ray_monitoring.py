@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -139,12 +138,7 @@ def test_dashboard_variables_resolve_on_ray(ray_prometheus: Any, dashboard: dict
     for variable in dashboard["templating"]["list"]:
         if variable["type"] != "query":
             continue
-        definition = variable["definition"]
-        selector, _, label = definition[len("label_values(") : -1].rpartition(",")
-        selector = re.sub(r"\$\{?\w+\}?", ".*", selector)
-        found[variable["name"]] = ray_prometheus.api(
-            f"/api/v1/label/{label.strip()}/values", **{"match[]": selector}
-        )
+        found[variable["name"]] = ray_prometheus.variable_values(variable["definition"])
     assert len(found["replica"]) == 2, found
     assert len(found["instance"]) == 2, found
     assert FEATURES in found["endpoint"], found
@@ -153,16 +147,7 @@ def test_dashboard_variables_resolve_on_ray(ray_prometheus: Any, dashboard: dict
 def test_alert_rules_evaluate_on_ray_and_none_fires(
     ray_prometheus: Any, alert_rules: list[dict[str, Any]]
 ) -> None:
-    expected = {rule["alert"] for rule in alert_rules}
-
-    def all_evaluated_ok() -> list[dict[str, Any]] | None:
-        groups = ray_prometheus.api("/api/v1/rules")["groups"]
-        rules = [rule for group in groups for rule in group["rules"]]
-        if {r["name"] for r in rules} != expected:
-            return None
-        return rules if all(r["health"] == "ok" for r in rules) else None
-
-    ray_prometheus.poll(all_evaluated_ok, "every alert rule to evaluate without error")
+    ray_prometheus.wait_rules_evaluated({rule["alert"] for rule in alert_rules})
     assert ray_prometheus.api("/api/v1/alerts")["alerts"] == []
 
 
