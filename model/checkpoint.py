@@ -33,7 +33,8 @@ WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "MODEL_CARD.md"
 TEXT_ENCODER_FILE = "text_encoder.safetensors"
 
-TUNED_TEXT_PROFILE = "tuned-text-v1"
+# The feature profile of a checkpoint that ships text encoder layers.
+TEXT_ENCODER_PROFILE = "tuned-text-v1"
 
 _RESERVED_KEYS = ("checkpoint", "training", "metrics", "text_encoder")
 
@@ -185,9 +186,9 @@ def save_checkpoint(
     config["metrics"] = dict(metrics or {})
     tuned_file = folder / TEXT_ENCODER_FILE
     if text_encoder is not None:
-        if model.config.feature_profile != TUNED_TEXT_PROFILE:
+        if model.config.feature_profile != TEXT_ENCODER_PROFILE:
             raise CheckpointError(
-                f"a text encoder needs feature_profile {TUNED_TEXT_PROFILE!r}, "
+                f"a text encoder needs feature_profile {TEXT_ENCODER_PROFILE!r}, "
                 f"not {model.config.feature_profile!r}"
             )
         source = Path(text_encoder)
@@ -198,9 +199,10 @@ def save_checkpoint(
             "file": TEXT_ENCODER_FILE,
             "sha256": sha256_file(tuned_file),
         }
-    elif model.config.feature_profile == TUNED_TEXT_PROFILE:
+    elif model.config.feature_profile == TEXT_ENCODER_PROFILE:
         raise CheckpointError(
-            f"feature_profile {TUNED_TEXT_PROFILE!r} needs the text encoder layers it was made with"
+            f"feature_profile {TEXT_ENCODER_PROFILE!r} needs the text encoder layers it was "
+            "made with"
         )
     else:
         tuned_file.unlink(missing_ok=True)
@@ -357,9 +359,9 @@ def _text_encoder_section(
     """Check the ``text_encoder`` section and its file; the section with ``path`` added."""
     section = raw.get("text_encoder")
     if section is None:
-        if config.feature_profile == TUNED_TEXT_PROFILE:
+        if config.feature_profile == TEXT_ENCODER_PROFILE:
             raise CheckpointError(
-                f"checkpoint {folder} takes {TUNED_TEXT_PROFILE} features but has no "
+                f"checkpoint {folder} takes {TEXT_ENCODER_PROFILE} features but has no "
                 "text_encoder section"
             )
         return None

@@ -185,7 +185,7 @@ def extract_dataset(
     output = Path(output)
     work = Path(work_dir) if work_dir else output.with_name(output.name + ".parts")
     work.mkdir(parents=True, exist_ok=True)
-    profile = "tuned-text-v1" if settings.text_tuning_path is not None else "default-v1"
+    profile = settings.profile_name
     stamp: dict[str, Any] = {"modalities": list(mods), "rate_hz": settings.rate_hz}
     if settings.text_tuning_path is not None:  # features made with a checkpoint's text layers
         stamp["text_tuning_sha256"] = sha256_file(Path(settings.text_tuning_path))

@@ -20,9 +20,6 @@ from preprocessing.profiles import MODALITIES, PROFILES, FeatureProfile
 from preprocessing.settings import ExtractorSettings
 from preprocessing.text import TextEncoder, align_text, uniform_word_times
 
-PROFILE_NAME = "default-v1"
-TUNED_PROFILE_NAME = "tuned-text-v1"  # with ExtractorSettings.text_tuning_path
-
 
 @contextmanager
 def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
@@ -141,8 +138,7 @@ class Extractor:
     @property
     def profile(self) -> FeatureProfile:
         """The feature profile this extractor produces."""
-        tuned = self.settings.text_tuning_path is not None
-        return PROFILES[TUNED_PROFILE_NAME if tuned else PROFILE_NAME]
+        return PROFILES[self.settings.profile_name]
 
     @property
     def dims(self) -> dict[str, int]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from preprocessing.profiles import DEFAULT_RATE_HZ
+from preprocessing.profiles import DEFAULT_PROFILE, DEFAULT_RATE_HZ, TUNED_TEXT_PROFILE
 
 # Nominal speaking rate used to place words that carry no timestamps (a typed transcript, a
 # sentence from a text dataset): a word every 0.4 s, a usual conversational pace.
@@ -72,6 +72,13 @@ class ExtractorSettings:
 
     # Visual.
     min_face_confidence: float = 0.5
+
+    @property
+    def profile_name(self) -> str:
+        """The feature profile these settings make: tuned-text-v1 with tuned text layers,
+        else default-v1."""
+        tuned = self.text_tuning_path is not None
+        return TUNED_TEXT_PROFILE.name if tuned else DEFAULT_PROFILE.name
 
     def __post_init__(self) -> None:
         if self.rate_hz <= 0 or self.frame_rate_hz <= 0:

@@ -48,7 +48,7 @@ from model.training.rated_texts import (  # noqa: E402
 )
 
 LABEL_SCALE = (-3.0, 3.0)
-PROFILE = "tuned-text-v1"
+PROFILE = "tuned-text-v1"  # model.checkpoint.TEXT_ENCODER_PROFILE
 CHUNK = 1000
 NAME = "coupled-mamba-snippets-text"
 VERSION = "1"

@@ -65,6 +65,7 @@ def _load(args: argparse.Namespace) -> Any:
 def _texts(args: argparse.Namespace, model: Any) -> dict[str, Any]:
     import numpy as np
 
+    from model.checkpoint import TEXT_ENCODER_PROFILE
     from model.training.data import Sample
     from model.training.metrics import rated_text_metrics
     from model.training.rated_texts import read_rated_texts, rescale, split_of
@@ -75,7 +76,7 @@ def _texts(args: argparse.Namespace, model: Any) -> dict[str, Any]:
     config = model.config
     if "text" not in config.modalities:
         raise SystemExit(f"the checkpoint has no text branch (modalities {config.modalities})")
-    if config.feature_profile not in ("default-v1", "tuned-text-v1"):
+    if config.feature_profile not in ("default-v1", TEXT_ENCODER_PROFILE):
         raise SystemExit(
             f"the checkpoint expects profile {config.feature_profile!r}; "
             "--texts produces default-v1 or tuned-text-v1 text features"

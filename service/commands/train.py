@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from model import CoupledMambaConfig, CoupledMambaForSentiment, save_checkpoint
+    from model.checkpoint import TEXT_ENCODER_PROFILE
     from model.training.card import training_model_card
     from model.training.data import load_dataset
     from model.training.metrics import format_metrics
@@ -95,11 +96,11 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, args.threads))
     dataset = load_dataset(args.data, args.modalities, args.metrics)
     profile = args.profile or (
-        "tuned-text-v1"
+        TEXT_ENCODER_PROFILE
         if args.text_encoder
         else resolve_profile(dataset.description, dataset.feature_dims)
     )
-    if (profile == "tuned-text-v1") != (args.text_encoder is not None):
+    if (profile == TEXT_ENCODER_PROFILE) != (args.text_encoder is not None):
         print(
             "error: --text-encoder goes with profile tuned-text-v1, and only with it",
             file=sys.stderr,
