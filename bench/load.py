@@ -10,7 +10,9 @@ Starts ``cmamba serve`` processes on free ports and drives them with concurrent 
 It prints requests per second, p50 / p99 latency and the server's CPU time per request per
 cell, the host's load average, the batching ratio at the highest
 concurrency (target: at least 3x the requests per second of no batching, with p99 no worse than
-2x), and with ``--write-docs`` rewrites the ``load`` section of docs/PERFORMANCE.md.
+2x), and with ``--write-docs`` rewrites the ``load`` section of docs/PERFORMANCE.md
+(``load-cuda`` for a run with ``--device cuda``; ``--doc FILE`` writes the section's text to a
+file as well, as ``scripts/gpu_check.sh`` does).
 
 Usage::
 
@@ -45,7 +47,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DOC = ROOT / "docs" / "PERFORMANCE.md"
-BEGIN, END = "<!-- load:begin -->", "<!-- load:end -->"
+
+
+def section_name(device: str) -> str:
+    """The section of docs/PERFORMANCE.md a run on ``device`` rewrites: CPU and CUDA runs keep
+    their own."""
+    return "load-cuda" if device.startswith("cuda") else "load"
+
+
 DEFAULT_CLIP = ROOT.parent / "shared" / "media" / "cremad_1001_DFA_HAP_XX.mp4"
 
 
@@ -65,6 +74,7 @@ class Cell:
     timings: list[dict[str, float]]
     load: float  # the host's 1-minute load average (the higher of before and after the cell)
     server_cpu_s: float | None = None  # CPU seconds the server process used during the cell
+    loop_cpu_s: float | None = None  # of which its main thread (uvicorn's event loop)
 
     @property
     def server_cpu_ms(self) -> float:
@@ -72,6 +82,13 @@ class Cell:
         if self.server_cpu_s is None or not self.requests:
             return float("nan")
         return self.server_cpu_s / self.requests * 1000.0
+
+    @property
+    def loop_cpu_ms(self) -> float:
+        """The event loop's share of :attr:`server_cpu_ms` (HTTP, JSON, routing), ms."""
+        if self.loop_cpu_s is None or not self.requests:
+            return float("nan")
+        return self.loop_cpu_s / self.requests * 1000.0
 
     @property
     def rps(self) -> float:
@@ -129,13 +146,17 @@ class Server:
             time.sleep(0.25)
         raise TimeoutError("server did not become ready")
 
-    def cpu_seconds(self) -> float | None:
-        """User + system CPU time of the server process so far (Linux /proc), else None."""
+    def cpu_seconds(self) -> tuple[float, float] | None:
+        """User + system CPU time so far of the server process (all threads) and of its main
+        thread, which runs uvicorn's event loop (Linux /proc), else None. The rest is the
+        model worker's (and, with media, the extraction pool's)."""
+        pid = self.proc.pid
         try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            process = _cpu_fields(Path(f"/proc/{pid}/stat"))
+            main = _cpu_fields(Path(f"/proc/{pid}/task/{pid}/stat"))
         except OSError:
             return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process, main
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -146,6 +167,11 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+def _cpu_fields(stat: Path) -> float:
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # -- clients -----------------------------------------------------------------------------------
@@ -313,14 +339,16 @@ def measure(
         stage_ms,
         timings,
         load,
-        cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None,
     )
+    if cpu_before is not None and cpu_after is not None:
+        cell.server_cpu_s = cpu_after[0] - cpu_before[0]
+        cell.loop_cpu_s = cpu_after[1] - cpu_before[1]
     print(
         f"  {path:22s} batching {batching:3s} c={concurrency:<3d} {cell.rps:8.1f} req/s  "
         f"p50 {cell.percentile(50):8.1f} ms  p99 {cell.percentile(99):8.1f} ms  "
         f"server p50 {cell.server_percentile(50):7.1f} p99 {cell.server_percentile(99):7.1f}  "
         f"mean batch {cell.mean_batch:5.1f}  refused {refused}  server CPU/req "
-        f"{cell.server_cpu_ms:5.2f} ms  load {load:.2f}",
+        f"{cell.server_cpu_ms:5.2f} ms (event loop {cell.loop_cpu_ms:4.2f})  load {load:.2f}",
         flush=True,
     )
     return cell
@@ -331,7 +359,10 @@ def merge(runs: list[Cell]) -> Cell:
     first = runs[0]
     timings = [t for c in runs for t in c.timings]
     stage_ms = {key: float(np.mean([t.get(key, 0.0) for t in timings])) for key in first.stage_ms}
-    cpu = [c.server_cpu_s for c in runs]
+
+    def total(values: list[float | None]) -> float | None:
+        return None if any(v is None for v in values) else sum(v for v in values if v is not None)
+
     return Cell(
         first.endpoint,
         first.batching,
@@ -344,7 +375,8 @@ def merge(runs: list[Cell]) -> Cell:
         stage_ms,
         timings,
         max(c.load for c in runs),
-        None if any(x is None for x in cpu) else sum(x for x in cpu if x is not None),
+        total([c.server_cpu_s for c in runs]),
+        total([c.loop_cpu_s for c in runs]),
     )
 
 
@@ -459,18 +491,21 @@ def render(
         "p50 / p99 are measured by the client; server p50 / p99 are the answers' "
         "`timings_ms.total` (from when the app gets the request to its answer), so their gap is "
         "time spent queued in the client, the socket and the event loop. Server CPU is the "
-        "server process's CPU time (all threads, from /proc) per answered request; load is the "
+        "server process's CPU time (all threads, from /proc) per answered request, and event "
+        "loop its main thread's share (uvicorn, the app, the JSON; the rest is mostly the model "
+        "worker thread); load is the "
         f"host's 1-minute load average during the cell ({context['load']} when the run began).",
         "",
         "| endpoint | batching | concurrency | req/s | p50 ms | p99 ms | server p50 ms | "
-        "server p99 ms | mean batch | server CPU ms/req | load | 503s |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "server p99 ms | mean batch | server CPU ms/req | event loop CPU ms/req | load | 503s |",
+        "| --- | --- |" + " ---: |" * 11,
     ]
     for c in cells:
         lines.append(
             f"| `{c.endpoint}` | {c.batching} | {c.concurrency} | {c.rps:.1f} | "
             f"{c.percentile(50):.1f} | {c.percentile(99):.1f} | {c.server_percentile(50):.1f} | "
             f"{c.server_percentile(99):.1f} | {c.mean_batch:.1f} | {c.server_cpu_ms:.2f} | "
+            f"{c.loop_cpu_ms:.2f} | "
             f"{c.load:.2f} | {c.refused} |"
         )
     if scaling:
@@ -493,14 +528,16 @@ def render(
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
+def write_section(text: str, device: str) -> None:
+    name = section_name(device)
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     doc = DOC.read_text(encoding="utf-8")
-    if BEGIN not in doc or END not in doc:
-        raise SystemExit(f"markers {BEGIN} / {END} not found in {DOC}")
-    head, rest = doc.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    DOC.write_text(f"{head}{BEGIN}\n{text}{END}{tail}", encoding="utf-8")
-    print(f"wrote the load section of {DOC.relative_to(ROOT)}")
+    if begin not in doc or end not in doc:
+        raise SystemExit(f"markers {begin} / {end} not found in {DOC}")
+    head, rest = doc.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    DOC.write_text(f"{head}{begin}\n{text}{end}{tail}", encoding="utf-8")
+    print(f"wrote the {name} section of {DOC.relative_to(ROOT)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -517,7 +554,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="max_batch_size when on")
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--write-docs", action="store_true")
+    parser.add_argument(
+        "--write-docs",
+        action="store_true",
+        help="rewrite this device's load section of docs/PERFORMANCE.md (load or load-cuda)",
+    )
+    parser.add_argument("--doc", type=Path, help="also write the section's text to this file")
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
     media_levels = [int(c) for c in args.media_concurrency.split(",") if c]
@@ -630,7 +672,8 @@ def main(argv: list[str] | None = None) -> int:
     verdict.append(
         f"Server CPU per request at concurrency {top}: {off.server_cpu_ms:.2f} ms off, "
         f"{on.server_cpu_ms:.2f} ms on ({off.server_cpu_ms / on.server_cpu_ms:.2f}x less with "
-        "batching)."
+        f"batching), of which the event loop's {off.loop_cpu_ms:.2f} ms off and "
+        f"{on.loop_cpu_ms:.2f} ms on."
     )
     if scaling:
         first = min(scaling)
@@ -670,7 +713,9 @@ def main(argv: list[str] | None = None) -> int:
     text = render(cells, context, scaling, verdict)
     print("\n" + text)
     if args.write_docs:
-        write_section(text)
+        write_section(text, device)
+    if args.doc is not None:
+        args.doc.write_text(text, encoding="utf-8")
     return 0
 
 
