@@ -100,10 +100,10 @@ def create_app(
     app.state.core = core
     app.state.upload_dir = settings.upload_dir
     install_handlers(app, settings.retry_after_s)
+    app.include_router(predict.router)  # first: the hot path is matched before the others
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(models.router)
-    app.include_router(predict.router)
     app.include_router(timeline.router)
     app.include_router(webui.router)
     app.include_router(docs.build_router(public=settings.public_docs))

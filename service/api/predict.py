@@ -1,4 +1,9 @@
-"""Prediction endpoints: a media upload, or precomputed features."""
+"""Prediction endpoints: a media upload, or precomputed features.
+
+Both check the bearer token themselves (:func:`authorized_parts`) instead of through FastAPI
+dependencies, and the app routes to them first: the features endpoint is the service's hot path,
+and everything on it that batching cannot share is per-request event-loop work.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from service.api.dependencies import ApiKeyDep, PartsDep
+from service.api.dependencies import BEARER_SECURITY, authorized_parts
 from service.api.features_body import parse_features_body
 from service.api.schemas import FeaturesRequest, PredictResponse, error_responses
 from service.api.uploads import read_body, receive_upload_in_time
@@ -18,7 +23,7 @@ from service.core.types import Prediction
 from service.errors import ServiceError, UnsupportedMediaError
 from service.metrics import ServiceMetrics
 
-router = APIRouter(tags=["predict"], dependencies=[ApiKeyDep])
+router = APIRouter(tags=["predict"])
 
 AttributionQuery = Annotated[
     bool,
@@ -26,6 +31,7 @@ AttributionQuery = Annotated[
 ]
 
 _MEDIA_BODY: dict[str, Any] = {
+    "security": BEARER_SECURITY,
     "requestBody": {
         "required": True,
         "content": {
@@ -48,14 +54,15 @@ _MEDIA_BODY: dict[str, Any] = {
                 "encoding": {"file": {"contentType": "video/*, audio/*"}},
             }
         },
-    }
+    },
 }
 
 _FEATURES_BODY: dict[str, Any] = {
+    "security": BEARER_SECURITY,
     "requestBody": {
         "required": True,
         "content": {"application/json": {"schema": FeaturesRequest.model_json_schema()}},
-    }
+    },
 }
 
 
@@ -85,10 +92,10 @@ def _answer(prediction: Prediction, request: Request) -> JSONResponse:
 )
 async def predict_media(
     request: Request,
-    parts: PartsDep,
     attribution: AttributionQuery = False,
 ) -> JSONResponse:
     """Score a video or audio clip sent as multipart ``file`` (optional ``transcript``)."""
+    parts = authorized_parts(request)
     core, settings, metrics = parts.core, parts.settings, parts.metrics
     with _count_rejections(metrics):
         async with core.admit():
@@ -115,7 +122,6 @@ async def predict_media(
 )
 async def predict_features(
     request: Request,
-    parts: PartsDep,
     attribution: AttributionQuery = False,
 ) -> JSONResponse:
     """Score precomputed features in the loaded checkpoint's feature profile.
@@ -123,6 +129,7 @@ async def predict_features(
     Features of another profile, modality set or size than the checkpoint's are refused with
     422 ``feature_mismatch``.
     """
+    parts = authorized_parts(request)
     core, settings, metrics = parts.core, parts.settings, parts.metrics
     with _count_rejections(metrics):
         async with core.admit():

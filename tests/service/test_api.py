@@ -119,6 +119,24 @@ def test_docs_and_openapi(features_app: Callable[..., TestClient]) -> None:
     assert "file" in media["multipart/form-data"]["schema"]["properties"]
 
 
+def test_openapi_declares_the_bearer_token_where_it_is_checked(
+    features_app: Callable[..., TestClient],
+) -> None:
+    # The prediction endpoints check the token themselves (no FastAPI dependency declares it),
+    # so their operations must still say so, like the routes guarded by the dependency.
+    schema = features_app().get("/openapi.json").json()
+    schemes = schema["components"]["securitySchemes"]
+    for path, method in [
+        ("/v1/predict/features", "post"),
+        ("/v1/predict", "post"),
+        ("/v2/models/{name}", "get"),
+    ]:
+        security = schema["paths"][path][method]["security"]
+        assert security == [{"HTTPBearer": []}], path
+    assert schemes["HTTPBearer"]["scheme"] == "bearer"
+    assert "security" not in schema["paths"]["/v2/health/ready"]["get"]
+
+
 def test_unknown_path_and_method_are_json_errors(features_app: Callable[..., TestClient]) -> None:
     client = features_app()
     assert_error(client.get("/nope"), 404, "not_found")
@@ -383,6 +401,19 @@ def test_bearer_token_guards_all_but_health_and_metrics(
     right = {"Authorization": "Bearer s3cret"}
     assert client.post("/v1/predict/features", json=payload(8, 0), headers=right).status_code == 200
     assert client.get("/v2/models/tiny", headers=right).status_code == 200
+    # The prediction endpoints read the header themselves: same rules as the dependency's
+    # (scheme case-insensitive, other schemes and an empty token refused).
+    for headers, status in [
+        ({"Authorization": "bearer s3cret"}, 200),
+        ({"Authorization": "Basic s3cret"}, 401),
+        ({"Authorization": "Bearer "}, 401),
+        ({"Authorization": "s3cret"}, 401),
+    ]:
+        for path in ("/v1/predict/features", "/v2/models/tiny"):
+            response = client.request(
+                "post" if "predict" in path else "get", path, json=payload(8, 0), headers=headers
+            )
+            assert response.status_code == status, (path, headers)
 
 
 def test_public_docs_setting(features_app: Callable[..., TestClient]) -> None:
