@@ -1,14 +1,15 @@
-"""The wheels a lent GPU machine lacks for serving (``bench/load.py --device cuda``).
+"""The wheels the GPU check host lacks for serving (``bench/load.py --device cuda``).
 
-The lent GPU machines have Python 3.12 with PyTorch, Triton, numpy and many other packages, but
-not the service's HTTP stack (FastAPI, uvicorn, pydantic...), and they reach no network. This
-script finds what a features-only server imports (it starts ``cmamba serve --features-only``
-here, for a few seconds, and maps the imported modules to their distributions), leaves out what
-the GPU image already has, and downloads the rest, at the versions pinned in constraints.txt,
-as Python 3.12 manylinux wheels, for carrying to that machine::
+The GPU check runs on hosts whose image has Python 3.12 with PyTorch, Triton, numpy and many
+other packages, but not the service's HTTP stack (FastAPI, uvicorn, pydantic...), and that
+reach no network. This script finds what a features-only server imports (it starts
+``cmamba serve --features-only`` here, for a few seconds, and maps the imported modules to
+their distributions), leaves out what the GPU image already has, and downloads the rest, at the
+versions pinned in constraints.txt, as Python 3.12 manylinux wheels, for carrying to that
+machine::
 
     python scripts/gpu_wheels.py list               # what would be fetched
-    python scripts/gpu_wheels.py download [.whl]    # fetch them (here: the registries work)
+    python scripts/gpu_wheels.py download [.whl]    # fetch them (on a machine that reaches PyPI)
 
 and there, before ``scripts/gpu_check.sh``::
 
@@ -30,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# What the GPU image ('cuda', Python 3.12) already holds: the package list read on a lent
+# What the GPU image ('cuda', Python 3.12) already holds: the package list read on such a
 # machine on 2026-11-17. Carried wheels would only shadow these.
 _IMAGE_PACKAGES = """
     absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs

@@ -1,4 +1,4 @@
-"""scripts/gpu_wheels.py: what a lent GPU machine must be sent to serve the app."""
+"""scripts/gpu_wheels.py: what the GPU check host must be sent to serve the app."""
 
 from __future__ import annotations
 
