@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 
 from service.api import docs, health, metrics, models, predict, timeline, webui
+from service.api.auth import declare_scheme
 from service.core.engine import InferenceCore
 from service.core.extraction import FeatureExtractor
 from service.errors import install_handlers
@@ -107,6 +108,7 @@ def create_app(
     app.include_router(timeline.router)
     app.include_router(webui.router)
     app.include_router(docs.build_router(public=settings.public_docs))
+    declare_scheme(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=service_metrics)
     app.add_middleware(RequestContextMiddleware)
     return app

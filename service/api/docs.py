@@ -5,13 +5,14 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.routing import APIRoute
 
-from service.api.dependencies import ApiKeyDep
+from service.api.auth import BearerRoute
 
 
 def build_router(public: bool) -> APIRouter:
     """The docs routes; with ``public`` they skip the bearer check."""
-    router = APIRouter(include_in_schema=False, dependencies=[] if public else [ApiKeyDep])
+    router = APIRouter(include_in_schema=False, route_class=APIRoute if public else BearerRoute)
 
     @router.get("/openapi.json")
     def openapi(request: Request) -> JSONResponse:

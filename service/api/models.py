@@ -6,11 +6,12 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from service.api.dependencies import ApiKeyDep, CoreDep
+from service.api.auth import BearerRoute
+from service.api.dependencies import CoreDep
 from service.api.schemas import ModelMetadata, error_responses
 from service.errors import ModelNotFoundError
 
-router = APIRouter(tags=["models"], dependencies=[ApiKeyDep])
+router = APIRouter(tags=["models"], route_class=BearerRoute)
 
 
 @router.get(

@@ -1,8 +1,8 @@
 """Prediction endpoints: a media upload, or precomputed features.
 
-Both check the bearer token themselves (:func:`authorized_parts`) instead of through FastAPI
-dependencies, and the app routes to them first: the features endpoint is the service's hot path,
-and everything on it that batching cannot share is per-request event-loop work.
+Both take no FastAPI dependencies (they read :func:`app_parts`), and the app routes to them
+first: the features endpoint is the service's hot path, and everything on it that batching
+cannot share is per-request event-loop work.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from service.api.dependencies import BEARER_SECURITY, authorized_parts
+from service.api.auth import BearerRoute
+from service.api.dependencies import app_parts
 from service.api.features_body import parse_features_body
 from service.api.schemas import FeaturesRequest, PredictResponse, error_responses
 from service.api.uploads import read_body, receive_upload_in_time
@@ -23,7 +24,7 @@ from service.core.types import Prediction
 from service.errors import ServiceError, UnsupportedMediaError
 from service.metrics import ServiceMetrics
 
-router = APIRouter(tags=["predict"])
+router = APIRouter(tags=["predict"], route_class=BearerRoute)
 
 AttributionQuery = Annotated[
     bool,
@@ -31,7 +32,6 @@ AttributionQuery = Annotated[
 ]
 
 _MEDIA_BODY: dict[str, Any] = {
-    "security": BEARER_SECURITY,
     "requestBody": {
         "required": True,
         "content": {
@@ -58,7 +58,6 @@ _MEDIA_BODY: dict[str, Any] = {
 }
 
 _FEATURES_BODY: dict[str, Any] = {
-    "security": BEARER_SECURITY,
     "requestBody": {
         "required": True,
         "content": {"application/json": {"schema": FeaturesRequest.model_json_schema()}},
@@ -95,7 +94,7 @@ async def predict_media(
     attribution: AttributionQuery = False,
 ) -> JSONResponse:
     """Score a video or audio clip sent as multipart ``file`` (optional ``transcript``)."""
-    parts = authorized_parts(request)
+    parts = app_parts(request)
     core, settings, metrics = parts.core, parts.settings, parts.metrics
     with _count_rejections(metrics):
         async with core.admit():
@@ -129,7 +128,7 @@ async def predict_features(
     Features of another profile, modality set or size than the checkpoint's are refused with
     422 ``feature_mismatch``.
     """
-    parts = authorized_parts(request)
+    parts = app_parts(request)
     core, settings, metrics = parts.core, parts.settings, parts.metrics
     with _count_rejections(metrics):
         async with core.admit():

@@ -9,7 +9,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from service.api.dependencies import ApiKeyDep, CoreDep, MetricsDep, SettingsDep
+from service.api.auth import BearerRoute
+from service.api.dependencies import CoreDep, MetricsDep, SettingsDep
 from service.api.predict import _MEDIA_BODY, _count_rejections
 from service.api.schemas import ModelInfo, Sentiment, error_responses
 from service.api.uploads import receive_upload_in_time
@@ -17,7 +18,7 @@ from service.core.engine import _summary_dict
 from service.core.timeline import Timeline, score_timeline
 from service.core.types import MEDIA_STAGES
 
-router = APIRouter(tags=["predict"], dependencies=[ApiKeyDep])
+router = APIRouter(tags=["predict"], route_class=BearerRoute)
 
 
 class Attribution(BaseModel):

@@ -122,14 +122,15 @@ def test_docs_and_openapi(features_app: Callable[..., TestClient]) -> None:
 def test_openapi_declares_the_bearer_token_where_it_is_checked(
     features_app: Callable[..., TestClient],
 ) -> None:
-    # The prediction endpoints check the token themselves (no FastAPI dependency declares it),
-    # so their operations must still say so, like the routes guarded by the dependency.
+    # The token is checked by the routes' class, not by a FastAPI security dependency, so the
+    # schema's operations and components say so through the route class and the app.
     schema = features_app().get("/openapi.json").json()
     schemes = schema["components"]["securitySchemes"]
     for path, method in [
         ("/v1/predict/features", "post"),
         ("/v1/predict", "post"),
         ("/v2/models/{name}", "get"),
+        ("/v1/timeline", "post"),
     ]:
         security = schema["paths"][path][method]["security"]
         assert security == [{"HTTPBearer": []}], path
@@ -401,8 +402,8 @@ def test_bearer_token_guards_all_but_health_and_metrics(
     right = {"Authorization": "Bearer s3cret"}
     assert client.post("/v1/predict/features", json=payload(8, 0), headers=right).status_code == 200
     assert client.get("/v2/models/tiny", headers=right).status_code == 200
-    # The prediction endpoints read the header themselves: same rules as the dependency's
-    # (scheme case-insensitive, other schemes and an empty token refused).
+    # The header is read as FastAPI's HTTPBearer reads it: scheme in any case, other schemes
+    # and an empty token refused.
     for headers, status in [
         ({"Authorization": "bearer s3cret"}, 200),
         ({"Authorization": "Basic s3cret"}, 401),
@@ -414,6 +415,23 @@ def test_bearer_token_guards_all_but_health_and_metrics(
                 "post" if "predict" in path else "get", path, json=payload(8, 0), headers=headers
             )
             assert response.status_code == status, (path, headers)
+
+
+def test_bearer_token_is_checked_before_anything_else(
+    features_app: Callable[..., TestClient], payload: Callable[..., dict]
+) -> None:
+    # A request without the token learns nothing about its other faults: 401, not 422.
+    client = features_app(api_key="s3cret")
+    right = {"Authorization": "Bearer s3cret"}
+    as_json = {"Content-Type": "application/json"}
+    for path, kwargs, headers in [
+        ("/v1/predict/features?attribution=maybe", {"json": payload(8, 0)}, {}),
+        ("/v1/predict/features", {"content": b"{not json"}, as_json),
+        ("/v1/timeline?window=-3", {"files": {"file": ("a.wav", b"x")}}, {}),
+    ]:
+        assert_error(client.post(path, headers=headers, **kwargs), 401, "unauthorized")
+        answer = client.post(path, headers={**headers, **right}, **kwargs)
+        assert answer.status_code == 422, (path, answer.text)
 
 
 def test_public_docs_setting(features_app: Callable[..., TestClient]) -> None:
