@@ -47,14 +47,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DOC = ROOT / "docs" / "PERFORMANCE.md"
-
-
-def section_name(device: str) -> str:
-    """The section of docs/PERFORMANCE.md a run on ``device`` rewrites: CPU and CUDA runs keep
-    their own."""
-    return "load-cuda" if device.startswith("cuda") else "load"
-
-
 DEFAULT_CLIP = ROOT.parent / "shared" / "media" / "cremad_1001_DFA_HAP_XX.mp4"
 
 
@@ -476,8 +468,11 @@ def scan_backend(url: str) -> str:
 def render(
     cells: list[Cell], context: dict[str, str], scaling: dict[int, float], verdict: list[str]
 ) -> str:
+    on_gpu = context["device"].startswith("cuda")
     lines = [
-        "### Load (`bench/load.py`)",
+        "### Load on a GPU (`bench/load.py --device cuda`)"
+        if on_gpu
+        else "### Load (`bench/load.py`)",
         "",
         f"Machine: {context['machine']}. Checkpoint: {context['checkpoint']}; device "
         f"{context['device']}, scan backend `{context['scan_backend']}`, torch threads "
@@ -526,6 +521,12 @@ def render(
         lines += ["", f"`/v1/predict` mean stage times at concurrency 1 (ms): {stages}."]
     lines += ["", " ".join(verdict), ""]
     return "\n".join(lines)
+
+
+def section_name(device: str) -> str:
+    """The section of docs/PERFORMANCE.md a run on ``device`` rewrites: CPU and CUDA runs keep
+    their own."""
+    return "load-cuda" if device.startswith("cuda") else "load"
 
 
 def write_section(text: str, device: str) -> None:
