@@ -10,7 +10,6 @@ that batching cannot share.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -38,21 +37,12 @@ async def get_core(request: Request) -> InferenceCore:
     return core
 
 
-@dataclass(frozen=True)
-class ServiceParts:
-    """Settings, metrics and core, for the prediction endpoints."""
-
-    settings: ServiceSettings
-    metrics: ServiceMetrics
-    core: InferenceCore
-
-
 SettingsDep = Annotated[ServiceSettings, Depends(get_settings)]
 MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
 CoreDep = Annotated[InferenceCore, Depends(get_core)]
 
 
-def app_parts(request: Request) -> ServiceParts:
-    """The app's settings, metrics and core, read without dependency resolution."""
+def app_parts(request: Request) -> tuple[InferenceCore, ServiceSettings, ServiceMetrics]:
+    """The app's core, settings and metrics, read without dependency resolution."""
     app_state = request.app.state
-    return ServiceParts(app_state.settings, app_state.metrics, app_state.core)
+    return app_state.core, app_state.settings, app_state.metrics

@@ -94,8 +94,7 @@ async def predict_media(
     attribution: AttributionQuery = False,
 ) -> JSONResponse:
     """Score a video or audio clip sent as multipart ``file`` (optional ``transcript``)."""
-    parts = app_parts(request)
-    core, settings, metrics = parts.core, parts.settings, parts.metrics
+    core, settings, metrics = app_parts(request)
     with _count_rejections(metrics):
         async with core.admit():
             core.require_media()  # before reading the body
@@ -128,8 +127,7 @@ async def predict_features(
     Features of another profile, modality set or size than the checkpoint's are refused with
     422 ``feature_mismatch``.
     """
-    parts = app_parts(request)
-    core, settings, metrics = parts.core, parts.settings, parts.metrics
+    core, settings, metrics = app_parts(request)
     with _count_rejections(metrics):
         async with core.admit():
             deadline = time.monotonic() + settings.request_timeout_s
