@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
 """The config layout this code writes. Bump it when a field changes meaning or is removed,
 and add an upgrade function from the previous version to ``_UPGRADES``."""
 
@@ -21,6 +21,18 @@ MODALITY_ORDER: tuple[str, ...] = ("text", "audio", "visual")
 
 CLASS_NAMES: tuple[str, ...] = ("negative", "neutral", "positive")
 """Order of the classification head's outputs."""
+
+EMOTION_NAMES: tuple[str, ...] = (
+    "neutral",
+    "happy",
+    "sad",
+    "angry",
+    "fearful",
+    "disgust",
+    "surprised",
+)
+"""Emotion classes the embedded default's emotion head predicts (the classes RAVDESS and FER2013
+share; RAVDESS's "calm" is taken as neutral). A checkpoint lists its own in ``emotion_classes``."""
 
 STATE_COUPLINGS = ("none", "mean", "sum", "learned")
 POOLINGS = ("mean", "last", "max")
@@ -75,6 +87,8 @@ class CoupledMambaConfig:
         neutral_band: half-width, in label units, of the neutral class around the middle of
             the label scale when class labels are derived from a score (see
             ``score_to_class``).
+        emotion_classes: names of the emotion head's classes, in output order; empty means
+            the network has no emotion head (config version 1 had none).
     """
 
     modalities: tuple[str, ...] = MODALITY_ORDER
@@ -99,10 +113,12 @@ class CoupledMambaConfig:
     label_scale: tuple[float, float] = (-3.0, 3.0)
     n_classes: int = 3
     neutral_band: float = 0.5
+    emotion_classes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # JSON gives lists; keep tuples so configs compare equal after a round trip.
         self.modalities = tuple(self.modalities)
+        self.emotion_classes = tuple(str(e) for e in self.emotion_classes)
         self.label_scale = (float(self.label_scale[0]), float(self.label_scale[1]))
         # Sizes of modalities the network has no branch for are dropped, so a profile's full
         # table can be passed as is.
@@ -158,6 +174,14 @@ class CoupledMambaConfig:
             )
         if self.n_classes != len(CLASS_NAMES):
             raise ConfigError(f"n_classes must be {len(CLASS_NAMES)} ({', '.join(CLASS_NAMES)})")
+        if len(set(self.emotion_classes)) != len(self.emotion_classes) or any(
+            not e for e in self.emotion_classes
+        ):
+            raise ConfigError(
+                f"emotion_classes must be unique non-empty names, got {self.emotion_classes}"
+            )
+        if len(self.emotion_classes) == 1:
+            raise ConfigError("emotion_classes needs at least two classes (or none)")
         if not 0.0 <= self.neutral_band < (high - low) / 2:
             raise ConfigError(
                 f"neutral_band must be in [0, {(high - low) / 2}), got {self.neutral_band}"
@@ -207,6 +231,7 @@ class CoupledMambaConfig:
         out.update(asdict(self))
         out["modalities"] = list(self.modalities)
         out["label_scale"] = list(self.label_scale)
+        out["emotion_classes"] = list(self.emotion_classes)
         return out
 
     @classmethod
@@ -243,9 +268,14 @@ class CoupledMambaConfig:
         return cls(**data)
 
 
+def _upgrade_1_to_2(data: dict[str, Any]) -> dict[str, Any]:
+    # Version 2 added the optional emotion head; every version-1 network had none.
+    data.setdefault("emotion_classes", [])
+    return data
+
+
 # _UPGRADES[v] turns a version-v dict (without "config_version") into a version v+1 dict.
-# There is only version 1 so far; a future version 2 adds `_UPGRADES[1] = _upgrade_1_to_2`.
-_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _upgrade_1_to_2}
 
 
 def upgrade_config_dict(data: dict[str, Any], version: int) -> dict[str, Any]:

@@ -63,6 +63,9 @@ class SentimentOutput:
         modality_weights: (b, M) fusion weight of each modality (zero where absent), in
             ``config.modalities`` order.
         present: (b, M) bool, whether the modality has at least one valid step.
+        emotion_logits: (b, E) logits of the emotion head in ``config.emotion_classes``
+            order, or None when the network has no emotion head.
+        emotion_probabilities: (b, E) softmax of ``emotion_logits``, or None.
     """
 
     score: Tensor
@@ -70,6 +73,8 @@ class SentimentOutput:
     probabilities: Tensor
     modality_weights: Tensor
     present: Tensor
+    emotion_logits: Tensor | None = None
+    emotion_probabilities: Tensor | None = None
 
     def labels(self) -> list[str]:
         """The most probable class name of each sample."""
@@ -587,6 +592,14 @@ class CoupledMambaForSentiment(nn.Module):
         self.class_head = nn.Sequential(
             nn.Linear(d, d), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(d, len(CLASS_NAMES))
         )
+        n_emotions = len(config.emotion_classes)
+        self.emotion_head = (
+            nn.Sequential(
+                nn.Linear(d, d), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(d, n_emotions)
+            )
+            if n_emotions
+            else None
+        )
         self._rescale_residual_outputs()
         self.scan_backend = resolve_scan_backend(scan_backend, "cpu")
         self.kernels = mamba_kernels.select_kernels("cpu", config.state_coupling, self.scan_backend)
@@ -789,12 +802,17 @@ class CoupledMambaForSentiment(nn.Module):
         raw = self.regression_head(fused).squeeze(-1)  # (b,)
         score = (low + high) / 2 + (high - low) / 2 * torch.tanh(raw)
         logits = self.class_head(fused)  # (b, 3)
+        emotion_logits = self.emotion_head(fused) if self.emotion_head is not None else None
         return SentimentOutput(
             score=score,
             logits=logits,
             probabilities=torch.softmax(logits, dim=-1),
             modality_weights=weights,
             present=present,
+            emotion_logits=emotion_logits,
+            emotion_probabilities=(
+                torch.softmax(emotion_logits, dim=-1) if emotion_logits is not None else None
+            ),
         )
 
     # -- metadata -------------------------------------------------------------------------------
@@ -839,6 +857,7 @@ class CoupledMambaForSentiment(nn.Module):
             "norm": c.norm,
             "label_scale": list(c.label_scale),
             "classes": list(CLASS_NAMES),
+            "emotion_classes": list(c.emotion_classes),
             "neutral_band": c.neutral_band,
             "parameters": self.count_parameters(),
             "scan_backend": self.scan_backend,

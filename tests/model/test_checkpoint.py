@@ -23,7 +23,12 @@ from model import (
 @pytest.fixture
 def trained(make_model) -> CoupledMambaForSentiment:
     """A model whose every parameter moved away from its init (so a lost tensor shows)."""
-    model = make_model(state_coupling="learned", feature_mixing=True, pooling="last")
+    model = make_model(
+        state_coupling="learned",
+        feature_mixing=True,
+        pooling="last",
+        emotion_classes=("neutral", "happy", "sad"),
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -52,7 +57,7 @@ def test_round_trip_is_bitwise_exact(trained, batch_of, tmp_path: Path) -> None:
     features, masks = batch_of([9, 5])
     with torch.no_grad():
         a, b = trained(features, masks), loaded(features, masks)
-    for name in ("score", "logits", "probabilities", "modality_weights"):
+    for name in ("score", "logits", "probabilities", "modality_weights", "emotion_logits"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
 
     info = loaded.checkpoint_info

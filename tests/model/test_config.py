@@ -63,7 +63,7 @@ def test_invalid_fields_are_named(config_of, overrides, message) -> None:
 
 def test_unknown_and_missing_versions_are_refused(config_of) -> None:
     data = config_of().to_dict()
-    with pytest.raises(ConfigError, match="config_version 2 is not supported"):
+    with pytest.raises(ConfigError, match=f"config_version {CONFIG_VERSION + 1} is not supported"):
         CoupledMambaConfig.from_dict(dict(data, config_version=CONFIG_VERSION + 1))
     with pytest.raises(ConfigError, match="not supported"):
         CoupledMambaConfig.from_dict(dict(data, config_version=0))
@@ -104,6 +104,25 @@ def test_old_versions_are_upgraded_step_by_step(config_of, monkeypatch) -> None:
     monkeypatch.setattr(config_module, "_UPGRADES", {2: two_to_three})
     with pytest.raises(ConfigError, match="no upgrade from config_version 1"):
         CoupledMambaConfig.from_dict(old)
+
+
+def test_version_1_configs_gain_an_empty_emotion_head(config_of) -> None:
+    """Checkpoints written before the emotion head load unchanged: no emotion classes."""
+    old = {k: v for k, v in config_of().to_dict().items() if k != "emotion_classes"}
+    old["config_version"] = 1
+    upgraded = CoupledMambaConfig.from_dict(old)
+    assert upgraded.emotion_classes == ()
+    with pytest.raises(ConfigError, match="missing fields"):
+        CoupledMambaConfig.from_dict(dict(old, config_version=2))
+
+
+@pytest.mark.parametrize(
+    "classes, message",
+    [(("happy",), "at least two"), (("happy", "happy"), "unique"), (("happy", ""), "unique")],
+)
+def test_emotion_classes_are_checked(config_of, classes, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_of(emotion_classes=classes)
 
 
 def test_score_to_class_uses_the_neutral_band(config_of) -> None:

@@ -476,3 +476,21 @@ def test_single_modality_model_and_dummy_inputs(make_model) -> None:
     with torch.no_grad():
         out = model(features, masks)
     assert out.modality_weights.shape == (2, 1) and (out.modality_weights == 1).all()
+
+
+def test_emotion_head_answers_per_class_and_ignores_padding(make_model, batch_of) -> None:
+    classes = ("neutral", "happy", "sad")
+    model = make_model(emotion_classes=classes)
+    features, masks = batch_of([5, 9], seed=3, pad_to=12)
+    out = model(features, masks)
+    assert out.emotion_logits is not None and out.emotion_probabilities is not None
+    assert out.emotion_probabilities.shape == (2, len(classes))
+    torch.testing.assert_close(out.emotion_probabilities.sum(-1), torch.ones(2))
+    alone = model(
+        {m: f[:1, :5] for m, f in features.items()}, {m: k[:1, :5] for m, k in masks.items()}
+    )
+    assert alone.emotion_probabilities is not None
+    torch.testing.assert_close(alone.emotion_probabilities[0], out.emotion_probabilities[0])
+    assert model.describe()["emotion_classes"] == list(classes)
+    plain = make_model()(features, masks)
+    assert plain.emotion_logits is None and plain.emotion_probabilities is None
