@@ -11,6 +11,7 @@ documented in docs/FEATURES.md.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -88,18 +89,30 @@ def face_features(landmarks: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(values, dtype=np.float32)
 
 
+@dataclass(frozen=True)
+class FaceObservation:
+    """What one face-mesh pass gives for one frame: the landmarks (468, 3) normalised as
+    mediapipe returns them, the 17 features, and (when asked for) the 48x48 grey face crop of
+    ``preprocessing.face_expression.face_crop``."""
+
+    landmarks: np.ndarray
+    features: np.ndarray
+    crop: np.ndarray | None = None
+
+
 class FaceMeshRunner:
     """One mediapipe FaceMesh graph in video (tracking) mode, for the frames of one clip.
 
     Not thread-safe: create one per clip (construction takes ~10 ms). A fresh graph per clip keeps
-    a clip's features independent of the clips processed before it.
+    a clip's features independent of the clips processed before it. ``static_image_mode`` runs
+    the detector on every image instead of tracking (for unrelated still images).
     """
 
-    def __init__(self, min_confidence: float = 0.5) -> None:
+    def __init__(self, min_confidence: float = 0.5, static_image_mode: bool = False) -> None:
         import mediapipe as mp
 
         self._mesh = mp.solutions.face_mesh.FaceMesh(
-            static_image_mode=False,
+            static_image_mode=static_image_mode,
             max_num_faces=1,
             refine_landmarks=False,
             min_detection_confidence=min_confidence,
@@ -123,6 +136,23 @@ class FaceMeshRunner:
         if not faces:
             return None
         return np.array([(p.x, p.y, p.z) for p in faces[0].landmark], dtype=np.float64)
+
+    def observe(self, rgb: np.ndarray, crop: bool = False) -> FaceObservation | None:
+        """Landmarks, the 17 features and optionally the face crop of the most prominent face in
+        an RGB (or grey) frame, from one face-mesh pass; None without a face."""
+        image = np.asarray(rgb)
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        marks = self.landmarks(image)
+        if marks is None:
+            return None
+        feats = face_features(marks, image.shape[1], image.shape[0])
+        face = None
+        if crop:
+            from preprocessing.face_expression import face_crop
+
+            face = face_crop(image, marks)
+        return FaceObservation(landmarks=marks, features=feats, crop=face)
 
     def features(self, rgb: np.ndarray) -> np.ndarray | None:
         """Features (17,) of the most prominent face in an RGB frame, or None without a face."""
@@ -149,6 +179,29 @@ def frame_features(
     return values, found
 
 
+def frame_embeddings(
+    frames: Sequence[np.ndarray], encoder: Any, min_confidence: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
+    """Face-encoder features (F, FACE_EMBED_DIM) float32 and face flags (F,) bool for the RGB
+    frames of one clip: one face-mesh pass per frame gives the crop; the crops with a face go
+    through ``encoder`` (a loaded ``FaceExpressionEncoder``) in one batch."""
+    from preprocessing.face_expression import FACE_EMBED_DIM
+
+    found = np.zeros((len(frames),), dtype=bool)
+    crops: list[np.ndarray] = []
+    if frames:
+        with FaceMeshRunner(min_confidence) as runner:
+            for i, frame in enumerate(frames):
+                seen = runner.observe(frame, crop=True)
+                if seen is not None and seen.crop is not None:
+                    crops.append(seen.crop)
+                    found[i] = True
+    values = np.zeros((len(frames), FACE_EMBED_DIM), dtype=np.float32)
+    if crops:
+        values[found] = encoder.encode_crops(np.stack(crops))
+    return values, found
+
+
 def visual_on_grid(
     values: np.ndarray,
     found: np.ndarray,
@@ -162,9 +215,12 @@ def visual_on_grid(
     A cell takes the mean of its frames that show a face; ``face_present`` is the fraction of its
     frames that do. When frames are sampled more sparsely than the grid, a cell without a frame
     takes the nearest frame within half a sampling period of its centre. Cells without a face
-    are masked. Returns (length, 17) float32 and (length,) bool.
+    are masked. Column 0 of ``values`` must be the per-frame face flag (``face_present``); the
+    other columns are averaged whatever their number (the 17 landmark features, or the face
+    encoder's features). Returns (length, D) float32 and (length,) bool.
     """
-    features = np.zeros((length, VISUAL_DIM), dtype=np.float32)
+    dim = int(values.shape[1]) if np.ndim(values) == 2 else VISUAL_DIM
+    features = np.zeros((length, dim), dtype=np.float32)
     mask = np.zeros((length,), dtype=bool)
     if len(times_s) == 0:
         return features, mask
@@ -189,7 +245,7 @@ def visual_on_grid(
     frames_per_cell = np.bincount(cell_idx, minlength=length)
     face = found[frame_idx]
     faces_per_cell = np.bincount(cell_idx[face], minlength=length)
-    sums = np.zeros((length, VISUAL_DIM), dtype=np.float64)
+    sums = np.zeros((length, dim), dtype=np.float64)
     np.add.at(sums, cell_idx[face], values[frame_idx[face]])
     mask = faces_per_cell > 0
     features[mask] = (sums[mask] / faces_per_cell[mask, None]).astype(np.float32)
