@@ -67,34 +67,51 @@ class _AsrJob:
 
 
 class _StreamingFaces:
-    """Face features of frames handed in one at a time while decoding (frames are not kept)."""
+    """Face features of frames handed in one at a time while decoding (frames are not kept).
 
-    def __init__(self, min_confidence: float) -> None:
+    Without ``encoder`` each frame keeps the 17 landmark features; with a face encoder it keeps
+    the 48x48 face crop from the same mesh pass (2.3 KB a frame), and :meth:`result` encodes
+    the crops in one batch.
+    """
+
+    def __init__(self, min_confidence: float, encoder: Any = None) -> None:
         from preprocessing.visual import VISUAL_DIM, FaceMeshRunner
 
+        self._encoder = encoder
         self._dim = VISUAL_DIM
         self._runner = FaceMeshRunner(min_confidence)
-        self._values: list[np.ndarray] = []  # each (17,) float32
+        self._values: list[np.ndarray] = []  # each (17,) float32, or a (48, 48) uint8 crop
         self._found: list[bool] = []
         self.elapsed_ms = 0.0
 
     def add(self, rgb: np.ndarray, time_s: float) -> None:
         start = time.perf_counter()
-        feats = self._runner.features(rgb)
-        self._found.append(feats is not None)
-        self._values.append(
-            np.zeros(self._dim, np.float32) if feats is None else feats.astype(np.float32)
-        )
+        seen = self._runner.observe(rgb, crop=self._encoder is not None)
+        self._found.append(seen is not None)
+        if seen is not None:
+            kept = seen.crop if self._encoder is not None else seen.features
+            assert kept is not None
+            self._values.append(kept)
         self.elapsed_ms += (time.perf_counter() - start) * 1000.0
 
     def close(self) -> None:
         self._runner.close()
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-frame features (F, 17) float32 and face flags (F,) bool, in decoding order."""
-        if not self._values:
-            return np.zeros((0, self._dim), np.float32), np.zeros((0,), bool)
-        return np.stack(self._values), np.asarray(self._found, dtype=bool)
+        """Per-frame features (F, D) float32 and face flags (F,) bool, in decoding order
+        (D = 17, or FACE_EMBED_DIM with a face encoder)."""
+        found = np.asarray(self._found, dtype=bool)
+        if self._encoder is not None:
+            from preprocessing.face_expression import FACE_EMBED_DIM
+
+            values = np.zeros((len(found), FACE_EMBED_DIM), np.float32)
+            if self._values:
+                values[found] = self._encoder.encode_crops(np.stack(self._values))
+            return values, found
+        values = np.zeros((len(found), self._dim), np.float32)
+        if self._values:
+            values[found] = np.stack(self._values).astype(np.float32)
+        return values, found
 
 
 class Extractor:
@@ -166,6 +183,26 @@ class Extractor:
                 self._recognizer = SpeechRecognizer(self.settings)
             return self._recognizer
 
+    @property
+    def face_encoder(self) -> Any:
+        """The facial-expression CNN (a ``FaceExpressionEncoder``) when
+        ``settings.face_encoder_path`` is set, else None (the 17 landmark features)."""
+        path = getattr(self.settings, "face_encoder_path", None)
+        if path is None:
+            return None
+        with self._lock:
+            encoder = self.__dict__.get("_face_encoder")
+            if encoder is None:
+                from preprocessing.face_expression import FaceExpressionEncoder
+
+                encoder = FaceExpressionEncoder(
+                    path,
+                    sha256=getattr(self.settings, "face_encoder_sha256", None),
+                    torch_threads=self.settings.torch_threads,
+                )
+                self.__dict__["_face_encoder"] = encoder
+        return encoder.load()
+
     def warmup(self) -> dict[str, float]:
         """Load every model the requested modalities need and run each stage once on synthetic
         input (numba compiles librosa's pitch tracker, mediapipe loads its graph).
@@ -194,6 +231,8 @@ class Extractor:
 
             with _timed(timings, "visual"):
                 warmup_visual(self.settings.min_face_confidence)
+                if self.face_encoder is not None:
+                    self.face_encoder.warmup()
         return timings
 
     def __getstate__(self) -> dict[str, Any]:
@@ -236,7 +275,7 @@ class Extractor:
             header_s = info.duration_s
             if header_s is not None and header_s <= settings.stream_frames_after_s:
                 return None
-            streams.append(_StreamingFaces(settings.min_face_confidence))
+            streams.append(_StreamingFaces(settings.min_face_confidence, self.face_encoder))
             return streams[-1].add
 
         try:
@@ -305,11 +344,16 @@ class Extractor:
                     masks["audio"] = np.zeros((length,), bool)
         frames_with_face = 0
         if "visual" in self.modalities:
-            from preprocessing.visual import frame_features, visual_on_grid
+            from preprocessing.visual import frame_embeddings, frame_features, visual_on_grid
 
             with _timed(timings, "visual"):
+                face_encoder = self.face_encoder
                 if stream is not None:
                     values, found = stream.result()
+                elif face_encoder is not None:
+                    values, found = frame_embeddings(
+                        decoded.frames, face_encoder, settings.min_face_confidence
+                    )
                 else:
                     values, found = frame_features(decoded.frames, settings.min_face_confidence)
                 frames_with_face = int(found.sum())
