@@ -100,6 +100,80 @@ def _pyin(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.nan_to_num(f0, nan=FMIN_HZ), voiced.astype(bool)
 
 
+def frame_power(y: np.ndarray) -> np.ndarray:
+    """Mean square of 40 ms frames centred every 20 ms (frame ``i`` at ``i * HOP`` samples).
+
+    ``1 + len(y) // HOP`` frames (float64); the signal is zero-padded by one hop on each side.
+    Computed in blocks, so memory does not grow with the signal beyond the result.
+    """
+    import librosa
+
+    padded = np.pad(np.asarray(y, dtype=np.float32), (HOP, HOP))
+    total = 1 + len(y) // HOP
+    out = np.empty((total,), dtype=np.float64)
+    for first in range(0, total, BLOCK_FRAMES):
+        stop = min(total, first + BLOCK_FRAMES)
+        frames = librosa.util.frame(
+            padded[first * HOP : (stop + 1) * HOP], frame_length=2 * HOP, hop_length=HOP
+        )  # (640, stop - first)
+        out[first:stop] = np.mean(frames.astype(np.float64) ** 2, axis=0)
+    return out
+
+
+def sound_mask(
+    power: np.ndarray,
+    times_s: np.ndarray,
+    audio_s: float,
+    length: int,
+    rate_hz: float,
+    *,
+    silence_floor_dbfs: float,
+    silence_range_db: float,
+) -> np.ndarray:
+    """The grid steps that hold sound: the silence rule shared by every audio feature.
+
+    ``power`` (N,) is the mean square of frames at ``times_s`` (:func:`frame_power`); frames at
+    or past ``audio_s`` (the end of the decoded audio) are ignored. A step is silent when its
+    mean frame power is below ``silence_floor_dbfs`` or more than ``silence_range_db`` below
+    the loudest step; a step without frames (past the end) is silent too. Returns (length,) bool.
+    """
+    inside = np.asarray(times_s) < audio_s
+    means, counts = cell_means(
+        np.asarray(power)[inside, None], np.asarray(times_s)[inside], length, rate_hz
+    )
+    db = 10.0 * np.log10(np.maximum(means[:, 0].astype(np.float64), 1e-12))
+    has_audio = counts > 0
+    if not has_audio.any():
+        return np.zeros((length,), dtype=bool)
+    loudest = db[has_audio].max()
+    return has_audio & (db >= silence_floor_dbfs) & (db >= loudest - silence_range_db)
+
+
+def audio_sound_mask(
+    audio: np.ndarray,
+    length: int,
+    rate_hz: float,
+    *,
+    silence_floor_dbfs: float = -55.0,
+    silence_range_db: float = 45.0,
+) -> np.ndarray:
+    """:func:`sound_mask` of 16 kHz mono ``audio`` on a grid of ``length`` steps."""
+    y = np.asarray(audio, dtype=np.float32)
+    if len(y) == 0:
+        return np.zeros((length,), dtype=bool)
+    power = frame_power(y)
+    times = np.arange(len(power)) * HOP / AUDIO_SAMPLE_RATE
+    return sound_mask(
+        power,
+        times,
+        len(y) / AUDIO_SAMPLE_RATE,
+        length,
+        rate_hz,
+        silence_floor_dbfs=silence_floor_dbfs,
+        silence_range_db=silence_range_db,
+    )
+
+
 def acoustic_frames(audio: np.ndarray, f0_method: str = "yin") -> AcousticFrames:
     """Frame-level CH-SIMS features of 16 kHz mono audio (one frame per 20 ms, centred)."""
     import librosa
@@ -118,10 +192,7 @@ def acoustic_frames(audio: np.ndarray, f0_method: str = "yin") -> AcousticFrames
     chroma = librosa.feature.chroma_cqt(
         y=y, sr=AUDIO_SAMPLE_RATE, hop_length=HOP, tuning=0.0
     )  # (12, N)
-    frames = librosa.util.frame(
-        np.pad(y, (HOP, HOP)), frame_length=2 * HOP, hop_length=HOP
-    )  # (640, N)
-    power = np.mean(frames.astype(np.float64) ** 2, axis=0)
+    power = frame_power(y)
     n = min(len(f0), mfcc.shape[1], chroma.shape[1], len(power))
     log_f0 = np.where(voiced[:n], np.log(np.maximum(f0[:n], 1.0)), 0.0)
     values = np.concatenate([log_f0[None, :], mfcc[:, :n], chroma[:, :n]], axis=0).T  # (N, 33)
@@ -205,16 +276,15 @@ def audio_on_grid(
     )
     features[:, 0] = np.where(f0_counts > 0, f0_means[:, 0], 0.0)
     # Silence from cell power, frames past the decoded audio excluded.
-    inside = frames.times_s < len(audio) / AUDIO_SAMPLE_RATE
-    power, power_counts = cell_means(
-        frames.power[inside, None], frames.times_s[inside], length, rate_hz
+    mask = sound_mask(
+        frames.power,
+        frames.times_s,
+        len(audio) / AUDIO_SAMPLE_RATE,
+        length,
+        rate_hz,
+        silence_floor_dbfs=silence_floor_dbfs,
+        silence_range_db=silence_range_db,
     )
-    db = 10.0 * np.log10(np.maximum(power[:, 0].astype(np.float64), 1e-12))
-    has_audio = power_counts > 0
-    if not has_audio.any():
-        return np.zeros_like(features), mask
-    loudest = db[has_audio].max()
-    mask = has_audio & (db >= silence_floor_dbfs) & (db >= loudest - silence_range_db)
     features[~mask] = 0.0  # masked steps are zeros in every modality
     del counts
     return features, mask
