@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pickle
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -221,3 +221,32 @@ def test_trained_encoder_file_loads() -> None:
     encoder = FaceExpressionEncoder(BUILD_WEIGHTS).load()
     assert encoder.metadata["trained_on"] == "FER2013 Training"
     assert BUILD_WEIGHTS.stat().st_size < 2_000_000
+
+
+@pytest.mark.skipif(
+    not hasattr(ExtractorSettings, "face_encoder_path"),
+    reason="ExtractorSettings has no face_encoder_path yet",
+)
+def test_extractor_visual_branch_with_the_encoder(
+    clip: Callable[[str], Path],
+    tiny_weights: tuple[Path, str],
+) -> None:
+    from dataclasses import replace
+
+    from preprocessing import Extractor
+
+    path, sha = tiny_weights
+    settings = replace(
+        ExtractorSettings(),
+        face_encoder_path=path,
+        face_encoder_sha256=sha,
+    )
+    whole = Extractor(settings, modalities=("visual",)).extract(clip("hap_mp4"))
+    feats, mask = whole.features["visual"], whole.masks["visual"]
+    assert feats.shape == (whole.length, FACE_EMBED_DIM) and mask.mean() > 0.8
+    assert np.allclose(feats[mask, 0], 1.0) and np.all(feats[~mask] == 0.0)
+    # Frames streamed through face mesh while decoding give the same features.
+    streamed_settings = replace(settings, stream_frames_after_s=0.0)
+    streamed = Extractor(streamed_settings, modalities=("visual",)).extract(clip("hap_mp4"))
+    assert np.array_equal(streamed.masks["visual"], mask)
+    assert np.allclose(streamed.features["visual"], feats, atol=1e-5)
