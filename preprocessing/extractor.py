@@ -31,11 +31,25 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
 
 
 class _AsrJob:
-    """One transcription, run inline or on a helper thread; errors surface in ``result``."""
+    """One transcription, run inline or on a helper thread; errors surface in ``result``.
 
-    def __init__(self, recognizer: SpeechRecognizer, audio: np.ndarray | None) -> None:
+    ``states``: also keep the Whisper encoder states of the audio's 30 s windows
+    (``Transcription.windows``), from the same encoder pass as the transcription.
+    ``transcribe=False``: only encode (a caller's transcript, or no text requested).
+    """
+
+    def __init__(
+        self,
+        recognizer: SpeechRecognizer,
+        audio: np.ndarray | None,
+        *,
+        states: bool = False,
+        transcribe: bool = True,
+    ) -> None:
         self._recognizer = recognizer
         self._audio = audio
+        self._states = states
+        self._transcribe = transcribe
         self._result: Transcription | None = None
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -46,6 +60,10 @@ class _AsrJob:
         try:
             if self._audio is None or len(self._audio) == 0:
                 self._result = Transcription([], [])
+            elif not self._transcribe:
+                self._result = Transcription([], [], self._recognizer.encode(self._audio))
+            elif self._states:
+                self._result = self._recognizer.transcribe_with_states(self._audio)
             else:
                 self._result = self._recognizer.transcribe(self._audio)
         except BaseException as exc:  # re-raised in the calling thread by result()
@@ -222,10 +240,15 @@ class Extractor:
                 self.text_encoder.load()
                 align_text(self.text_encoder.encode("warm up"), None, None, self.settings.rate_hz)
         if "audio" in self.modalities:
-            from preprocessing.audio import warmup_audio
-
             with _timed(timings, "audio"):
-                warmup_audio(self.settings.f0_method)
+                if self.settings.audio_features == "whisper":
+                    self.recognizer.load()
+                    tone = np.sin(np.linspace(0, 2000 * np.pi, 16_000)).astype(np.float32) * 0.1
+                    self.recognizer.encode(tone)
+                else:
+                    from preprocessing.audio import warmup_audio
+
+                    warmup_audio(self.settings.f0_method)
         if "visual" in self.modalities:
             from preprocessing.visual import warmup_visual
 
@@ -318,30 +341,22 @@ class Extractor:
         text_out: str | None = transcript
 
         # ASR runs first; with overlap_asr it runs on a helper thread (CTranslate2 releases the
-        # GIL) while the audio and visual features are computed here.
+        # GIL) while the audio and visual features are computed here. With Whisper audio
+        # features the same thread keeps the encoder states (or only encodes, without ASR).
         asr_job = None
+        states_job = None  # encoder states without ASR (Whisper audio features)
+        want_states = "audio" in self.modalities and settings.audio_features == "whisper"
         if need_asr:
-            asr_job = _AsrJob(self.recognizer, decoded.audio)
+            asr_job = _AsrJob(self.recognizer, decoded.audio, states=want_states)
+        elif want_states:
+            states_job = _AsrJob(self.recognizer, decoded.audio, transcribe=False)
+        for job in (asr_job, states_job):
+            if job is None:
+                continue
             if settings.overlap_asr:
-                asr_job.start()
+                job.start()
             else:
-                asr_job.run()
-        if "audio" in self.modalities:
-            from preprocessing.audio import AUDIO_DIM, audio_on_grid
-
-            with _timed(timings, "audio"):
-                if decoded.audio is not None and len(decoded.audio) > 0:
-                    features["audio"], masks["audio"] = audio_on_grid(
-                        decoded.audio,
-                        length,
-                        rate,
-                        f0_method=settings.f0_method,
-                        silence_floor_dbfs=settings.silence_floor_dbfs,
-                        silence_range_db=settings.silence_range_db,
-                    )
-                else:
-                    features["audio"] = np.zeros((length, AUDIO_DIM), np.float32)
-                    masks["audio"] = np.zeros((length,), bool)
+                job.run()
         frames_with_face = 0
         if "visual" in self.modalities:
             from preprocessing.visual import frame_embeddings, frame_features, visual_on_grid
@@ -360,6 +375,42 @@ class Extractor:
                 features["visual"], masks["visual"] = visual_on_grid(
                     values, found, decoded.frame_times, length, rate, settings.frame_rate_hz
                 )
+
+        if "audio" in self.modalities:
+            windows = None
+            if want_states:  # waits for the helper thread (not counted as audio time)
+                job = asr_job if asr_job is not None else states_job
+                assert job is not None
+                windows = job.result().windows or []
+            with _timed(timings, "audio"):
+                if decoded.audio is None or len(decoded.audio) == 0:
+                    dim = self.profile.dims["audio"]
+                    features["audio"] = np.zeros((length, dim), np.float32)
+                    masks["audio"] = np.zeros((length,), bool)
+                elif windows is not None:
+                    from preprocessing.speech_states import states_on_grid
+
+                    features["audio"], masks["audio"] = states_on_grid(
+                        windows,
+                        decoded.audio,
+                        length,
+                        rate,
+                        silence_floor_dbfs=settings.silence_floor_dbfs,
+                        silence_range_db=settings.silence_range_db,
+                    )
+                else:
+                    from preprocessing.audio import audio_on_grid
+
+                    features["audio"], masks["audio"] = audio_on_grid(
+                        decoded.audio,
+                        length,
+                        rate,
+                        f0_method=settings.f0_method,
+                        silence_floor_dbfs=settings.silence_floor_dbfs,
+                        silence_range_db=settings.silence_range_db,
+                    )
+            if states_job is not None:  # the encoder ran on the helper thread for the audio
+                timings["audio"] += states_job.elapsed_ms
 
         if want_text:
             transcription = None
