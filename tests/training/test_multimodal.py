@@ -14,8 +14,8 @@ from model.training.data import Sample, collate
 from model.training.multimodal import (
     NO_EMOTION,
     EmotionMedia,
-    MixRecipe,
     Mixer,
+    MixRecipe,
     MultimodalTrainSettings,
     eval_sets,
     evaluate,
