@@ -349,11 +349,17 @@ class FaceExpressionEncoder:
         out[:, 1 + len(CLASSES) :] = emb.numpy()
         return out
 
-    def frame_feature(self, crop: np.ndarray | None) -> np.ndarray | None:
-        """(FACE_EMBED_DIM,) float32 feature of one frame's crop (``FaceObservation.crop`` from
-        ``FaceMeshRunner.observe``), or None when the frame has no face (``crop`` None)."""
-        if crop is None:
+    def frame_feature(self, face: Any) -> np.ndarray | None:
+        """(FACE_EMBED_DIM,) float32 feature of one frame, or None when it has no face.
+
+        ``face``: what ``FaceMeshRunner.observe(rgb, crop=True)`` gave for the frame (a
+        ``FaceObservation``, or None without a face), or its (48, 48) uint8 crop.
+        """
+        if face is None:
             return None
+        crop = face.crop if hasattr(face, "crop") else face
+        if crop is None:
+            raise ValueError("the observation has no crop: call observe(rgb, crop=True)")
         return self.encode_crops(np.asarray(crop)[None])[0]
 
     def probabilities(self, crops: np.ndarray) -> np.ndarray:

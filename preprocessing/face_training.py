@@ -237,13 +237,13 @@ def train_face_encoder(
     out_path: Path | str,
     seed: int = 0,
     *,
-    epochs: int = 14,
+    epochs: int = 10,
     batch_size: int = 128,
     lr: float = 3e-3,
     threads: int = 2,
     cache_dir: Path | str = DEFAULT_CACHE,
     workers: int = 2,
-    max_minutes: float | None = 20.0,
+    max_minutes: float | None = 25.0,
 ) -> dict[str, Any]:
     """Train the encoder on FER Training, keep the epoch with the best PublicTest score
     (AUC of P(happy) + accuracy), write it to ``out_path`` (float16 safetensors) and report
@@ -284,7 +284,7 @@ def train_face_encoder(
             loss.backward()
             optimiser.step()
             schedule.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         val = evaluate(net, splits["validation"]["crops"], splits["validation"]["labels"])
         score = val["auc_p_happy"] + val["accuracy"]
         elapsed = time.perf_counter() - start

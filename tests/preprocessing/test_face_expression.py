@@ -205,6 +205,13 @@ def test_frame_embeddings_on_the_grid(
     some = list(frames[:6])
     some[2] = np.zeros_like(some[2])  # no face in this frame
     values, found = frame_embeddings(some, encoder)
+    with FaceMeshRunner() as mesh:  # one frame at a time, as the streaming path does
+        for i, image in enumerate(some):
+            seen = mesh.observe(image, crop=True)
+            one = encoder.frame_feature(seen)
+            assert (one is not None) == found[i]
+            if one is not None:
+                assert np.allclose(one, values[i], atol=1e-5)
     assert values.shape == (6, FACE_EMBED_DIM)
     assert found.tolist() == [True, True, False, True, True, True]
     assert np.all(values[~found] == 0.0)
