@@ -76,10 +76,11 @@ def encode_window(whisper: Any, start_s: float, mel: np.ndarray, audio_s: float)
     from faster_whisper.transcribe import get_ctranslate2_storage
 
     storage = get_ctranslate2_storage(mel[None])
+    # On a GPU the output is copied to the host (numpy reads it there); the decoder accepts a
+    # host encoder output too, as faster-whisper's multi-GPU path passes it.
     on_gpu = getattr(whisper.model, "device", "cpu") == "cuda"
-    output = whisper.model.encode(storage, to_cpu=False)
-    host = whisper.model.encode(storage, to_cpu=True) if on_gpu else output
-    states = storage_to_numpy(host)
+    output = whisper.model.encode(storage, to_cpu=on_gpu)
+    states = storage_to_numpy(output)
     inside = int(np.ceil(max(audio_s - start_s, 0.0) / FRAME_S - 1e-9))
     return EncodedWindow(start_s, mel, output, states[: min(inside, len(states))])
 
