@@ -9,7 +9,10 @@ dtype, and nothing extra may be there.
 A checkpoint may also carry its own text encoder layers (``text_encoder.safetensors``, fine-tuned
 top layers of MiniLM applied over the bundled base model; see
 :mod:`model.training.text_tuning`), declared in a ``text_encoder`` section with the file's
-sha256, which loading checks. Its features are then of profile ``tuned-text-v1``.
+sha256, which loading checks. Its features are then of profile ``tuned-text-v1``. A
+``multimodal-v1`` checkpoint ships those layers and a facial-expression encoder
+(``face_encoder.safetensors``, the CNN of :mod:`preprocessing.face_expression`), declared the
+same way in a ``face_encoder`` section.
 """
 
 from __future__ import annotations
@@ -32,11 +35,20 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "MODEL_CARD.md"
 TEXT_ENCODER_FILE = "text_encoder.safetensors"
+FACE_ENCODER_FILE = "face_encoder.safetensors"
 
-# The feature profile of a checkpoint that ships text encoder layers.
+# The feature profile of a checkpoint that ships text encoder layers (alone).
 TEXT_ENCODER_PROFILE = "tuned-text-v1"
+# The feature profile of a checkpoint that ships text encoder layers and a face encoder.
+MULTIMODAL_PROFILE = "multimodal-v1"
+# Profiles whose features need the checkpoint's own encoder files, per section.
+ENCODER_PROFILES = {
+    "text_encoder": (TEXT_ENCODER_PROFILE, MULTIMODAL_PROFILE),
+    "face_encoder": (MULTIMODAL_PROFILE,),
+}
+ENCODER_FILES = {"text_encoder": TEXT_ENCODER_FILE, "face_encoder": FACE_ENCODER_FILE}
 
-_RESERVED_KEYS = ("checkpoint", "training", "metrics", "text_encoder")
+_RESERVED_KEYS = ("checkpoint", "training", "metrics", "text_encoder", "face_encoder")
 
 
 class CheckpointError(ValueError):
@@ -56,6 +68,8 @@ class CheckpointInfo:
     model_card: str = ""
     # The ``text_encoder`` section with ``path`` (absolute) added; None without one.
     text_encoder: dict[str, Any] | None = None
+    # The ``face_encoder`` section with ``path`` (absolute) added; None without one.
+    face_encoder: dict[str, Any] | None = None
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -144,6 +158,8 @@ def save_checkpoint(
     version: str = "1",
     text_encoder: str | os.PathLike[str] | None = None,
     text_encoder_info: Mapping[str, Any] | None = None,
+    face_encoder: str | os.PathLike[str] | None = None,
+    face_encoder_info: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint folder (created if needed; its three files are overwritten).
 
@@ -158,6 +174,8 @@ def save_checkpoint(
         text_encoder: a file of fine-tuned text encoder layers to ship in the folder (the
             model's ``feature_profile`` must then be ``tuned-text-v1``); ``text_encoder_info``
             is recorded beside its sha256 in the ``text_encoder`` section.
+        face_encoder: a facial-expression encoder file to ship (profile ``multimodal-v1``
+            only), recorded with ``face_encoder_info`` in the ``face_encoder`` section.
 
     Returns:
         The folder's path.
@@ -184,28 +202,13 @@ def save_checkpoint(
     }
     config["training"] = dict(training or {})
     config["metrics"] = dict(metrics or {})
-    tuned_file = folder / TEXT_ENCODER_FILE
-    if text_encoder is not None:
-        if model.config.feature_profile != TEXT_ENCODER_PROFILE:
-            raise CheckpointError(
-                f"a text encoder needs feature_profile {TEXT_ENCODER_PROFILE!r}, "
-                f"not {model.config.feature_profile!r}"
-            )
-        source = Path(text_encoder)
-        if source.resolve() != tuned_file.resolve():
-            shutil.copyfile(source, tuned_file)
-        config["text_encoder"] = {
-            **dict(text_encoder_info or {}),
-            "file": TEXT_ENCODER_FILE,
-            "sha256": sha256_file(tuned_file),
-        }
-    elif model.config.feature_profile == TEXT_ENCODER_PROFILE:
-        raise CheckpointError(
-            f"feature_profile {TEXT_ENCODER_PROFILE!r} needs the text encoder layers it was "
-            "made with"
-        )
-    else:
-        tuned_file.unlink(missing_ok=True)
+    for key, source, info in (
+        ("text_encoder", text_encoder, text_encoder_info),
+        ("face_encoder", face_encoder, face_encoder_info),
+    ):
+        section = _ship_encoder(folder, model.config.feature_profile, key, source, info)
+        if section is not None:
+            config[key] = section
     text = json.dumps(config, indent=2, sort_keys=False, default=_json_default)
     (folder / CONFIG_FILE).write_text(text + "\n", encoding="utf-8")
 
@@ -220,6 +223,31 @@ def save_checkpoint(
         )
     (folder / CARD_FILE).write_text(model_card, encoding="utf-8")
     return folder
+
+
+def _ship_encoder(
+    folder: Path,
+    profile: str,
+    key: str,
+    source: str | os.PathLike[str] | None,
+    info: Mapping[str, Any] | None,
+) -> dict[str, Any] | None:
+    """Copy an encoder file into the folder; its config section (None: no such file)."""
+    target = folder / ENCODER_FILES[key]
+    profiles = ENCODER_PROFILES[key]
+    words = key.replace("_", " ")
+    if source is None:
+        if profile in profiles:
+            raise CheckpointError(f"feature_profile {profile!r} needs the {words} it was made with")
+        target.unlink(missing_ok=True)
+        return None
+    if profile not in profiles:
+        raise CheckpointError(
+            f"a {words} needs feature_profile {' or '.join(map(repr, profiles))}, not {profile!r}"
+        )
+    if Path(source).resolve() != target.resolve():
+        shutil.copyfile(source, target)
+    return {**dict(info or {}), "file": target.name, "sha256": sha256_file(target)}
 
 
 def _json_default(value: Any) -> Any:
@@ -271,6 +299,7 @@ def load_checkpoint(
     *,
     expected_sha256: str | None = None,
     expected_text_encoder_sha256: str | None = None,
+    expected_face_encoder_sha256: str | None = None,
 ) -> CoupledMambaForSentiment:
     """Load a checkpoint folder into a model in eval mode on ``device``.
 
@@ -282,6 +311,7 @@ def load_checkpoint(
         expected_sha256: when given, ``model.safetensors`` must have this sha256 (hex).
         expected_text_encoder_sha256: when given, the checkpoint must ship a text encoder file
             with this sha256 (its config's own record is always checked).
+        expected_face_encoder_sha256: the same for the face encoder file.
 
     Returns:
         The model, with ``model.checkpoint_info`` (:class:`CheckpointInfo`) attached.
@@ -330,14 +360,19 @@ def load_checkpoint(
     model.eval()
     model.set_scan_backend(scan_backend)
 
-    text_encoder = _text_encoder_section(folder, raw, config)
-    if expected_text_encoder_sha256 is not None and (
-        text_encoder is None or text_encoder["sha256"] != expected_text_encoder_sha256.lower()
+    encoders = {}
+    for key, expected_digest in (
+        ("text_encoder", expected_text_encoder_sha256),
+        ("face_encoder", expected_face_encoder_sha256),
     ):
-        found = text_encoder["sha256"] if text_encoder else "none"
-        raise CheckpointError(
-            f"{folder}: text encoder sha256 {found}, expected {expected_text_encoder_sha256}"
-        )
+        section = _encoder_section(folder, raw, config, key)
+        if expected_digest is not None and (
+            section is None or section["sha256"] != expected_digest.lower()
+        ):
+            found = section["sha256"] if section else "none"
+            words = key.replace("_", " ")
+            raise CheckpointError(f"{folder}: {words} sha256 {found}, expected {expected_digest}")
+        encoders[key] = section
     card_path = folder / CARD_FILE
     section = raw.get("checkpoint") or {}
     model.checkpoint_info = CheckpointInfo(
@@ -348,26 +383,28 @@ def load_checkpoint(
         training=dict(raw.get("training") or {}),
         metrics=dict(raw.get("metrics") or {}),
         model_card=card_path.read_text(encoding="utf-8") if card_path.is_file() else "",
-        text_encoder=text_encoder,
+        text_encoder=encoders["text_encoder"],
+        face_encoder=encoders["face_encoder"],
     )
     return model
 
 
-def _text_encoder_section(
-    folder: Path, raw: Mapping[str, Any], config: CoupledMambaConfig
+def _encoder_section(
+    folder: Path, raw: Mapping[str, Any], config: CoupledMambaConfig, key: str
 ) -> dict[str, Any] | None:
-    """Check the ``text_encoder`` section and its file; the section with ``path`` added."""
-    section = raw.get("text_encoder")
+    """Check an encoder section (``text_encoder``, ``face_encoder``) and its file; the section
+    with ``path`` added."""
+    section = raw.get(key)
     if section is None:
-        if config.feature_profile == TEXT_ENCODER_PROFILE:
+        if config.feature_profile in ENCODER_PROFILES[key]:
             raise CheckpointError(
-                f"checkpoint {folder} takes {TEXT_ENCODER_PROFILE} features but has no "
-                "text_encoder section"
+                f"checkpoint {folder} takes {config.feature_profile} features but has no "
+                f"{key} section"
             )
         return None
     if not isinstance(section, dict) or not isinstance(section.get("sha256"), str):
-        raise CheckpointError(f"checkpoint {folder}: text_encoder must hold a sha256")
-    path = folder / str(section.get("file") or TEXT_ENCODER_FILE)
+        raise CheckpointError(f"checkpoint {folder}: {key} must hold a sha256")
+    path = folder / str(section.get("file") or ENCODER_FILES[key])
     if not path.is_file():
         raise CheckpointError(f"checkpoint {folder} has no {path.name}")
     digest = sha256_file(path)

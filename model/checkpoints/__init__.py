@@ -1,9 +1,9 @@
 """The checkpoint embedded in the package: where it is, and the hash it must have.
 
 ``model/checkpoints/default/`` is built by ``make default-model`` (see docs/TRAINING.md), which
-also rewrites the two hashes below. Loading the default checkpoint always checks the sha256 of its
-``model.safetensors`` and of its ``text_encoder.safetensors`` against them, so a corrupted or
-swapped file is refused instead of served.
+also rewrites the hashes below. Loading the default checkpoint always checks the sha256 of its
+``model.safetensors``, ``text_encoder.safetensors`` and ``face_encoder.safetensors`` against them,
+so a corrupted or swapped file is refused instead of served.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ DEFAULT_CHECKPOINT_SHA256 = "c7b007ddc8e076354c7e3a8540f175ce555f74e6ab400084f58
 
 DEFAULT_TEXT_ENCODER_SHA256 = "a51bf4769e389ad02163fab8d79765c1abe6d3a0cd3ef4603f45399309c14fdc"
 """sha256 (hex) of ``default/text_encoder.safetensors`` (empty: the checkpoint has none)."""
+
+DEFAULT_FACE_ENCODER_SHA256 = ""
+"""sha256 (hex) of ``default/face_encoder.safetensors`` (empty: the checkpoint has none)."""
 
 
 def default_checkpoint_path() -> Path:
@@ -56,11 +59,14 @@ def pinned_hashes(path: str | Path) -> dict[str, str]:
         pins["expected_sha256"] = DEFAULT_CHECKPOINT_SHA256
     if DEFAULT_TEXT_ENCODER_SHA256:
         pins["expected_text_encoder_sha256"] = DEFAULT_TEXT_ENCODER_SHA256
+    if DEFAULT_FACE_ENCODER_SHA256:
+        pins["expected_face_encoder_sha256"] = DEFAULT_FACE_ENCODER_SHA256
     return pins
 
 
 __all__ = [
     "DEFAULT_CHECKPOINT_SHA256",
+    "DEFAULT_FACE_ENCODER_SHA256",
     "DEFAULT_TEXT_ENCODER_SHA256",
     "default_checkpoint_path",
     "load_default_checkpoint",

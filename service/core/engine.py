@@ -71,11 +71,14 @@ def default_extractor(
     settings: ServiceSettings,
     modalities: Sequence[str],
     text_encoder: Mapping[str, Any] | None = None,
+    face_encoder: Mapping[str, Any] | None = None,
 ) -> FeatureExtractor:
     """The real feature extractor, limited to ``modalities`` (nothing else is loaded).
 
-    ``text_encoder`` is a checkpoint's ``text_encoder`` section (``CheckpointInfo``): its
-    fine-tuned layers are applied over the bundled text model, hash checked.
+    ``text_encoder`` and ``face_encoder`` are a checkpoint's sections (``CheckpointInfo``): the
+    fine-tuned text layers are applied over the bundled text model, and with a face encoder the
+    extractor makes ``multimodal-v1`` features (Whisper encoder states for the audio, the face
+    encoder's embedding of the face crop for the visual modality); both files hash checked.
     """
     from preprocessing import Extractor, ExtractorSettings
 
@@ -87,6 +90,10 @@ def default_extractor(
     if text_encoder is not None:
         options["text_tuning_path"] = Path(text_encoder["path"])
         options["text_tuning_sha256"] = text_encoder["sha256"]
+    if face_encoder is not None:
+        options["face_encoder_path"] = Path(face_encoder["path"])
+        options["face_encoder_sha256"] = face_encoder["sha256"]
+        options["audio_features"] = "whisper"
     extractor: FeatureExtractor = Extractor(
         ExtractorSettings(**options), modalities=tuple(modalities)
     )
@@ -267,7 +274,10 @@ class InferenceCore:
                 )
             info = self._model.checkpoint_info if self._model is not None else None
             source = default_extractor(
-                self.settings, modalities, info.text_encoder if info else None
+                self.settings,
+                modalities,
+                info.text_encoder if info else None,
+                info.face_encoder if info else None,
             )
         pool = ExtractionPool(source, self.settings.extract_workers)
         pool.warmup()
@@ -305,6 +315,11 @@ class InferenceCore:
                 "text_encoder": (
                     {k: v for k, v in info.text_encoder.items() if k != "path"}
                     if info and info.text_encoder
+                    else None
+                ),
+                "face_encoder": (
+                    {k: v for k, v in info.face_encoder.items() if k != "path"}
+                    if info and info.face_encoder
                     else None
                 ),
             },

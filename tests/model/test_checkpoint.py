@@ -253,3 +253,33 @@ def test_text_encoder_and_profile_must_agree(make_model, tmp_path: Path) -> None
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="no text_encoder section"):
         load_checkpoint(folder)
+
+
+def test_multimodal_checkpoint_ships_both_encoders_and_pins_them(
+    make_model, tmp_path: Path
+) -> None:
+    layers = _tuning_file(tmp_path / "layers.safetensors")
+    face = tmp_path / "face.safetensors"
+    save_file({"net.weight": torch.linspace(0, 1, 8)}, str(face))
+    model = make_model(feature_profile="multimodal-v1")
+    with pytest.raises(CheckpointError, match="needs the face encoder"):
+        save_checkpoint(model, tmp_path / "a", text_encoder=layers)
+    with pytest.raises(CheckpointError, match="needs feature_profile 'multimodal-v1'"):
+        save_checkpoint(
+            make_model(feature_profile="tuned-text-v1"), tmp_path / "b", text_encoder=layers,
+            face_encoder=face,
+        )  # fmt: skip
+    folder = save_checkpoint(
+        model, tmp_path / "c", text_encoder=layers, face_encoder=face,
+        face_encoder_info={"embed_dim": 64},
+    )  # fmt: skip
+    digest = hashlib.sha256(face.read_bytes()).hexdigest()
+    info = load_checkpoint(folder, expected_face_encoder_sha256=digest).checkpoint_info
+    assert info is not None and info.face_encoder is not None and info.text_encoder is not None
+    assert info.face_encoder["embed_dim"] == 64 and info.face_encoder["sha256"] == digest
+    assert Path(info.face_encoder["path"]).read_bytes() == face.read_bytes()
+    with pytest.raises(CheckpointError, match="face encoder sha256"):
+        load_checkpoint(folder, expected_face_encoder_sha256="0" * 64)
+    (folder / "face_encoder.safetensors").write_bytes(b"tampered")
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(folder)
