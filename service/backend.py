@@ -154,12 +154,24 @@ class ModelBackend:
             out = self.model(features, masks)
             scores = out.score.float().cpu().numpy()  # (b,)
             probabilities = out.probabilities.float().cpu().numpy()  # (b, 3)
+            emotions = (
+                out.emotion_probabilities.float().cpu().numpy()  # (b, E)
+                if out.emotion_probabilities is not None
+                else None
+            )
+        emotion_names = self.config.emotion_classes
         model_ms = (time.perf_counter() - start) * 1000.0
         memory = self.memory_snapshot()
         return [
             ClipOutcome(
                 result=ClipResult(
-                    score=float(scores[i]), probabilities=tuple(float(p) for p in probabilities[i])
+                    score=float(scores[i]),
+                    probabilities=tuple(float(p) for p in probabilities[i]),
+                    emotions=(
+                        dict(zip(emotion_names, map(float, emotions[i]), strict=True))
+                        if emotions is not None
+                        else None
+                    ),
                 ),
                 error=None,
                 model_ms=model_ms,

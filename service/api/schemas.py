@@ -67,6 +67,12 @@ class PredictResponse(BaseModel):
         description="with ?attribution=true: {text, audio, visual}, score(all) - score(all but "
         "the modality); null for modalities the checkpoint lacks (docs/TIMELINE.md)",
     )
+    emotions: dict[str, float] | None = Field(
+        default=None,
+        description="probability of each emotion class of the checkpoint's emotion head "
+        "(the default: neutral, happy, sad, angry, fearful, disgust, surprised); null when "
+        "the checkpoint has no emotion head",
+    )
 
     @classmethod
     def from_prediction(cls, prediction: Prediction, request_id: str) -> PredictResponse:
@@ -96,6 +102,7 @@ class PredictResponse(BaseModel):
             batch=BatchInfo(size=prediction.batch_size, padded_length=prediction.padded_length),
             request_id=request_id,
             attribution=prediction.extra.get("attribution"),
+            emotions=prediction.emotions,
         )
 
 

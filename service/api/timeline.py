@@ -38,6 +38,9 @@ class TimelineSegment(BaseModel):
     label: str
     probabilities: dict[str, float]
     attribution: Attribution
+    emotions: dict[str, float] | None = Field(
+        default=None, description="emotion probabilities (checkpoints with an emotion head)"
+    )
 
 
 class TimelineResponse(BaseModel):
@@ -55,6 +58,10 @@ class TimelineResponse(BaseModel):
     largest_batch: int
     model: ModelInfo
     request_id: str
+    emotions: dict[str, float] | None = Field(
+        default=None,
+        description="the whole clip's emotion probabilities (checkpoints with an emotion head)",
+    )
 
 
 def _response(
@@ -83,6 +90,7 @@ def _response(
                 label=s.label,
                 probabilities=s.probabilities,
                 attribution=Attribution(**s.attribution),
+                emotions=s.emotions,
             )
             for s in timeline.segments
         ],
@@ -92,6 +100,7 @@ def _response(
         largest_batch=timeline.largest_batch,
         model=model,
         request_id=request_id,
+        emotions=timeline.emotions,
     )
 
 

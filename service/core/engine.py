@@ -303,7 +303,13 @@ class InferenceCore:
             "outputs": [
                 {"name": "score", "datatype": "FP32", "shape": [1]},
                 {"name": "probabilities", "datatype": "FP32", "shape": [len(CLASS_NAMES)]},
+                *(
+                    [{"name": "emotions", "datatype": "FP32", "shape": [len(emotions)]}]
+                    if (emotions := list(config.emotion_classes))
+                    else []
+                ),
             ],
+            "emotion_classes": list(config.emotion_classes),
             "label_scale": list(config.label_scale),
             "classes": list(CLASS_NAMES),
             "architecture": dict(description),
@@ -738,6 +744,7 @@ class InferenceCore:
             model=self.identity,
             batch_size=outcome.batch_size,
             padded_length=outcome.padded_length,
+            emotions=dict(outcome.result.emotions) if outcome.result.emotions else None,
         )
 
     def _publish_memory(self, memory: MemorySnapshot) -> None:

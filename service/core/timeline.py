@@ -192,6 +192,7 @@ class ScoredSegment:
     label: str
     probabilities: dict[str, float]
     attribution: dict[str, float | None]
+    emotions: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,7 @@ class Timeline:
     queue_ms: float
     model_ms: float
     largest_batch: int
+    emotions: dict[str, float] | None = None
 
 
 def clip_from_bundle(
@@ -267,12 +269,14 @@ def assemble(
                 label=label_of(part[0].probabilities),
                 probabilities=_named(part[0].probabilities),
                 attribution=attribution(plan, part),
+                emotions=dict(part[0].emotions) if part[0].emotions else None,
             )
         )
     if whole is not None:
         part = results[cursor : cursor + len(whole.clips)]
         score = float(part[0].score)
         probabilities = _named(part[0].probabilities)
+        emotions = dict(part[0].emotions) if part[0].emotions else None
         overall_attribution = attribution(whole, part)
         method = "clip"
     else:
@@ -283,6 +287,13 @@ def assemble(
             for name in CLASS_NAMES
         }
         overall_attribution = mean_attribution([s.attribution for s in scored], weights)
+        emotions = None
+        if scored and all(s.emotions for s in scored):
+            names = list(scored[0].emotions or {})
+            emotions = {
+                name: weighted_mean([(s.emotions or {})[name] for s in scored], weights)
+                for name in names
+            }
         method = "segment_mean"
     return Timeline(
         duration_s=duration_s,
@@ -296,6 +307,7 @@ def assemble(
         queue_ms=0.0,
         model_ms=0.0,
         largest_batch=0,
+        emotions=emotions,
     )
 
 

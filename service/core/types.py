@@ -46,6 +46,7 @@ class ClipResult:
 
     score: float
     probabilities: tuple[float, ...]
+    emotions: Mapping[str, float] | None = None  # {emotion: probability} with an emotion head
 
 
 @dataclass(frozen=True)
@@ -85,3 +86,4 @@ class Prediction:
     batch_size: int
     padded_length: int
     extra: dict[str, Any] = field(default_factory=dict)
+    emotions: dict[str, float] | None = None

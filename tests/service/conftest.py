@@ -31,7 +31,9 @@ MODEL_NAME = "tiny"
 
 
 def _tiny_checkpoint(
-    folder: Path, modalities: tuple[str, ...] = ("text", "audio", "visual")
+    folder: Path,
+    modalities: tuple[str, ...] = ("text", "audio", "visual"),
+    emotion_classes: tuple[str, ...] = (),
 ) -> Path:
     torch.manual_seed(0)
     config = CoupledMambaConfig(
@@ -42,13 +44,15 @@ def _tiny_checkpoint(
         d_state=8,
         n_layers=2,
         dropout=0.0,
+        emotion_classes=emotion_classes,
     )
     return save_checkpoint(CoupledMambaForSentiment(config), folder, name=MODEL_NAME, version="7")
 
 
 @pytest.fixture(scope="session")
 def make_checkpoint() -> Callable[..., Path]:
-    """``make_checkpoint(folder, modalities)``: a small real model with random weights."""
+    """``make_checkpoint(folder, modalities, emotion_classes)``: a small real model with random
+    weights."""
     return _tiny_checkpoint
 
 

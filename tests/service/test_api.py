@@ -556,3 +556,31 @@ def test_clip_without_the_models_inputs_is_422(
     )
     body = assert_error(response, 422, "undecodable_media")
     assert "no speech" in body["error"]["message"]
+
+
+def test_emotions_answer_with_an_emotion_head_and_null_without(
+    make_checkpoint, make_settings, start_client, payload, features_app, tmp_path: Path
+) -> None:
+    import torch
+
+    from model import load_checkpoint
+    from service.main import create_app
+
+    classes = ("neutral", "happy", "sad")
+    folder = make_checkpoint(tmp_path / "emo", emotion_classes=classes)
+    client = start_client(create_app(make_settings(model_path=folder)))
+    body = payload(12, 3)
+    response = client.post("/v1/predict/features", json=body)
+    assert response.status_code == 200, response.text
+    emotions = response.json()["emotions"]
+    assert list(emotions) == list(classes)
+    # The answer is the model's own emotion head on the same features.
+    model = load_checkpoint(folder)
+    feats = {m: torch.tensor(v, dtype=torch.float32)[None] for m, v in body["features"].items()}
+    with torch.no_grad():
+        expected = model(feats, {}).emotion_probabilities[0].tolist()
+    assert list(emotions.values()) == pytest.approx(expected, abs=1e-5)
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["PredictResponse"]
+    assert "emotions" in schema["properties"]
+    plain = features_app().post("/v1/predict/features", json=body)
+    assert plain.status_code == 200 and plain.json()["emotions"] is None
