@@ -1,4 +1,7 @@
-"""Build the embedded default checkpoint from the human-rated snippets (``make default-model``).
+"""Build the text-only checkpoint (``model/checkpoints/text-only``) from the human-rated snippets.
+
+It was the embedded default before the multimodal checkpoint; ``scripts/build_default_model.py``
+reuses its steps 0 and 1 (text encoder, sentence features) and warm-starts from its weights.
 
 Steps, each resumable (rerunning skips what is done):
 
@@ -17,7 +20,7 @@ Steps, each resumable (rerunning skips what is done):
 
 Usage::
 
-    python scripts/build_default_model.py [--data DIR] [--work DIR] [--out DIR] [--workers N]
+    python scripts/build_text_model.py [--data DIR] [--work DIR] [--out DIR] [--workers N]
 """
 
 from __future__ import annotations
@@ -289,19 +292,21 @@ def report(
         shutil.copy2(checkpoint / name, out / name)
     digest = sha256_file(out / WEIGHTS_FILE)
     encoder_digest = sha256_file(out / TEXT_ENCODER_FILE)
+    pin_hashes(
+        {"TEXT_ONLY_CHECKPOINT_SHA256": digest, "TEXT_ONLY_TEXT_ENCODER_SHA256": encoder_digest}
+    )
+    log(f"checkpoint: {out} ({(out / WEIGHTS_FILE).stat().st_size / 1e6:.1f} MB), sha256 {digest}")
+
+
+def pin_hashes(values: dict[str, str]) -> None:
+    """Rewrite ``NAME = "<hex>"`` lines of model/checkpoints/__init__.py."""
     init = ROOT / "model" / "checkpoints" / "__init__.py"
     text = init.read_text()
-    pinned = re.sub(
-        r'DEFAULT_CHECKPOINT_SHA256 = "[0-9a-f]*"', f'DEFAULT_CHECKPOINT_SHA256 = "{digest}"', text
-    )
-    pinned = re.sub(
-        r'DEFAULT_TEXT_ENCODER_SHA256 = "[0-9a-f]*"',
-        f'DEFAULT_TEXT_ENCODER_SHA256 = "{encoder_digest}"',
-        pinned,
-    )
+    pinned = text
+    for name, digest in values.items():
+        pinned = re.sub(rf'^{name} = "[0-9a-f]*"', f'{name} = "{digest}"', pinned, flags=re.M)
     if pinned != text:
         init.write_text(pinned)
-    log(f"checkpoint: {out} ({(out / WEIGHTS_FILE).stat().st_size / 1e6:.1f} MB), sha256 {digest}")
 
 
 def model_card(
@@ -328,7 +333,8 @@ def model_card(
     settings = training["settings"]
     return f"""# {config["checkpoint"]["name"]} (version {config["checkpoint"]["version"]})
 
-The default checkpoint served by `make run`. A Coupled Mamba network (arXiv 2405.18014) with a
+The text-only checkpoint (`model/checkpoints/text-only`; the default before the multimodal
+one). A Coupled Mamba network (arXiv 2405.18014) with a
 **text branch only**, trained on real human ratings of English sentences.
 
 ## What it was trained on
@@ -357,7 +363,7 @@ The default checkpoint served by `make run`. A Coupled Mamba network (arXiv 2405
   {settings["batch_size"]}; the best of {settings["epochs"]} epochs on the mean of the
   per-source validation Pearson r (epoch {training["best_epoch"]}); seed {settings["seed"]}.
   Architecture: {arch}.
-- Rebuild: `make default-model` (about an hour on 2 CPU cores).
+- Rebuild: `python scripts/build_text_model.py` (about an hour on 2 CPU cores).
 
 ## Modalities
 
@@ -397,8 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--data", type=Path, default=ROOT.parent / "shared" / "data" / "sentiment-snippets"
     )
-    parser.add_argument("--work", type=Path, default=ROOT / "build" / "default-model")
-    parser.add_argument("--out", type=Path, default=ROOT / "model" / "checkpoints" / "default")
+    parser.add_argument("--work", type=Path, default=ROOT / "build" / "text-model")
+    parser.add_argument("--out", type=Path, default=ROOT / "model" / "checkpoints" / "text-only")
     parser.add_argument(
         "--step", choices=("all", "text", "features", "train", "report"), default="all"
     )

@@ -1,0 +1,407 @@
+"""Build the embedded default checkpoint: text, voice and face (``make default-model``).
+
+Data (docs/TRAINING.md says where to get each; nothing of it is in the repository):
+``--data DIR`` (or ``CMAMBA_DATA_DIR``) holds ``ravdess/Actor_XX/*.wav`` (RAVDESS speech) and
+``fer2013/{train,validation,test}/<emotion>/*.jpg`` (FER2013); ``--snippets`` the rated
+sentences (``../shared/data/sentiment-snippets``). Every file is checked against
+``scripts/data_manifest.json`` first.
+
+Steps, each resumable from ``--work`` (rerunning skips what is done):
+
+1. text: the tuned text encoder layers and the sentences' features, as
+   ``scripts/build_text_model.py`` makes them (``--text-encoder FILE`` reuses shipped layers,
+   e.g. the text-only checkpoint's, instead of tuning them again);
+2. face encoder: the CNN of ``preprocessing.face_expression`` trained on FER2013's Training
+   split, PublicTest picking the epoch (``--face-encoder FILE`` reuses a trained one);
+3. media features: every RAVDESS clip through the service's own extractor (profile
+   multimodal-v1, the clip's sentence as its transcript), every FER2013 face's crop through
+   the face encoder;
+4. ablation (``--ablation``): the coupling variants, 3 seeds each, on a smaller recipe;
+   writes ``<work>/ablation.json`` and the table for docs/TRAINING.md;
+5. train: the checkpoint, warm-started from the text-only checkpoint's text branch and heads
+   (``model/checkpoints/text-only``), on mixed epochs (``model.training.multimodal``);
+6. report: held-out test metrics (text per source, voice, face, paired), the shared CREMA-D
+   clips through the real extractor, the model card, the copy to ``model/checkpoints/default``
+   and the pinned sha256 of its three files.
+
+Usage::
+
+    python scripts/build_default_model.py [--data DIR] [--snippets DIR] [--work DIR]
+        [--text-encoder FILE] [--face-encoder FILE] [--ablation] [--step STEP]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import build_text_model as text_model  # noqa: E402
+
+from model.config import EMOTION_NAMES  # noqa: E402
+from model.training.data import Sample, load_feature_cache  # noqa: E402
+from model.training.emotions import (  # noqa: E402
+    LabelledMedia,
+    check_manifest,
+    emotion_class,
+    polarity,
+    read_fer2013,
+    read_ravdess,
+)
+from model.training.multimodal import (  # noqa: E402
+    EmotionMedia,
+    EvalSets,
+    Mixer,
+    MixRecipe,
+    MultimodalTrainSettings,
+    eval_sets,
+    face_sample,
+    train_multimodal,
+    warm_start,
+)
+from model.training.rated_texts import SNIPPET_FILES  # noqa: E402
+
+NAME = "coupled-mamba-voice-face-text"
+VERSION = "1"
+PROFILE = "multimodal-v1"
+MANIFEST = ROOT / "scripts" / "data_manifest.json"
+TEXT_ONLY = ROOT / "model" / "checkpoints" / "text-only"
+DIMS = {"text": 384, "audio": 384, "visual": 64}
+
+# The network: the text-only checkpoint's widths, so its text branch and heads warm-start it.
+MODEL = dict(
+    d_model=128, d_state=16, n_layers=2, dropout=0.2, pooling="mean", fusion="gate",
+    state_coupling="learned", emotion_classes=EMOTION_NAMES,
+)  # fmt: skip
+RECIPE = MultimodalTrainSettings(
+    epochs=6, batch_size=32, lr=1e-3, warmup_steps=100, seed=1111, threads=2,
+    mix=MixRecipe(text_per_epoch=2000, faces_per_epoch=1500),
+)  # fmt: skip
+
+# The coupling ablation: smaller network and recipe, every variant the same.
+ABLATION_VARIANTS = {
+    "none": {"state_coupling": "none"},
+    "mean": {"state_coupling": "mean"},
+    "learned": {"state_coupling": "learned"},
+    "sum": {"state_coupling": "sum"},
+    "feature_mixing": {"state_coupling": "none", "feature_mixing": True},
+}
+ABLATION_SEEDS = (1, 2, 3)
+ABLATION_MODEL = dict(d_model=64, d_state=8, n_layers=2, dropout=0.1, emotion_classes=EMOTION_NAMES)
+ABLATION_RECIPE = MultimodalTrainSettings(
+    epochs=3, batch_size=32, lr=2e-3, warmup_steps=50, threads=1,
+    mix=MixRecipe(text_per_epoch=0, faces_per_epoch=1000),
+)  # fmt: skip
+
+
+def log(message: str) -> None:
+    print(f"[default-model] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def check_data(data: Path, snippets: Path) -> tuple[list[LabelledMedia], list[LabelledMedia]]:
+    """Read both corpora and check every file against the manifest."""
+    if not (data / "ravdess").is_dir() or not (data / "fer2013").is_dir():
+        raise SystemExit(
+            f"{data} must hold ravdess/ and fer2013/ (pass --data or set CMAMBA_DATA_DIR; "
+            "docs/TRAINING.md says where to get them)"
+        )
+    voices = read_ravdess(data / "ravdess")
+    faces = read_fer2013(data / "fer2013")
+    check_manifest(data / "ravdess", [v.path for v in voices], MANIFEST, "ravdess")
+    check_manifest(data / "fer2013", [f.path for f in faces], MANIFEST, "fer2013")
+    check_manifest(snippets, [snippets / n for n in sorted(SNIPPET_FILES)], MANIFEST,
+                   "sentiment-snippets")  # fmt: skip
+    log(f"data: {len(voices)} RAVDESS clips, {len(faces)} FER2013 faces, manifest ok")
+    return voices, faces
+
+
+def text_step(snippets: Path, work: Path, reuse: Path | None) -> tuple[Path, str, Path]:
+    """Tuned text layers (reused or tuned) and the sentences' feature cache."""
+    from model.checkpoint import sha256_file
+
+    if reuse is not None:
+        layers = work / text_model.TUNING_FILE
+        if not layers.exists() or sha256_file(layers) != sha256_file(reuse):
+            shutil.copyfile(reuse, layers)
+        digest = sha256_file(layers)
+        log(f"text encoder: reusing {reuse} ({digest[:12]})")
+    else:
+        layers, info = text_model.tune_text(snippets, work)
+        digest = info["sha256"]
+    cache = text_model.build_features(snippets, work, layers, digest)
+    return layers, digest, cache
+
+
+def face_step(data: Path, work: Path, reuse: Path | None) -> Path:
+    """The face encoder, trained on FER2013 Training (or reused)."""
+    from preprocessing.face_training import train_face_encoder
+
+    target = work / "face_encoder.safetensors"
+    if reuse is not None:
+        if not target.exists() or target.read_bytes() != reuse.read_bytes():
+            shutil.copyfile(reuse, target)
+            metrics = reuse.with_name(reuse.stem + ".metrics.json")
+            if metrics.exists():
+                shutil.copyfile(metrics, work / "face_encoder.metrics.json")
+        log(f"face encoder: reusing {reuse}")
+        return target
+    if target.exists():
+        log(f"face encoder: reusing {target}")
+        return target
+    metrics = train_face_encoder(data / "fer2013", target, seed=0, cache_dir=work / "fer2013-cache")
+    log(f"face encoder: {target}, PrivateTest {metrics.get('test')}")
+    return target
+
+
+def voice_features(
+    voices: list[LabelledMedia], work: Path, layers: Path, face: Path
+) -> list[EmotionMedia]:
+    """Every RAVDESS clip through the service's extractor (text and audio, multimodal-v1)."""
+    from preprocessing.dataset import LabelledMedia as CsvRow
+    from preprocessing.dataset import extract_dataset
+    from preprocessing.settings import ExtractorSettings
+
+    table = work / "ravdess.csv"
+    with table.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "transcript", "split"])
+        for v in voices:
+            writer.writerow([str(v.path), v.sentiment or 0.0, v.transcript, v.split])
+    settings = ExtractorSettings(
+        audio_features="whisper", text_tuning_path=layers, face_encoder_path=face, torch_threads=1
+    )
+    parts = work / "ravdess.parts"
+    report = extract_dataset(
+        table, work / "ravdess.pkl", settings=settings, modalities=("text", "audio"),
+        workers=2, work_dir=parts, log=log,
+    )  # fmt: skip
+    if report.failed:
+        raise SystemExit(f"{len(report.failed)} RAVDESS clips failed: {report.failed}")
+    out = []
+    for v in voices:
+        row = CsvRow(v.path, 0.0, v.transcript, v.split, str(v.path))
+        with np.load(parts / row.work_name) as z:
+            feats = {m: z[f"{m}/features"] for m in ("text", "audio")}
+            masks = {m: z[f"{m}/mask"] for m in ("text", "audio")}
+        out.append(_media(v, Sample.from_dense(v.id, 0.0, feats, masks)))
+    return out
+
+
+def face_features(
+    faces: list[LabelledMedia], data: Path, work: Path, face: Path
+) -> list[EmotionMedia]:
+    """Every FER2013 face: the same crop as served (face mesh on the image), then the encoder."""
+    from preprocessing.face_expression import FaceExpressionEncoder
+    from preprocessing.face_training import SPLITS, list_split, load_split
+
+    target = work / "fer2013-features.npz"
+    if not target.exists():
+        encoder = FaceExpressionEncoder(face, torch_threads=2).load()
+        arrays = {}
+        for split in SPLITS:
+            crops = load_split(data / "fer2013", split, work / "fer2013-cache")["crops"]
+            paths, _ = list_split(data / "fer2013", split)
+            arrays[split] = np.concatenate(
+                [encoder.encode_crops(crops[i : i + 512]) for i in range(0, len(crops), 512)]
+            ).astype(np.float16)
+            arrays[f"{split}_names"] = np.array([f"{p.parent.name}/{p.name}" for p in paths])
+        np.savez(target, **arrays)
+    out = []
+    with np.load(target) as z:
+        folders = {"train": "train", "valid": "validation", "test": "test"}
+        rows = {
+            split: dict(zip(z[f"{sub}_names"].tolist(), z[sub], strict=True))
+            for split, sub in folders.items()
+        }
+    for f in faces:
+        vector = rows[f.split][f"{f.path.parent.name}/{f.path.name}"]
+        out.append(_media(f, face_sample(f.id, vector)))
+    return out
+
+
+def _media(item: LabelledMedia, sample: Sample) -> EmotionMedia:
+    sentiment = item.sentiment
+    return EmotionMedia(
+        item.id, item.split, item.emotion, emotion_class(item.emotion),
+        float("nan") if sentiment is None else sentiment, polarity(item.emotion) or 0, sample,
+    )  # fmt: skip
+
+
+def mixers(
+    cache: Path, voices: list[EmotionMedia], faces: list[EmotionMedia]
+) -> tuple[Mixer, EvalSets, EvalSets]:
+    texts = load_feature_cache(cache).splits
+
+    def of(split: str) -> Mixer:
+        return Mixer(
+            texts[split],
+            [v for v in voices if v.split == split],
+            [f for f in faces if f.split == split],
+            DIMS,
+        )
+
+    return of("train"), eval_sets(of("valid")), eval_sets(of("test"))
+
+
+# --------------------------------------------------------------------------- ablation
+
+
+def ablation(train: Mixer, valid: EvalSets, work: Path) -> dict[str, Any]:
+    """Every coupling variant with every seed on the ablation recipe (resumable per run)."""
+    import torch
+
+    from model import CoupledMambaConfig, CoupledMambaForSentiment
+
+    target = work / "ablation.json"
+    results: dict[str, Any] = json.loads(target.read_text()) if target.exists() else {}
+    # The ablation leaves the rated sentences out (text_per_epoch = 0 and no text in the valid
+    # sets): the question is how voice and face are fused.
+    valid = EvalSets(**{**valid.__dict__, "text": []})
+    for variant, overrides in ABLATION_VARIANTS.items():
+        for seed in ABLATION_SEEDS:
+            key = f"{variant}/{seed}"
+            if key in results:
+                continue
+            torch.manual_seed(seed)
+            config = CoupledMambaConfig(
+                feature_dims=DIMS, feature_profile=PROFILE, **{**ABLATION_MODEL, **overrides}
+            )
+            model = CoupledMambaForSentiment(config)
+            settings = MultimodalTrainSettings(**{**asdict(ABLATION_RECIPE), "seed": seed})
+            settings.mix = ABLATION_RECIPE.mix
+            result = train_multimodal(
+                model, train, valid, settings, log=lambda m, k=key: log(f"{k}: {m}")
+            )
+            best = result.history[result.best_epoch - 1]["valid"] if result.history else {}
+            results[key] = {"diverged": result.diverged, "best_epoch": result.best_epoch,
+                            "valid": best, "seconds": round(result.seconds, 1)}  # fmt: skip
+            target.write_text(json.dumps(results, indent=1, default=float) + "\n")
+    return results
+
+
+def ablation_table(results: dict[str, Any]) -> str:
+    """Mean ± spread (sample std) over seeds of the fused validation metrics per variant."""
+    keys = [("paired:all", "AUC"), ("paired:voice+face", "AUC"), ("paired:voice+face", "Acc_3"),
+            ("paired:voice+face", "Emotion_acc"), ("voice", "AUC"), ("face", "AUC")]  # fmt: skip
+    lines = [
+        "| coupling | diverged | " + " | ".join(f"{s} {m}" for s, m in keys) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in keys) + " |",
+    ]
+    for variant in ABLATION_VARIANTS:
+        runs = [results[f"{variant}/{s}"] for s in ABLATION_SEEDS if f"{variant}/{s}" in results]
+        if not runs:
+            continue
+        cells = []
+        for split, metric in keys:
+            values = [r["valid"][split][metric] for r in runs if split in r.get("valid", {})]
+            if not values:
+                cells.append("n/a")
+                continue
+            spread = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            cells.append(f"{np.mean(values):.3f} ± {spread:.3f}")
+        diverged = sum(r["diverged"] for r in runs)
+        lines.append(f"| {variant} | {diverged}/{len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- train
+
+
+def train_step(train: Mixer, valid: EvalSets, work: Path, layers: Path, face: Path) -> Path:
+    """Warm-start from the text-only checkpoint, train on mixed epochs, save the checkpoint."""
+    from model import CoupledMambaConfig, CoupledMambaForSentiment, load_checkpoint, save_checkpoint
+    from model.checkpoints import pinned_hashes
+
+    out = work / "checkpoint"
+    result_file = work / "train.json"
+    if result_file.exists() and (out / "model.safetensors").exists():
+        log(f"train: reusing {out}")
+        return out
+    import torch
+
+    torch.manual_seed(RECIPE.seed)
+    config = CoupledMambaConfig(feature_dims=DIMS, feature_profile=PROFILE, **MODEL)
+    model = CoupledMambaForSentiment(config)
+    source = load_checkpoint(TEXT_ONLY, **pinned_hashes(TEXT_ONLY))
+    copied = warm_start(model, source)
+    log(f"train: warm start copied {len(copied)} tensors from {TEXT_ONLY.name}")
+    result = train_multimodal(model, train, valid, RECIPE, log=log)
+    summary = {**result.summary(), "recipe": asdict(RECIPE), "warm_start": str(TEXT_ONLY.name)}
+    result_file.write_text(json.dumps(summary, indent=1, default=float) + "\n")
+    face_info = json.loads((work / "face_encoder.metrics.json").read_text()) if (
+        work / "face_encoder.metrics.json").exists() else {}  # fmt: skip
+    save_checkpoint(
+        result.model, out, name=NAME, version=VERSION,
+        training={"recipe": asdict(RECIPE), "best_epoch": result.best_epoch,
+                  "seconds": round(result.seconds, 1), "warm_start": TEXT_ONLY.name},
+        text_encoder=layers, text_encoder_info={"tuned_layers": [4, 5]},
+        face_encoder=face, face_encoder_info={"trained_on": "FER2013 Training", **face_info},
+    )  # fmt: skip
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=os.environ.get("CMAMBA_DATA_DIR"))
+    parser.add_argument(
+        "--snippets", type=Path, default=ROOT.parent / "shared" / "data" / "sentiment-snippets"
+    )
+    parser.add_argument("--work", type=Path, default=ROOT / "build" / "default-model")
+    parser.add_argument("--out", type=Path, default=ROOT / "model" / "checkpoints" / "default")
+    parser.add_argument("--text-encoder", type=Path, help="reuse these tuned text layers")
+    parser.add_argument("--face-encoder", type=Path, help="reuse this trained face encoder")
+    parser.add_argument("--ablation", action="store_true", help="run the coupling ablation")
+    parser.add_argument(
+        "--step", choices=("all", "features", "ablation", "train", "report"), default="all"
+    )
+    args = parser.parse_args(argv)
+    if args.data is None:
+        raise SystemExit("pass --data DIR or set CMAMBA_DATA_DIR (see docs/TRAINING.md)")
+    start = time.perf_counter()
+    args.work.mkdir(parents=True, exist_ok=True)
+    voices_raw, faces_raw = check_data(args.data, args.snippets)
+    layers, _, cache = text_step(args.snippets, args.work, args.text_encoder)
+    face = face_step(args.data, args.work, args.face_encoder)
+    voices = voice_features(voices_raw, args.work, layers, face)
+    faces = face_features(faces_raw, args.data, args.work, face)
+    train, valid, test = mixers(cache, voices, faces)
+    log(
+        f"features: {len(train.texts)} sentences, {len(train.voices)} clips, {len(train.faces)} faces in train"
+    )
+    if args.step == "features":
+        return 0
+    if args.ablation or args.step == "ablation":
+        results = ablation(train, valid, args.work)
+        table = ablation_table(results)
+        (args.work / "ablation.md").write_text(table + "\n")
+        print(table)
+        if args.step == "ablation":
+            return 0
+    checkpoint = train_step(train, valid, args.work, layers, face)
+    if args.step == "train":
+        return 0
+    from report_default_model import report
+
+    report(checkpoint, test, args.out, args.work, log)
+    log(f"done in {(time.perf_counter() - start) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
