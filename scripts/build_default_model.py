@@ -382,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     faces = face_features(faces_raw, args.data, args.work, face)
     train, valid, test = mixers(cache, voices, faces)
     log(
-        f"features: {len(train.texts)} sentences, {len(train.voices)} clips, {len(train.faces)} faces in train"
+        f"features: {len(train.texts)} sentences, {len(train.voices)} clips, "
+        f"{len(train.faces)} faces in train"
     )
     if args.step == "features":
         return 0
