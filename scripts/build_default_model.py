@@ -100,6 +100,8 @@ ABLATION_VARIANTS = {
     "feature_mixing": {"state_coupling": "none", "feature_mixing": True},
 }
 ABLATION_SEEDS = (1, 2, 3)
+ABLATION_VALID_FACES = 1200  # a seeded sample of PublicTest per validation pass
+VALID_FACES = 1500
 ABLATION_MODEL = dict(d_model=64, d_state=8, n_layers=2, dropout=0.1, emotion_classes=EMOTION_NAMES)
 ABLATION_RECIPE = MultimodalTrainSettings(
     epochs=3, batch_size=32, lr=2e-3, warmup_steps=50, threads=1,
@@ -245,7 +247,7 @@ def _media(item: LabelledMedia, sample: Sample) -> EmotionMedia:
 
 def mixers(
     cache: Path, voices: list[EmotionMedia], faces: list[EmotionMedia]
-) -> tuple[Mixer, EvalSets, EvalSets]:
+) -> tuple[Mixer, Mixer, Mixer]:
     texts = load_feature_cache(cache).splits
 
     def of(split: str) -> Mixer:
@@ -256,27 +258,34 @@ def mixers(
             DIMS,
         )
 
-    return of("train"), eval_sets(of("valid")), eval_sets(of("test"))
+    return of("train"), of("valid"), of("test")
 
 
 # --------------------------------------------------------------------------- ablation
 
 
-def ablation(train: Mixer, valid: EvalSets, work: Path) -> dict[str, Any]:
-    """Every coupling variant with every seed on the ablation recipe (resumable per run)."""
+def ablation(
+    train: Mixer, valid_mixer: Mixer, work: Path, variants: list[str] | None = None
+) -> dict[str, Any]:
+    """Every coupling variant (or those named) with every seed on the ablation recipe; one
+    result file per run under ``<work>/ablation/`` (resumable, and runs may go in parallel)."""
     import torch
 
     from model import CoupledMambaConfig, CoupledMambaForSentiment
 
-    target = work / "ablation.json"
-    results: dict[str, Any] = json.loads(target.read_text()) if target.exists() else {}
+    folder = work / "ablation"
+    folder.mkdir(exist_ok=True)
     # The ablation leaves the rated sentences out (text_per_epoch = 0 and no text in the valid
     # sets): the question is how voice and face are fused.
+    valid = eval_sets(valid_mixer, max_faces=ABLATION_VALID_FACES)
     valid = EvalSets(**{**valid.__dict__, "text": []})
     for variant, overrides in ABLATION_VARIANTS.items():
+        if variants and variant not in variants:
+            continue
         for seed in ABLATION_SEEDS:
             key = f"{variant}/{seed}"
-            if key in results:
+            target = folder / f"{variant}-{seed}.json"
+            if target.exists():
                 continue
             torch.manual_seed(seed)
             config = CoupledMambaConfig(
@@ -289,10 +298,13 @@ def ablation(train: Mixer, valid: EvalSets, work: Path) -> dict[str, Any]:
                 model, train, valid, settings, log=lambda m, k=key: log(f"{k}: {m}")
             )
             best = result.history[result.best_epoch - 1]["valid"] if result.history else {}
-            results[key] = {"diverged": result.diverged, "best_epoch": result.best_epoch,
-                            "valid": best, "seconds": round(result.seconds, 1)}  # fmt: skip
-            target.write_text(json.dumps(results, indent=1, default=float) + "\n")
-    return results
+            run = {"diverged": result.diverged, "best_epoch": result.best_epoch,
+                   "valid": best, "seconds": round(result.seconds, 1)}  # fmt: skip
+            target.write_text(json.dumps(run, indent=1, default=float) + "\n")
+    return {
+        f"{p.stem.rsplit('-', 1)[0]}/{p.stem.rsplit('-', 1)[1]}": json.loads(p.read_text())
+        for p in sorted(folder.glob("*.json"))
+    }
 
 
 def ablation_table(results: dict[str, Any]) -> str:
@@ -368,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--face-encoder", type=Path, help="reuse this trained face encoder")
     parser.add_argument("--ablation", action="store_true", help="run the coupling ablation")
     parser.add_argument(
+        "--variants", nargs="*", help="ablation variants to run (default: all); for parallel runs"
+    )
+    parser.add_argument(
         "--step", choices=("all", "features", "ablation", "train", "report"), default="all"
     )
     args = parser.parse_args(argv)
@@ -388,18 +403,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.step == "features":
         return 0
     if args.ablation or args.step == "ablation":
-        results = ablation(train, valid, args.work)
+        results = ablation(train, valid, args.work, args.variants)
         table = ablation_table(results)
         (args.work / "ablation.md").write_text(table + "\n")
         print(table)
         if args.step == "ablation":
             return 0
-    checkpoint = train_step(train, valid, args.work, layers, face)
+    checkpoint = train_step(train, eval_sets(valid, max_faces=VALID_FACES), args.work, layers, face)
     if args.step == "train":
         return 0
     from report_default_model import report
 
-    report(checkpoint, test, args.out, args.work, log)
+    report(checkpoint, eval_sets(test), args.out, args.work, log)
     log(f"done in {(time.perf_counter() - start) / 60:.1f} min")
     return 0
 

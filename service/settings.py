@@ -29,7 +29,9 @@ class ServiceSettings(BaseSettings):
 
     # Model ------------------------------------------------------------------------------
     model_path: Path = Field(
-        default_factory=default_model_path, description="checkpoint folder to serve"
+        default_factory=default_model_path,
+        description='checkpoint folder to serve; "default" and "text-only" name the embedded '
+        "checkpoints (the text-only one is trained on rated sentences alone, see its card)",
     )
     model_name: str | None = Field(
         default=None, description="name served under /v2/models/{name}; default from checkpoint"
@@ -79,6 +81,16 @@ class ServiceSettings(BaseSettings):
     )
     public_docs: bool = Field(default=False, description="serve /docs without the token")
     drain_timeout_s: float = Field(default=30.0, ge=0.0, description="SIGTERM drain limit")
+
+    @field_validator("model_path", mode="before")
+    @classmethod
+    def _embedded_names(cls, value: Any) -> Any:
+        from model.checkpoints import default_checkpoint_path, text_only_checkpoint_path
+
+        embedded = {"default": default_checkpoint_path, "text-only": text_only_checkpoint_path}
+        if isinstance(value, str) and value in embedded:
+            return embedded[value]()
+        return value
 
     @field_validator("length_buckets")
     @classmethod

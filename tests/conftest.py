@@ -43,6 +43,29 @@ def cpu_peak_bytes(fn: Callable[[], object]) -> int:
     return max(total for _, _, total in events) - base
 
 
+def remux_streams(src: Path, dst: Path, fmt: str, kinds: tuple[str, ...]) -> Path:
+    """Copy the streams of ``kinds`` ("audio", "video") from ``src`` into a new container."""
+    import av
+
+    with av.open(str(src)) as inp, av.open(str(dst), "w", format=fmt) as out:
+        pairs = {}
+        for stream in inp.streams:
+            if stream.type in kinds:
+                pairs[stream.index] = out.add_stream_from_template(stream)
+        for packet in inp.demux(*[inp.streams[i] for i in pairs]):
+            if packet.dts is None:
+                continue
+            packet.stream = pairs[packet.stream.index]
+            out.mux(packet)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def remux() -> Callable[..., Path]:
+    """``remux_streams``: copy some streams of a media file into a new container."""
+    return remux_streams
+
+
 @pytest.fixture
 def peak_bytes() -> Callable[[Callable[[], object]], int]:
     """``cpu_peak_bytes``: peak CPU allocation of a call."""

@@ -305,24 +305,29 @@ PAIRED_SUBSETS = {
 }
 
 
-def eval_sets(mixer: Mixer, seed: int = 0, face_steps: int = 20) -> EvalSets:
+def eval_sets(
+    mixer: Mixer, seed: int = 0, face_steps: int = 20, max_faces: int | None = None
+) -> EvalSets:
     """Deterministic evaluation items: every text, every clip (audio alone, and with its words),
-    every face (held ``face_steps`` steps) and every clip paired with one seeded face of its
-    emotion under each subset of ``PAIRED_SUBSETS``."""
+    every face (held ``face_steps`` steps; a seeded sample of ``max_faces`` when given) and every
+    clip paired with one seeded face of its emotion under each subset of ``PAIRED_SUBSETS``."""
     rng = random.Random(seed)
+    faces = mixer.faces
+    if max_faces is not None and max_faces < len(faces):
+        faces = random.Random(seed).sample(faces, max_faces)
     pairs = [(v, mixer.partner(v, rng)) for v in mixer.voices]
     pairs = [(v, f) for v, f in pairs if f is not None]
     return EvalSets(
         text=mixer.text_items(mixer.texts),
         voice_audio=[mixer.voice_item(v, ("audio",)) for v in mixer.voices],
         voice_words=[mixer.voice_item(v, ("text", "audio")) for v in mixer.voices],
-        face=[mixer.face_item(f, face_steps) for f in mixer.faces],
+        face=[mixer.face_item(f, face_steps) for f in faces],
         paired={
             name: [mixer.paired_item(v, f, keep) for v, f in pairs if f is not None]
             for name, keep in PAIRED_SUBSETS.items()
         },
         voice_polarity=[v.polarity for v in mixer.voices],
-        face_polarity=[f.polarity for f in mixer.faces],
+        face_polarity=[f.polarity for f in faces],
         paired_polarity=[v.polarity for v, _ in pairs],
     )
 

@@ -70,23 +70,6 @@ def bundle_of(extractor, clip):  # type: ignore[no-untyped-def]
 # -- generated media ------------------------------------------------------------------------------
 
 
-def remux(src: Path, dst: Path, fmt: str, kinds: tuple[str, ...]) -> Path:
-    """Copy the streams of ``kinds`` ("audio", "video") from ``src`` into a new container."""
-    import av
-
-    with av.open(str(src)) as inp, av.open(str(dst), "w", format=fmt) as out:
-        pairs = {}
-        for stream in inp.streams:
-            if stream.type in kinds:
-                pairs[stream.index] = out.add_stream_from_template(stream)
-        for packet in inp.demux(*[inp.streams[i] for i in pairs]):
-            if packet.dts is None:
-                continue
-            packet.stream = pairs[packet.stream.index]
-            out.mux(packet)
-    return dst
-
-
 def write_wav(path: Path, samples: np.ndarray, rate: int = 16_000) -> Path:
     """Encode mono float samples in [-1, 1] as 16-bit PCM WAV with PyAV."""
     import av
@@ -148,7 +131,9 @@ def claim_size(path: Path, demuxer: str, width: int, height: int) -> Path:
 
 
 @pytest.fixture(scope="session")
-def generated(tmp_path_factory: pytest.TempPathFactory, media_dir: Path) -> dict[str, Path]:
+def generated(
+    tmp_path_factory: pytest.TempPathFactory, media_dir: Path, remux: Callable[..., Path]
+) -> dict[str, Path]:
     """Bad and unusual inputs, generated once per session."""
     root = tmp_path_factory.mktemp("generated")
     rng = np.random.default_rng(0)
