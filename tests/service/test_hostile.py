@@ -1,0 +1,40 @@
+"""Hostile input (issue #19): a bad request gets its own 4xx and harms no other request."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+
+def post_together(client: TestClient, bodies: list[dict[str, Any]]) -> list[Any]:
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(lambda b: client.post("/v1/predict/features", json=b), bodies))
+
+
+def _poisoned(payload: dict[str, Any], kind: str) -> dict[str, Any]:
+    features = payload["features"]
+    if kind == "all-huge":
+        payload["features"] = {m: [[1e20] * len(r) for r in rows] for m, rows in features.items()}
+    else:  # one value near the top of float32's range
+        features["audio"][0][0] = 1e30
+    return payload
+
+
+@pytest.mark.parametrize("kind", ["all-huge", "one-huge"])
+def test_features_that_overflow_the_model_fail_alone(
+    features_app: Callable[..., TestClient], payload: Callable[..., dict], kind: str
+) -> None:
+    # Nine clips batched together (the batch waits until it is full): one of them overflows
+    # the model's float range; it gets a 422, the eight others their answers.
+    client = features_app(max_batch_size=9, max_batch_delay_ms=10_000, adaptive_batch_delay=False)
+    bodies = [payload(12, seed=i) for i in range(8)]
+    bodies.insert(3, _poisoned(payload(12, seed=99), kind))
+    answers = post_together(client, bodies)
+    statuses = [a.status_code for a in answers]
+    assert statuses == [200] * 3 + [422] + [200] * 5, [a.text[:200] for a in answers]
+    assert answers[3].json()["error"]["type"] == "invalid_input"
+    assert "too large" in answers[3].json()["error"]["message"]
