@@ -25,7 +25,7 @@ import simdjson
 from pydantic import ValidationError
 
 from service.api.schemas import FeaturesRequest
-from service.errors import InvalidInputError
+from service.errors import MAX_ECHO_CHARS, InvalidInputError
 
 _FIELDS = frozenset(FeaturesRequest.model_fields)
 _OPEN_BRACKET = ord("[")  # counted with numpy: 16 us for a 157 kB body, bytes.count 79 us
@@ -68,8 +68,8 @@ def describe_validation_error(exc: ValidationError) -> str:
     """A one-line summary of a pydantic error: ``where: what`` for up to five problems."""
     parts = []
     for err in exc.errors(include_url=False)[:5]:
-        where = ".".join(str(p) for p in err.get("loc", ())) or "body"
-        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+        where = ".".join(str(p)[:MAX_ECHO_CHARS] for p in err.get("loc", ())) or "body"
+        parts.append(f"{where}: {str(err.get('msg', 'invalid'))[:200]}")
     return "; ".join(parts)
 
 

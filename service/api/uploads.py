@@ -26,6 +26,7 @@ from service.errors import (
     InvalidInputError,
     PayloadTooLargeError,
     UnsupportedMediaError,
+    echo,
 )
 from service.settings import ServiceSettings
 
@@ -115,7 +116,7 @@ class _FormCollector:
             self.error = InvalidInputError("send one `file` part only")
         elif not media_type_accepted(self._part.content_type):
             self.error = UnsupportedMediaError(
-                f"unsupported media type {self._part.content_type!r}: send audio or video"
+                f"unsupported media type {echo(self._part.content_type)}: send audio or video"
             )
 
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
@@ -127,7 +128,7 @@ class _FormCollector:
         elif part.size <= self.max_field_bytes:
             part.data += data[start:end]
         elif self.error is None:
-            self.error = InvalidInputError(f"form field `{part.name}` is too long")
+            self.error = InvalidInputError(f"form field {echo(part.name)} is too long")
 
     def _on_part_end(self) -> None:
         part = self._part
@@ -138,7 +139,7 @@ class _FormCollector:
             try:
                 self.fields[part.name] = part.data.decode("utf-8")
             except UnicodeDecodeError:
-                self.error = InvalidInputError(f"form field `{part.name}` is not UTF-8 text")
+                self.error = InvalidInputError(f"form field {echo(part.name)} is not UTF-8 text")
 
 
 def media_type_accepted(content_type: str) -> bool:

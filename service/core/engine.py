@@ -45,6 +45,8 @@ from service.errors import (
     ServiceError,
     StartupError,
     UndecodableMediaError,
+    echo,
+    echo_names,
     from_preprocessing_error,
 )
 from service.metrics import ServiceMetrics
@@ -298,7 +300,8 @@ class InferenceCore:
             "classes": list(CLASS_NAMES),
             "architecture": dict(description),
             "checkpoint": {
-                "path": info.path if info else None,
+                # The folder's name only: where it lies on the server is nobody's business.
+                "name": Path(info.path).name if info else None,
                 "sha256": info.sha256 if info else None,
                 "training": info.training if info else {},
                 "metrics": info.metrics if info else {},
@@ -446,7 +449,7 @@ class InferenceCore:
         config = self.config
         if profile != config.feature_profile:
             raise FeatureMismatchError(
-                f"features are in profile {profile!r}, but the loaded model takes "
+                f"features are in profile {echo(profile)}, but the loaded model takes "
                 f"{config.feature_profile!r}"
             )
         if not features:
@@ -454,7 +457,7 @@ class InferenceCore:
         unknown = sorted(set(features) - set(config.modalities))
         if unknown:
             raise FeatureMismatchError(
-                f"modalities {unknown} are not inputs of the loaded model "
+                f"modalities {echo_names(unknown)} are not inputs of the loaded model "
                 f"(it takes {list(config.modalities)})"
             )
         arrays: dict[str, np.ndarray] = {}
@@ -494,7 +497,9 @@ class InferenceCore:
         mask_arrays: dict[str, np.ndarray] = {}
         extra = sorted(set(masks or {}) - set(arrays))
         if extra:
-            raise InvalidInputError(f"masks given for modalities without features: {extra}")
+            raise InvalidInputError(
+                f"masks given for modalities without features: {echo_names(extra)}"
+            )
         for modality in arrays:
             given = (masks or {}).get(modality)
             if given is None:

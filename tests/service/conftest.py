@@ -232,6 +232,24 @@ def media_server(checkpoint: Path, shared_media: Path) -> Iterator[ServerProcess
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def features_server(checkpoint: Path) -> Iterator[ServerProcess]:
+    """A real features-only server on the tiny checkpoint (shared by the hostile-input tests)."""
+    server = ServerProcess(
+        {
+            "CMAMBA_MODEL_PATH": str(checkpoint),
+            "CMAMBA_ENABLE_MEDIA": "false",
+            "CMAMBA_MAX_BATCH_SIZE": "8",
+            "CMAMBA_MAX_UPLOAD_BYTES": str(64 * 2**20),
+        }
+    )
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
 def _metric(text: str, sample_name: str, /, **labels: str) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 

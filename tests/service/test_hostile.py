@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -38,3 +40,30 @@ def test_features_that_overflow_the_model_fail_alone(
     assert statuses == [200] * 3 + [422] + [200] * 5, [a.text[:200] for a in answers]
     assert answers[3].json()["error"]["type"] == "invalid_input"
     assert "too large" in answers[3].json()["error"]["message"]
+
+
+# -- leaks and echoes (against a real server) ----------------------------------------------------
+
+
+def test_model_metadata_does_not_show_server_paths(features_server: Any, checkpoint: Path) -> None:
+    answer = httpx.get(f"{features_server.url}/v2/models/tiny", timeout=30)
+    assert answer.status_code == 200
+    assert str(checkpoint.parent) not in answer.text
+    assert answer.json()["checkpoint"]["name"] == checkpoint.name
+
+
+@pytest.mark.parametrize("field", ["profile", "modalities", "masks"])
+def test_error_messages_do_not_echo_client_input_unbounded(
+    features_server: Any, payload: Callable[..., dict], field: str
+) -> None:
+    body = payload(4, seed=0)
+    if field == "profile":
+        body["profile"] = "x" * 1_000_000
+    elif field == "modalities":
+        body["features"].update({f"unknown-{i}": [[0.0]] for i in range(20_000)})
+    else:
+        body["masks"] = {f"unknown-{i}": [True] for i in range(20_000)}
+    answer = httpx.post(f"{features_server.url}/v1/predict/features", json=body, timeout=60)
+    assert answer.status_code == 422
+    assert answer.json()["error"]["type"] in ("invalid_input", "feature_mismatch")
+    assert len(answer.content) < 2_000, answer.content[:300]
