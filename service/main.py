@@ -24,7 +24,11 @@ from service.core.engine import InferenceCore
 from service.core.extraction import FeatureExtractor
 from service.errors import install_handlers
 from service.metrics import ServiceMetrics
-from service.middleware import RequestContextMiddleware, RequestMetricsMiddleware
+from service.middleware import (
+    RequestContextMiddleware,
+    RequestMetricsMiddleware,
+    SecurityHeadersMiddleware,
+)
 from service.settings import ServiceSettings
 
 if TYPE_CHECKING:
@@ -111,4 +115,5 @@ def create_app(
     declare_scheme(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=service_metrics)
     app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(SecurityHeadersMiddleware)  # outermost: every answer gets the headers
     return app

@@ -228,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         log_level=args.log_level,
         workers=1,
+        server_header=False,  # no "server: uvicorn"
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
     )
     server = DrainingServer(config, app.state.core, settings.drain_timeout_s)

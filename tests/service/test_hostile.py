@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -67,3 +68,66 @@ def test_error_messages_do_not_echo_client_input_unbounded(
     assert answer.status_code == 422
     assert answer.json()["error"]["type"] in ("invalid_input", "feature_mismatch")
     assert len(answer.content) < 2_000, answer.content[:300]
+
+
+# -- security headers ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/", 200),
+        ("GET", "/v2/health/ready", 200),
+        ("GET", "/no/such/path", 404),
+        ("POST", "/v1/predict/features", 422),
+    ],
+)
+def test_every_answer_has_security_headers_and_no_server_banner(
+    features_server: Any, method: str, path: str, status: int
+) -> None:
+    answer = httpx.request(method, f"{features_server.url}{path}", json={}, timeout=30)
+    assert answer.status_code == status
+    headers = answer.headers
+    assert headers["x-content-type-options"] == "nosniff"
+    assert "frame-ancestors 'none'" in headers["content-security-policy"]
+    assert headers["referrer-policy"] == "no-referrer"
+    assert "server" not in headers
+
+
+# -- hostile media (against a real server with the real extractor) ---------------------------------
+
+
+def _remux(source: Path, destination: Path, fmt: str) -> bytes:
+    import av
+
+    with av.open(str(source)) as inp, av.open(str(destination), "w", format=fmt) as out:
+        streams = {s.index: out.add_stream_from_template(s) for s in inp.streams}
+        for packet in inp.demux():
+            if packet.dts is not None:
+                packet.stream = streams[packet.stream.index]
+                out.mux(packet)
+    return destination.read_bytes()
+
+
+def _post_media(server: Any, name: str, data: bytes, content_type: str) -> httpx.Response:
+    return httpx.post(
+        f"{server.url}/v1/predict",
+        files={"file": (name, data, content_type)},
+        data={"transcript": "hello there"},
+        timeout=120,
+    )
+
+
+def test_media_with_broken_headers_is_refused_not_a_server_error(
+    media_server: Any, shared_media: Path, tmp_path: Path
+) -> None:
+    mkv = _remux(shared_media / "cremad_1001_DFA_HAP_XX.mp4", tmp_path / "clip.mkv", "matroska")
+    cluster = mkv.index(b"\x1f\x43\xb6\x75")  # the first Cluster's ID, its size cut off
+    nested = b""
+    for _ in range(5000):
+        nested = b"LIST" + struct.pack("<I", len(nested) + 4) + b"hdrl" + nested
+    avi = b"RIFF" + struct.pack("<I", len(nested) + 4) + b"AVI " + nested
+    for name, data in (("cut.mkv", mkv[: cluster + 4]), ("nested.avi", avi)):
+        answer = _post_media(media_server, name, data, "video/x-matroska")
+        assert 400 <= answer.status_code < 500, (name, answer.status_code, answer.text[:300])
+        assert answer.json()["error"]["type"] == "undecodable_media"
