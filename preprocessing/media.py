@@ -381,7 +381,9 @@ def decode_media(
                             frame_sink.add(frame)
                 except av.error.FFmpegError:
                     errors += 1
-        except av.error.FFmpegError as exc:
+        except (av.error.FFmpegError, ValueError) as exc:
+            # ValueError: PyAV's refusal of a frame it cannot convert (a resampler or scaler
+            # setup the stream's frames do not match).
             raise CorruptMediaError(
                 f"The {container.name} file could not be decoded ({_reason(exc)}); it may be "
                 "damaged or truncated."
@@ -430,12 +432,16 @@ def _check_truncated(container: Container, kind: str, decoded_s: float, stream: 
 
 
 class _AudioSink:
-    """Resamples decoded audio frames to 16 kHz mono float32 and places them in time."""
+    """Resamples decoded audio frames to 16 kHz mono float32 and places them in time.
+
+    A stream whose sample rate, layout or sample format changes mid-way (concatenated MP3 or
+    ADTS files, chained Ogg) is resampled segment by segment: a resampler takes one input
+    setup only, so a change flushes the current one and starts a new one.
+    """
 
     def __init__(self, stream: Any, origin_s: float) -> None:
-        import av
-
-        self._resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_SAMPLE_RATE)
+        self._resampler: Any = None
+        self._setup: tuple[str, str, int] | None = None
         self._chunks: list[np.ndarray] = []
         self._samples = 0
         self._start_s: float | None = None
@@ -447,19 +453,31 @@ class _AudioSink:
         return (self._start_s or 0.0) + self._samples / AUDIO_SAMPLE_RATE
 
     def add(self, frame: Any) -> None:
+        import av
+
         if self._start_s is None:
             t = frame.time if frame.time is not None else self._origin_s
             self._start_s = max(0.0, float(t) - self._origin_s)
-        for out in self._resampler.resample(frame):
+        setup = (frame.format.name, frame.layout.name, int(frame.sample_rate))
+        if setup != self._setup:
+            self._flush()
+            self._resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_SAMPLE_RATE)
+            self._setup = setup
+        self._keep(self._resampler.resample(frame))
+
+    def _keep(self, frames: list[Any]) -> None:
+        for out in frames:
             chunk = out.to_ndarray().reshape(-1)
             self._chunks.append(chunk)
             self._samples += len(chunk)
 
+    def _flush(self) -> None:
+        if self._resampler is not None:
+            self._keep(self._resampler.resample(None))
+            self._resampler = None
+
     def finish(self) -> np.ndarray:
-        for out in self._resampler.resample(None):
-            chunk = out.to_ndarray().reshape(-1)
-            self._chunks.append(chunk)
-            self._samples += len(chunk)
+        self._flush()
         pad = round((self._start_s or 0.0) * AUDIO_SAMPLE_RATE)
         parts = [np.zeros(pad, np.float32)] if pad else []
         audio = np.concatenate([*parts, *self._chunks]) if (parts or self._chunks) else None

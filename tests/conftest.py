@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # The shared folder beside the repository (CI clones the repo with shared/ next to it).
@@ -47,3 +49,31 @@ def cpu_peak_bytes(fn: Callable[[], object]) -> int:
 def peak_bytes() -> Callable[[Callable[[], object]], int]:
     """``cpu_peak_bytes``: peak CPU allocation of a call."""
     return cpu_peak_bytes
+
+
+def _encode_tone(fmt: str, codec: str, rate: int, layout: str, seconds: float = 1.0) -> bytes:
+    """A 440 Hz tone encoded with PyAV into a headerless stream format (mp3, adts)."""
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=fmt) as out:
+        stream = out.add_stream(codec, rate=rate, layout=layout)
+        n = int(rate * seconds)
+        tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(n) / rate)).astype(np.float32)
+        channels = np.tile(tone, (2 if layout == "stereo" else 1, 1))
+        frame = av.AudioFrame.from_ndarray(channels, format="fltp", layout=layout)
+        frame.sample_rate = rate
+        frame.pts = 0
+        resampler = av.AudioResampler(format=stream.codec_context.format.name, layout=layout)
+        for converted in resampler.resample(frame):
+            for packet in stream.encode(converted):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def encode_tone() -> Callable[..., bytes]:
+    """``encode_tone(fmt, codec, rate, layout, seconds=1.0)``: a tone as mp3/adts bytes."""
+    return _encode_tone

@@ -131,3 +131,14 @@ def test_media_with_broken_headers_is_refused_not_a_server_error(
         answer = _post_media(media_server, name, data, "video/x-matroska")
         assert 400 <= answer.status_code < 500, (name, answer.status_code, answer.text[:300])
         assert answer.json()["error"]["type"] == "undecodable_media"
+
+
+def test_audio_whose_sample_rate_changes_mid_stream_is_scored(
+    media_server: Any, encode_tone: Callable[..., bytes]
+) -> None:
+    data = encode_tone("mp3", "libmp3lame", 44_100, "mono") + encode_tone(
+        "mp3", "libmp3lame", 22_050, "stereo"
+    )
+    answer = _post_media(media_server, "two-parts.mp3", data, "audio/mpeg")
+    assert answer.status_code == 200, answer.text[:300]
+    assert answer.json()["modalities"]["audio_seconds"] > 1.9
