@@ -322,7 +322,6 @@ def decode_media(
     decoded, and only when a video stream is decoded); what it returns, when not None, is used
     as ``on_frame``.
     """
-    import av
 
     size = _checked_size(path, settings)
     container = sniff_container(path)
@@ -346,69 +345,93 @@ def decode_media(
             if video_stream is not None
             else None
         )
-        errors = 0
-        decoded_any = False
         try:
-            for packet in handle.demux(*streams):
-                try:
-                    frames = packet.decode()
-                except av.error.FFmpegError:
-                    errors += 1
+            return _decode_streams(
+                handle, container, info, streams, audio_sink, frame_sink, settings
+            )
+        finally:
+            # The resampler's filter graph owns native threads: release it now, not whenever
+            # the garbage collector frees a traceback that still refers to it.
+            if audio_sink is not None:
+                audio_sink.close()
+
+
+def _decode_streams(
+    handle: Any,
+    container: Container,
+    info: MediaInfo,
+    streams: list[Any],
+    audio_sink: _AudioSink | None,
+    frame_sink: _FrameSink | None,
+    settings: ExtractorSettings,
+) -> DecodedMedia:
+    import av
+
+    audio_stream = audio_sink.stream if audio_sink is not None else None
+    video_stream = frame_sink.stream if frame_sink is not None else None
+    errors = 0
+    decoded_any = False
+    try:
+        for packet in handle.demux(*streams):
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError:
+                errors += 1
+                continue
+            for frame in frames:
+                decoded_any = True
+                if packet.stream is audio_stream and audio_sink is not None:
+                    audio_sink.add(frame)
+                    end = audio_sink.end_s
+                elif frame_sink is not None:
+                    frame_sink.add(frame)
+                    end = frame_sink.last_time_s
+                else:
                     continue
-                for frame in frames:
+                if end > settings.max_duration_s + 1.0:
+                    raise MediaTooLongError(
+                        "The clip is longer than the limit of "
+                        f"{settings.max_duration_s:.0f} s. Send a shorter clip."
+                    )
+        # Flush decoders (B-frames and resampler delay).
+        for stream in streams:
+            try:
+                for frame in stream.codec_context.decode(None):
                     decoded_any = True
-                    if packet.stream is audio_stream and audio_sink is not None:
+                    if stream is audio_stream and audio_sink is not None:
                         audio_sink.add(frame)
-                        end = audio_sink.end_s
                     elif frame_sink is not None:
                         frame_sink.add(frame)
-                        end = frame_sink.last_time_s
-                    else:
-                        continue
-                    if end > settings.max_duration_s + 1.0:
-                        raise MediaTooLongError(
-                            "The clip is longer than the limit of "
-                            f"{settings.max_duration_s:.0f} s. Send a shorter clip."
-                        )
-            # Flush decoders (B-frames and resampler delay).
-            for stream in streams:
-                try:
-                    for frame in stream.codec_context.decode(None):
-                        decoded_any = True
-                        if stream is audio_stream and audio_sink is not None:
-                            audio_sink.add(frame)
-                        elif frame_sink is not None:
-                            frame_sink.add(frame)
-                except av.error.FFmpegError:
-                    errors += 1
-        except (av.error.FFmpegError, ValueError) as exc:
-            # ValueError: PyAV's refusal of a frame it cannot convert (a resampler or scaler
-            # setup the stream's frames do not match).
-            raise CorruptMediaError(
-                f"The {container.name} file could not be decoded ({_reason(exc)}); it may be "
-                "damaged or truncated."
-            ) from None
+            except av.error.FFmpegError:
+                errors += 1
+    except (av.error.FFmpegError, ValueError) as exc:
+        # ValueError: PyAV's refusal of a frame it cannot convert (a resampler or scaler
+        # setup the stream's frames do not match).
+        raise CorruptMediaError(
+            f"The {container.name} file could not be decoded ({_reason(exc)}); it may be "
+            "damaged or truncated."
+        ) from None
 
-        if not decoded_any:
-            raise CorruptMediaError(
-                f"No audio or video could be decoded from the {container.name} file; it is "
-                "damaged or truncated."
-            )
-        result = DecodedMedia(info=info, duration_s=0.0)
-        extents = []
-        if audio_sink is not None:
-            result.audio = audio_sink.finish()
-            extents.append(len(result.audio) / AUDIO_SAMPLE_RATE)
-            _check_truncated(container, "audio", extents[-1], audio_stream)
-        if frame_sink is not None:
-            result.frames = frame_sink.frames
-            result.frame_times = np.asarray(frame_sink.times, dtype=np.float64)
-            extents.append(frame_sink.last_time_s + frame_sink.frame_period_s)
-            _check_truncated(container, "video", extents[-1], video_stream)
-        # The grid covers the header's duration when it has one (a stream may legitimately end
-        # early); otherwise what was decoded.
-        result.duration_s = info.duration_s or max(extents, default=0.0)
-        return result
+    if not decoded_any:
+        raise CorruptMediaError(
+            f"No audio or video could be decoded from the {container.name} file; it is "
+            "damaged or truncated."
+        )
+    result = DecodedMedia(info=info, duration_s=0.0)
+    extents = []
+    if audio_sink is not None:
+        result.audio = audio_sink.finish()
+        extents.append(len(result.audio) / AUDIO_SAMPLE_RATE)
+        _check_truncated(container, "audio", extents[-1], audio_stream)
+    if frame_sink is not None:
+        result.frames = frame_sink.frames
+        result.frame_times = np.asarray(frame_sink.times, dtype=np.float64)
+        extents.append(frame_sink.last_time_s + frame_sink.frame_period_s)
+        _check_truncated(container, "video", extents[-1], video_stream)
+    # The grid covers the header's duration when it has one (a stream may legitimately end
+    # early); otherwise what was decoded.
+    result.duration_s = info.duration_s or max(extents, default=0.0)
+    return result
 
 
 def _origin_seconds(handle: Any) -> float:
@@ -446,7 +469,7 @@ class _AudioSink:
         self._samples = 0
         self._start_s: float | None = None
         self._origin_s = origin_s
-        self._stream = stream
+        self.stream = stream
 
     @property
     def end_s(self) -> float:
@@ -476,6 +499,10 @@ class _AudioSink:
             self._keep(self._resampler.resample(None))
             self._resampler = None
 
+    def close(self) -> None:
+        """Drop the resampler (and the native threads of its filter graph)."""
+        self._resampler = None
+
     def finish(self) -> np.ndarray:
         self._flush()
         pad = round((self._start_s or 0.0) * AUDIO_SAMPLE_RATE)
@@ -495,6 +522,7 @@ class _FrameSink:
         on_frame: Callable[[np.ndarray, float], None] | None = None,
     ) -> None:
         self._on_frame = on_frame
+        self.stream = stream
         self._origin_s = origin_s
         self._period = 1.0 / settings.frame_rate_hz
         self._next_s = 0.0

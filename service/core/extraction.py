@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -36,6 +37,18 @@ class FeatureExtractor(Protocol):
     def warmup(self) -> object: ...
 
     def extract(self, path: Path, transcript: str | None = None) -> Any: ...
+
+
+def release_frames(exc: BaseException) -> None:
+    """Clear the local variables of the finished frames in ``exc``'s tracebacks (and those of
+    its causes), so that decoders and resamplers they refer to are freed now, not when the
+    garbage collector breaks the exception's reference cycles."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        current = current.__cause__ or current.__context__
 
 
 class ExtractionJobResult:
@@ -89,6 +102,9 @@ class ExtractionPool:
                     raise DeadlineExceededError("the request deadline passed before extraction")
                 bundle = self.extractor.extract(path, transcript=transcript)
                 return ExtractionJobResult(bundle, (started - submitted) * 1000.0)
+            except BaseException as exc:
+                release_frames(exc)
+                raise
             finally:
                 if remove_after:
                     path.unlink(missing_ok=True)

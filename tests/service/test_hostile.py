@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -142,3 +143,29 @@ def test_audio_whose_sample_rate_changes_mid_stream_is_scored(
     answer = _post_media(media_server, "two-parts.mp3", data, "audio/mpeg")
     assert answer.status_code == 200, answer.text[:300]
     assert answer.json()["modalities"]["audio_seconds"] > 1.9
+
+
+def _threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_failed_decodes_do_not_hold_native_threads(
+    media_server: Any, shared_media: Path, tmp_path: Path, encode_tone: Callable[..., bytes]
+) -> None:
+    mp4 = (shared_media / "cremad_1001_DFA_HAP_XX.mp4").read_bytes()
+    flac = (shared_media / "jfk.flac").read_bytes()
+    mkv = _remux(shared_media / "cremad_1001_DFA_HAP_XX.mp4", tmp_path / "clip.mkv", "matroska")
+    failing = [
+        ("half.mp4", mp4[: len(mp4) // 2], "video/mp4"),
+        ("half.flac", flac[: len(flac) // 3], "audio/flac"),
+        ("half.mkv", mkv[: len(mkv) // 2], "video/x-matroska"),
+        ("tail.mp3", encode_tone("mp3", "libmp3lame", 44_100, "mono")[:-700], "audio/mpeg"),
+    ]
+    for name, data, kind in failing:  # first uses may start lasting pools
+        _post_media(media_server, name, data, kind)
+    before = _threads(media_server.proc.pid)
+    for round_ in range(15):
+        for name, data, kind in failing:
+            answer = _post_media(media_server, name, data, kind)
+            assert answer.status_code < 500, (round_, name, answer.text[:300])
+    assert _threads(media_server.proc.pid) <= before + 2
