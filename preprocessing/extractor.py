@@ -13,7 +13,7 @@ import numpy as np
 
 from preprocessing.asr import SpeechRecognizer, Transcription
 from preprocessing.bundle import FeatureBundle, MediaSummary
-from preprocessing.errors import NoUsableStreamError
+from preprocessing.errors import ExtractionStoppedError, NoUsableStreamError
 from preprocessing.grid import grid_length
 from preprocessing.media import SUPPORTED_HINT, MediaInfo, decode_media, probe_media
 from preprocessing.profiles import MODALITIES, PROFILES, FeatureProfile
@@ -213,13 +213,27 @@ class Extractor:
         """Recognise the container and check the limits from its header, decoding nothing."""
         return probe_media(path, self.settings)
 
-    def extract(self, path: Path | str, transcript: str | None = None) -> FeatureBundle:
+    def extract(
+        self,
+        path: Path | str,
+        transcript: str | None = None,
+        *,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> FeatureBundle:
         """Extract the requested modalities of the media file at ``path``.
 
         ``transcript``: the caller's transcript; when given (and not blank) ASR is skipped and the
         words are placed at the nominal speaking rate. Raises a
         :class:`preprocessing.errors.PreprocessingError` subclass for media it cannot use.
+
+        ``should_stop``: polled while decoding (each packet) and between stages; when it answers
+        True the extraction ends with :class:`preprocessing.errors.ExtractionStoppedError`.
         """
+
+        def check_stop() -> None:
+            if should_stop is not None and should_stop():
+                raise ExtractionStoppedError("The extraction was stopped: nobody waits for it.")
+
         settings = self.settings
         rate = settings.rate_hz
         transcript = transcript.strip() if transcript and transcript.strip() else None
@@ -247,6 +261,7 @@ class Extractor:
                     audio="audio" in self.modalities or need_asr,
                     video=want_visual,
                     frame_handler=stream_long_clips,
+                    should_stop=should_stop,
                 )
         finally:
             for opened in streams:
@@ -280,6 +295,7 @@ class Extractor:
 
         # ASR runs first; with overlap_asr it runs on a helper thread (CTranslate2 releases the
         # GIL) while the audio and visual features are computed here.
+        check_stop()
         asr_job = None
         if need_asr:
             asr_job = _AsrJob(self.recognizer, decoded.audio)
@@ -303,6 +319,7 @@ class Extractor:
                 else:
                     features["audio"] = np.zeros((length, AUDIO_DIM), np.float32)
                     masks["audio"] = np.zeros((length,), bool)
+        check_stop()
         frames_with_face = 0
         if "visual" in self.modalities:
             from preprocessing.visual import frame_features, visual_on_grid
@@ -317,6 +334,7 @@ class Extractor:
                     values, found, decoded.frame_times, length, rate, settings.frame_rate_hz
                 )
 
+        check_stop()
         if want_text:
             transcription = None
             if asr_job is not None:

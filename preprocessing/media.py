@@ -20,6 +20,7 @@ import numpy as np
 
 from preprocessing.errors import (
     CorruptMediaError,
+    ExtractionStoppedError,
     MediaTooLargeError,
     MediaTooLongError,
     NoUsableStreamError,
@@ -276,6 +277,11 @@ def _header_info(
                 f"The video has {frame_count} frames; the limit is {settings.max_frames}. "
                 "Send a shorter clip or one with a lower frame rate."
             )
+    if audio is not None:
+        _check_audio_rate(
+            int(audio.codec_context.sample_rate or 0), int(audio.codec_context.channels or 0),
+            settings,
+        )  # fmt: skip
     return MediaInfo(
         container=container,
         file_bytes=size,
@@ -289,6 +295,15 @@ def _header_info(
         audio_sample_rate=int(audio.codec_context.sample_rate or 0) or None if audio else None,
         audio_channels=int(audio.codec_context.channels or 0) or None if audio else None,
     )
+
+
+def _check_audio_rate(rate: int, channels: int, settings: ExtractorSettings) -> None:
+    if rate * channels > settings.max_audio_rate_channels:
+        raise MediaTooLargeError(
+            f"The audio has {rate} Hz x {channels} channels; the limit is "
+            f"{settings.max_audio_rate_channels} samples per second over all channels. Send "
+            "audio at a usual sample rate (16-48 kHz, mono or stereo)."
+        )
 
 
 def _scaled_size(width: int, height: int, max_side: int) -> tuple[int, int]:
@@ -305,6 +320,7 @@ def decode_media(
     video: bool,
     on_frame: Callable[[np.ndarray, float], None] | None = None,
     frame_handler: Callable[[MediaInfo], Callable[[np.ndarray, float], None] | None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> DecodedMedia:
     """Probe, check limits, then decode the requested streams in one pass over the file.
 
@@ -321,6 +337,9 @@ def decode_media(
     twice. It is called once with the header's :class:`MediaInfo` (before any frame is
     decoded, and only when a video stream is decoded); what it returns, when not None, is used
     as ``on_frame``.
+
+    ``should_stop``: polled before each packet; when it answers True the decoding stops with
+    :class:`ExtractionStoppedError` (the caller gave up: a deadline, a client gone).
     """
 
     size = _checked_size(path, settings)
@@ -339,7 +358,9 @@ def decode_media(
         for stream in streams:
             stream.codec_context.thread_count = settings.decode_threads
             stream.thread_type = "AUTO" if settings.decode_threads != 1 else "SLICE"
-        audio_sink = _AudioSink(audio_stream, origin) if audio_stream is not None else None
+        audio_sink = (
+            _AudioSink(audio_stream, origin, settings) if audio_stream is not None else None
+        )
         frame_sink = (
             _FrameSink(video_stream, origin, settings, on_frame)
             if video_stream is not None
@@ -347,7 +368,7 @@ def decode_media(
         )
         try:
             return _decode_streams(
-                handle, container, info, streams, audio_sink, frame_sink, settings
+                handle, container, info, streams, audio_sink, frame_sink, settings, should_stop
             )
         finally:
             # The resampler's filter graph owns native threads: release it now, not whenever
@@ -364,6 +385,7 @@ def _decode_streams(
     audio_sink: _AudioSink | None,
     frame_sink: _FrameSink | None,
     settings: ExtractorSettings,
+    should_stop: Callable[[], bool] | None,
 ) -> DecodedMedia:
     import av
 
@@ -373,6 +395,8 @@ def _decode_streams(
     decoded_any = False
     try:
         for packet in handle.demux(*streams):
+            if should_stop is not None and should_stop():
+                raise ExtractionStoppedError("The extraction was stopped: nobody waits for it.")
             try:
                 frames = packet.decode()
             except av.error.FFmpegError:
@@ -462,7 +486,8 @@ class _AudioSink:
     setup only, so a change flushes the current one and starts a new one.
     """
 
-    def __init__(self, stream: Any, origin_s: float) -> None:
+    def __init__(self, stream: Any, origin_s: float, settings: ExtractorSettings) -> None:
+        self._settings = settings
         self._resampler: Any = None
         self._setup: tuple[str, str, int] | None = None
         self._chunks: list[np.ndarray] = []
@@ -483,6 +508,8 @@ class _AudioSink:
             self._start_s = max(0.0, float(t) - self._origin_s)
         setup = (frame.format.name, frame.layout.name, int(frame.sample_rate))
         if setup != self._setup:
+            # Checked per segment too: a header may under-report what the frames carry.
+            _check_audio_rate(setup[2], frame.layout.nb_channels, self._settings)
             self._flush()
             self._resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_SAMPLE_RATE)
             self._setup = setup

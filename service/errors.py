@@ -187,6 +187,8 @@ def from_preprocessing_error(exc: Exception) -> ServiceError:
         return UnsupportedMediaError(message)
     if isinstance(exc, pre.MediaTooLargeError):
         return PayloadTooLargeError(message)
+    if isinstance(exc, pre.ExtractionStoppedError):
+        return DeadlineExceededError("the request deadline passed during extraction")
     return UndecodableMediaError(message)
 
 

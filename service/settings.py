@@ -68,6 +68,11 @@ class ServiceSettings(BaseSettings):
     enable_media: bool = Field(default=True, description="serve /v1/predict (loads extractors)")
     extract_workers: int = Field(default=1, ge=1, description="CPU feature extraction threads")
     max_media_seconds: float = Field(default=180.0, gt=0.0, description="longest accepted clip")
+    max_audio_rate_channels: int = Field(
+        default=768_000,
+        ge=1,
+        description="most audio sample rate x channels decoded (96 kHz x 8, 192 kHz x 4)",
+    )
     extractor_options: dict[str, Any] = Field(
         default_factory=dict,
         description='more preprocessing.ExtractorSettings fields, e.g. {"frame_rate_hz": 5}',

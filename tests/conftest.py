@@ -60,8 +60,8 @@ def _encode_tone(fmt: str, codec: str, rate: int, layout: str, seconds: float = 
         stream = out.add_stream(codec, rate=rate, layout=layout)
         n = int(rate * seconds)
         tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(n) / rate)).astype(np.float32)
-        channels = np.tile(tone, (2 if layout == "stereo" else 1, 1))
-        frame = av.AudioFrame.from_ndarray(channels, format="fltp", layout=layout)
+        interleaved = np.repeat(tone, av.AudioLayout(layout).nb_channels)[None, :]
+        frame = av.AudioFrame.from_ndarray(interleaved, format="flt", layout=layout)
         frame.sample_rate = rate
         frame.pts = 0
         resampler = av.AudioResampler(format=stream.codec_context.format.name, layout=layout)

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 
 from service.api.auth import BearerRoute
 from service.api.dependencies import app_parts
+from service.api.disconnect import unless_disconnected
 from service.api.features_body import parse_features_body
 from service.api.schemas import FeaturesRequest, PredictResponse, error_responses
 from service.api.uploads import read_body, receive_upload_in_time
@@ -100,14 +101,17 @@ async def predict_media(
             core.require_media()  # before reading the body
             deadline = time.monotonic() + settings.request_timeout_s
             upload = await receive_upload_in_time(request, settings)
-            prediction = await core.predict_media(
-                upload.path,
-                upload.transcript,
-                started=request.state.start_time,
-                deadline=deadline,
-                remove_after=True,
-                upload_ms=upload.receive_ms,
-                attribution=attribution,
+            prediction = await unless_disconnected(
+                request,
+                core.predict_media(
+                    upload.path,
+                    upload.transcript,
+                    started=request.state.start_time,
+                    deadline=deadline,
+                    remove_after=True,
+                    upload_ms=upload.receive_ms,
+                    attribution=attribution,
+                ),
             )
     return _answer(prediction, request)
 

@@ -84,6 +84,7 @@ def default_extractor(
     options: dict[str, Any] = {
         "max_duration_s": settings.max_media_seconds,
         "max_file_bytes": settings.max_upload_bytes,
+        "max_audio_rate_channels": settings.max_audio_rate_channels,
     }
     options.update(settings.extractor_options)
     if text_encoder is not None:
@@ -591,14 +592,24 @@ class InferenceCore:
             if remove_after:
                 path.unlink(missing_ok=True)
             raise MediaDisabledError(self._media_unavailable)
-        job = self._pool.submit(path, transcript, deadline=deadline, remove_after=remove_after)
+        stop = threading.Event()
+        job = self._pool.submit(
+            path, transcript, deadline=deadline, remove_after=remove_after, stop=stop
+        )
+        waited = asyncio.wrap_future(job)
+        # Whoever gives up on the job (deadline, cancelled request), its outcome is read here,
+        # so an error it ends with later is not reported as never retrieved.
+        waited.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
-            # shield: a job that has not started must still run, to delete its file.
-            done = await asyncio.wait_for(
-                asyncio.shield(asyncio.wrap_future(job)), self._remaining(deadline)
-            )
+            # shield: a job that has not started must still run, to delete its file; a job
+            # that has started is asked to stop (it polls ``stop`` and its deadline).
+            done = await asyncio.wait_for(asyncio.shield(waited), self._remaining(deadline))
         except TimeoutError as exc:
+            stop.set()
             raise DeadlineExceededError("the request deadline passed during extraction") from exc
+        except asyncio.CancelledError:
+            stop.set()  # the request was cancelled (its client went away)
+            raise
         except ServiceError:
             raise
         except Exception as exc:

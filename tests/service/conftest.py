@@ -150,6 +150,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@pytest.fixture
+def unused_port() -> int:
+    """A free loopback port."""
+    return free_port()
+
+
 class ServerProcess:
     """``cmamba serve`` in a subprocess on a free port."""
 

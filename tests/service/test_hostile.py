@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import os
+import socket
 import struct
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
+
+from service.main import create_app
 
 
 def post_together(client: TestClient, bodies: list[dict[str, Any]]) -> list[Any]:
@@ -169,3 +174,96 @@ def test_failed_decodes_do_not_hold_native_threads(
             answer = _post_media(media_server, name, data, kind)
             assert answer.status_code < 500, (round_, name, answer.text[:300])
     assert _threads(media_server.proc.pid) <= before + 2
+
+
+# -- work nobody waits for is stopped ------------------------------------------------------------
+
+
+class StallingExtractor:
+    """Extracts nothing: polls ``should_stop`` until told to stop (or released at teardown)."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.stopped = threading.Event()
+        self.release = threading.Event()
+
+    def warmup(self) -> object:
+        return {}
+
+    def extract(
+        self,
+        path: Path,
+        transcript: str | None = None,
+        *,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Any:
+        from preprocessing.errors import ExtractionStoppedError
+
+        self.started.set()
+        while not self.release.wait(0.01):
+            if should_stop is not None and should_stop():
+                self.stopped.set()
+                raise ExtractionStoppedError("stopped")
+        raise RuntimeError("released at teardown")
+
+
+@pytest.fixture
+def stalling() -> Iterator[StallingExtractor]:
+    extractor = StallingExtractor()
+    yield extractor
+    extractor.release.set()
+
+
+def _clip_body(boundary: str = "hostile") -> tuple[bytes, str]:
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.mp3"\r\n'
+        f"Content-Type: audio/mpeg\r\n\r\n{'x' * 1000}\r\n--{boundary}--\r\n"
+    ).encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def test_extraction_stops_after_the_deadline(
+    make_settings: Callable[..., Any],
+    start_client: Callable[..., TestClient],
+    stalling: StallingExtractor,
+) -> None:
+    app = create_app(make_settings(enable_media=True, request_timeout_s=1.0), extractor=stalling)
+    client = start_client(app)
+    body, content_type = _clip_body()
+    answer = client.post("/v1/predict", content=body, headers={"content-type": content_type})
+    assert answer.status_code == 504
+    assert stalling.stopped.wait(30), "the extraction went on after the 504"
+
+
+def test_extraction_stops_when_the_client_disconnects(
+    make_settings: Callable[..., Any], stalling: StallingExtractor, unused_port: int
+) -> None:
+    app = create_app(make_settings(enable_media=True, request_timeout_s=120.0), extractor=stalling)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=unused_port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert app.state.core.wait_started(120)
+        body, content_type = _clip_body()
+        head = (
+            f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", unused_port), timeout=30) as sock:
+            sock.sendall(head + body)
+            assert stalling.started.wait(30)
+        assert stalling.stopped.wait(30), "the extraction went on after the client left"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_audio_of_extreme_rate_times_channels_is_refused(
+    media_server: Any, encode_tone: Callable[..., bytes]
+) -> None:
+    data = encode_tone("flac", "flac", 384_000, "7.1", seconds=0.2)
+    answer = _post_media(media_server, "wide.flac", data, "audio/flac")
+    assert answer.status_code == 413, answer.text[:300]
+    assert "channels" in answer.json()["error"]["message"]
