@@ -12,6 +12,7 @@ import logging
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -59,6 +60,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await core.wait_idle(settings.drain_timeout_s)
         await asyncio.to_thread(core.wait_started)
         await asyncio.to_thread(core.stop)
+        app.state.body_executor.shutdown(wait=False, cancel_futures=True)
         if own_dir and upload_dir is not None:
             shutil.rmtree(upload_dir, ignore_errors=True)
 
@@ -104,6 +106,8 @@ def create_app(
     app.state.metrics = service_metrics
     app.state.core = core
     app.state.upload_dir = settings.upload_dir
+    # Large request bodies are parsed here, one at a time, off the event loop.
+    app.state.body_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cmamba-body")
     install_handlers(app, settings.retry_after_s)
     app.include_router(predict.router)  # first: the hot path is matched before the others
     app.include_router(health.router)

@@ -62,6 +62,16 @@ class ServiceSettings(BaseSettings):
     retry_after_s: int = Field(default=1, ge=0, description="Retry-After on 503 answers")
     max_upload_bytes: int = Field(default=50 * 2**20, ge=1, description="request body limit")
     max_transcript_chars: int = Field(default=10_000, ge=1)
+    max_form_parts: int = Field(default=8, ge=2, description="parts of a multipart upload")
+    max_part_header_bytes: int = Field(
+        default=8192, ge=256, description="header bytes of one multipart part"
+    )
+    offloop_body_bytes: int = Field(
+        default=1 << 20,
+        ge=0,
+        description="features bodies over this are parsed off the event loop, and must be "
+        "exact JSON (numbers as numbers): the lax schema path would hold the GIL throughout",
+    )
     upload_dir: Path | None = Field(default=None, description="temp files; default a fresh dir")
 
     # Feature extraction -----------------------------------------------------------------
