@@ -95,6 +95,17 @@ class ServiceSettings(BaseSettings):
     public_docs: bool = Field(default=False, description="serve /docs without the token")
     drain_timeout_s: float = Field(default=30.0, ge=0.0, description="SIGTERM drain limit")
 
+    # Slow clients (cmamba serve) ----------------------------------------------------------
+    header_timeout_s: float = Field(
+        default=10.0, gt=0.0, description="close a connection whose request headers take longer"
+    )
+    body_timeout_s: float = Field(
+        default=60.0, gt=0.0, description="close a connection whose request body takes longer"
+    )
+    keep_alive_timeout_s: float = Field(
+        default=5.0, gt=0.0, description="close an idle keep-alive connection after this"
+    )
+
     @field_validator("length_buckets")
     @classmethod
     def _sorted_buckets(cls, value: tuple[int, ...]) -> tuple[int, ...]:

@@ -359,3 +359,52 @@ def test_multipart_body_without_closing_boundary_says_so(media_server: Any) -> N
     )
     assert answer.status_code == 422
     assert "closing boundary" in answer.json()["error"]["message"]
+
+
+# -- slow clients (raw sockets against a real server) ----------------------------------------------
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    """Read until the server closes the connection (True) or 60 s pass (False)."""
+    sock.settimeout(60)
+    try:
+        while sock.recv(4096):
+            pass
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_slow_clients_are_disconnected(spawn_server: Callable[..., Any], checkpoint: Path) -> None:
+    server = spawn_server(
+        {
+            "CMAMBA_MODEL_PATH": str(checkpoint),
+            "CMAMBA_ENABLE_MEDIA": "false",
+            "CMAMBA_HEADER_TIMEOUT_S": "1",
+            "CMAMBA_BODY_TIMEOUT_S": "2",
+            "CMAMBA_KEEP_ALIVE_TIMEOUT_S": "1",
+        }
+    )
+    server.wait_ready()
+    address = ("127.0.0.1", server.port)
+    never_speaks = [socket.create_connection(address) for _ in range(20)]
+    headers_unfinished = socket.create_connection(address)
+    headers_unfinished.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")
+    body_unfinished = socket.create_connection(address)
+    body_unfinished.sendall(
+        b"POST /v1/predict/features HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 1000\r\n\r\n{"profile": '
+    )
+    idle = socket.create_connection(address)
+    idle.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+    try:
+        assert idle.recv(4096).startswith(b"HTTP/1.1 200")
+        for sock in [*never_speaks, headers_unfinished, body_unfinished, idle]:
+            assert _closed_by_server(sock)
+        # and the server still serves
+        assert httpx.get(f"{server.url}/v2/health/ready", timeout=30).status_code == 200
+    finally:
+        for sock in [*never_speaks, headers_unfinished, body_unfinished, idle]:
+            sock.close()
