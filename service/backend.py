@@ -210,5 +210,4 @@ def _clip_error(exc: Exception) -> BaseException:
     """The error a lone clip's failed model call answers with."""
     if isinstance(exc, NonFiniteInputError):
         return _overflow_error()
-    logger.error("model call failed on a single clip", exc_info=exc)
-    return exc
+    return exc  # raised again in the request, which logs it once (an answer of 500)

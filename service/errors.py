@@ -248,11 +248,39 @@ def install_handlers(app: FastAPI, retry_after_s: int) -> None:
             headers=dict(exc.headers or {}),
         )
 
-    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
-
     app.add_exception_handler(ServiceError, on_service_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
-    app.add_exception_handler(Exception, on_unexpected)
+    # Any other exception: UnhandledErrorMiddleware (a handler for Exception would answer,
+    # then re-raise to the server, which logs the same error a second time).
+    app.add_middleware(UnhandledErrorMiddleware)
+
+
+class UnhandledErrorMiddleware:
+    """Answers an unexpected exception with a JSON 500 and logs it once (not re-raised)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracking(message: Any) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking)
+        except Exception:
+            logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                return  # the answer is under way: nothing more can be said
+            response = JSONResponse(
+                error_body("internal_error", "internal server error"), status_code=500
+            )
+            await response(scope, receive, send)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import gc
+import logging
 import os
 import socket
 import struct
@@ -10,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -237,17 +240,28 @@ def test_extraction_stops_after_the_deadline(
     assert stalling.stopped.wait(30), "the extraction went on after the 504"
 
 
-def test_extraction_stops_when_the_client_disconnects(
-    make_settings: Callable[..., Any], stalling: StallingExtractor, unused_port: int
-) -> None:
-    app = create_app(make_settings(enable_media=True, request_timeout_s=120.0), extractor=stalling)
+@contextmanager
+def served_in_thread(app: Any, port: int) -> Iterator[None]:
+    """Serve ``app`` with uvicorn on ``port`` in a thread (an in-process app with fakes, over a
+    real socket); uvicorn's loggers left unconfigured, so they propagate to ``caplog``."""
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=unused_port, log_level="warning")
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, log_level="info")
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
         assert app.state.core.wait_started(120)
+        yield
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_extraction_stops_when_the_client_disconnects(
+    make_settings: Callable[..., Any], stalling: StallingExtractor, unused_port: int
+) -> None:
+    app = create_app(make_settings(enable_media=True, request_timeout_s=120.0), extractor=stalling)
+    with served_in_thread(app, unused_port):
         body, content_type = _clip_body()
         head = (
             f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
@@ -257,9 +271,6 @@ def test_extraction_stops_when_the_client_disconnects(
             sock.sendall(head + body)
             assert stalling.started.wait(30)
         assert stalling.stopped.wait(30), "the extraction went on after the client left"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 def test_audio_of_extreme_rate_times_channels_is_refused(
@@ -408,3 +419,53 @@ def test_slow_clients_are_disconnected(spawn_server: Callable[..., Any], checkpo
     finally:
         for sock in [*never_speaks, headers_unfinished, body_unfinished, idle]:
             sock.close()
+
+
+# -- log noise -----------------------------------------------------------------------------------
+
+
+class SlowExtractor(StallingExtractor):
+    """Holds the one extraction thread until released; no stop support (runs to the end)."""
+
+    def extract(self, path: Path, transcript: str | None = None, **_: Any) -> Any:  # type: ignore[override]
+        self.started.set()
+        self.release.wait(60)
+        raise RuntimeError("nothing extracted")
+
+
+def test_a_500_is_logged_once_and_late_deadlines_are_not_reported(
+    make_settings: Callable[..., Any],
+    payload: Callable[..., dict],
+    unused_port: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def fail(features: Any, masks: Any) -> None:
+        raise RuntimeError("injected model failure")
+
+    slow = SlowExtractor()
+    settings = make_settings(enable_media=True, request_timeout_s=1.0, warmup=False)
+    app = create_app(settings, extractor=slow, before_forward=fail)
+    url = f"http://127.0.0.1:{unused_port}"
+    body, content_type = _clip_body()
+    headers = {"content-type": content_type}
+    with caplog.at_level(logging.INFO):
+        with served_in_thread(app, unused_port):
+            answer = httpx.post(f"{url}/v1/predict/features", json=payload(8, 0), timeout=30)
+            assert answer.status_code == 500
+            assert answer.json()["error"]["type"] == "internal_error"
+            # Two uploads: the first holds the one extraction thread past both deadlines; the
+            # second's job starts after its 504 and ends with a deadline error nobody awaits.
+            with ThreadPoolExecutor(1) as pool:
+                first = pool.submit(httpx.post, f"{url}/v1/predict", content=body, headers=headers)
+                assert slow.started.wait(30)
+                second = httpx.post(f"{url}/v1/predict", content=body, headers=headers)
+                assert second.status_code == 504
+                assert first.result().status_code == 504
+            slow.release.set()
+        gc.collect()  # the server stopped: its jobs are over and their futures gone
+    tracebacks = [r for r in caplog.records if r.exc_info and "injected" in str(r.exc_info[1])]
+    assert len(tracebacks) == 1, [r.getMessage() for r in tracebacks]
+    never_retrieved = [
+        r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()
+    ]
+    assert never_retrieved == []
