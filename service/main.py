@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
@@ -41,14 +42,47 @@ logger = logging.getLogger(__name__)
 API_VERSION = "1.0.0"
 
 
+UPLOAD_DIR_PREFIX = "cmamba-uploads-"
+"""A server's own upload folder is ``<tmp>/cmamba-uploads-<pid>-<random>``."""
+
+
+def remove_stale_upload_dirs(base: Path) -> list[Path]:
+    """Remove the upload folders in ``base`` left by server processes that no longer run (a
+    killed process never removes its own); the folders removed."""
+    removed = []
+    for folder in base.glob(f"{UPLOAD_DIR_PREFIX}*-*"):
+        pid_text = folder.name[len(UPLOAD_DIR_PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit() or not folder.is_dir() or _process_alive(int(pid_text)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    if removed:
+        logger.info("removed %d upload folders of stopped processes", len(removed))
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: ServiceSettings = app.state.settings
     core: InferenceCore = app.state.core
     core.check()  # a missing checkpoint stops the server here, with a clear message
     own_dir = settings.upload_dir is None
+    if own_dir:
+        remove_stale_upload_dirs(Path(tempfile.gettempdir()))
     upload_dir = (
-        Path(tempfile.mkdtemp(prefix="cmamba-uploads-")) if own_dir else settings.upload_dir
+        Path(tempfile.mkdtemp(prefix=f"{UPLOAD_DIR_PREFIX}{os.getpid()}-"))
+        if own_dir
+        else settings.upload_dir
     )
     app.state.upload_dir = upload_dir
     starting = asyncio.create_task(asyncio.to_thread(core.start), name="cmamba-startup")

@@ -8,6 +8,8 @@ import logging
 import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -469,3 +471,25 @@ def test_a_500_is_logged_once_and_late_deadlines_are_not_reported(
         r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()
     ]
     assert never_retrieved == []
+
+
+# -- start-up --------------------------------------------------------------------------------------
+
+
+def test_upload_folders_of_stopped_processes_are_removed_at_start_up(
+    spawn_server: Callable[..., Any], checkpoint: Path, tmp_path: Path
+) -> None:
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    stale = tmp_path / f"cmamba-uploads-{gone.stdout.strip()}-abc123"
+    stale.mkdir()
+    (stale / "upload-x").write_bytes(b"left by a killed server")
+    alive = tmp_path / f"cmamba-uploads-{os.getpid()}-def456"
+    alive.mkdir()
+    server = spawn_server({"CMAMBA_MODEL_PATH": str(checkpoint), "CMAMBA_ENABLE_MEDIA": "false",
+                           "TMPDIR": str(tmp_path)})  # fmt: skip
+    server.wait_ready()
+    assert not stale.exists()
+    assert alive.is_dir()
+    own = [p for p in tmp_path.glob("cmamba-uploads-*") if p not in (alive,)]
+    assert [p.name.split("-")[2] for p in own] == [str(server.proc.pid)]
