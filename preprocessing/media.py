@@ -428,9 +428,10 @@ def _decode_streams(
                         frame_sink.add(frame)
             except av.error.FFmpegError:
                 errors += 1
-    except (av.error.FFmpegError, ValueError) as exc:
+    except (av.error.FFmpegError, ValueError, IndexError) as exc:
         # ValueError: PyAV's refusal of a frame it cannot convert (a resampler or scaler
-        # setup the stream's frames do not match).
+        # setup the stream's frames do not match); IndexError: a packet of a stream that
+        # appeared after the header (FLV), which PyAV's demuxer cannot look up.
         raise CorruptMediaError(
             f"The {container.name} file could not be decoded ({_reason(exc)}); it may be "
             "damaged or truncated."

@@ -77,3 +77,32 @@ def _encode_tone(fmt: str, codec: str, rate: int, layout: str, seconds: float = 
 def encode_tone() -> Callable[..., bytes]:
     """``encode_tone(fmt, codec, rate, layout, seconds=1.0)``: a tone as mp3/adts bytes."""
     return _encode_tone
+
+
+def _mutate(data: bytes, rng: np.random.Generator) -> bytes:
+    """A few random edits of ``data``: flipped bytes, a cut, inserted or repeated runs."""
+    out = bytearray(data)
+    for _ in range(int(rng.integers(1, 6))):
+        kind = int(rng.integers(0, 5))
+        at = int(rng.integers(0, max(1, len(out))))
+        if kind == 0:  # flip bytes
+            for i in rng.integers(0, len(out), int(rng.integers(1, 16))):
+                out[i] = int(rng.integers(0, 256))
+        elif kind == 1:  # truncate
+            del out[at:]
+        elif kind == 2:  # insert random bytes
+            out[at:at] = rng.integers(0, 256, int(rng.integers(1, 64)), dtype=np.uint8).tobytes()
+        elif kind == 3:  # repeat a region (nested or repeated structures)
+            size = int(rng.integers(1, 4096))
+            out[at:at] = out[at : at + size] * int(rng.integers(2, 50))
+        else:  # a size field set to an extreme
+            out[at : at + 4] = rng.choice([b"\x00\x00\x00\x00", b"\xff\xff\xff\xff", b"\x01\xff"])
+        if not out:
+            break
+    return bytes(out)
+
+
+@pytest.fixture(scope="session")
+def mutate() -> Callable[[bytes, np.random.Generator], bytes]:
+    """``mutate(data, rng)``: seeded random edits of a file's bytes (fuzzing)."""
+    return _mutate

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,31 +40,13 @@ def test_avi_with_thousands_of_nested_lists(tmp_path: Path) -> None:
     assert declared_frame_sizes(str(path), "avi") == []
 
 
-def _mutate(data: bytes, rng: np.random.Generator) -> bytes:
-    out = bytearray(data)
-    for _ in range(int(rng.integers(1, 6))):
-        kind = int(rng.integers(0, 5))
-        at = int(rng.integers(0, max(1, len(out))))
-        if kind == 0:  # flip bytes
-            for i in rng.integers(0, len(out), int(rng.integers(1, 16))):
-                out[i] = int(rng.integers(0, 256))
-        elif kind == 1:  # truncate
-            del out[at:]
-        elif kind == 2:  # insert random bytes
-            out[at:at] = rng.integers(0, 256, int(rng.integers(1, 64)), dtype=np.uint8).tobytes()
-        elif kind == 3:  # repeat a region (nested or repeated structures)
-            size = int(rng.integers(1, 4096))
-            out[at:at] = out[at : at + size] * int(rng.integers(2, 50))
-        else:  # a size field set to an extreme
-            out[at : at + 4] = rng.choice([b"\x00\x00\x00\x00", b"\xff\xff\xff\xff", b"\x01\xff"])
-        if not out:
-            break
-    return bytes(out)
-
-
 @pytest.mark.parametrize("demuxer", DEMUXERS)
 def test_readers_survive_mutated_files(
-    container_samples: dict[str, Path], media_dir: Path, tmp_path: Path, demuxer: str
+    container_samples: dict[str, Path],
+    media_dir: Path,
+    tmp_path: Path,
+    mutate: Callable[[bytes, np.random.Generator], bytes],
+    demuxer: str,
 ) -> None:
     # Seeded mutations of the shared clips' bytes (and of the clip remuxed into this
     # container), read by every reader: each answers a list of sizes, never raises.
@@ -72,7 +55,7 @@ def test_readers_survive_mutated_files(
     rng = np.random.default_rng(19)
     path = tmp_path / "mutated"
     for round_ in range(150):
-        path.write_bytes(_mutate(sources[round_ % len(sources)], rng))
+        path.write_bytes(mutate(sources[round_ % len(sources)], rng))
         for reader in DEMUXERS:
             sizes = declared_frame_sizes(str(path), reader)
             assert isinstance(sizes, list), (round_, reader)
