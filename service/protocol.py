@@ -55,6 +55,10 @@ class SlowClientGuard(HttpToolsProtocol):
         super().on_headers_complete()
         self._arm(self.body_timeout_s)
 
+    def handle_websocket_upgrade(self) -> None:
+        self._disarm()  # the WebSocket protocol takes the connection over
+        super().handle_websocket_upgrade()
+
     def on_message_complete(self) -> None:
         self._disarm()
         super().on_message_complete()
