@@ -53,6 +53,12 @@ class NoUsableStreamError(PreprocessingError):
     kind = "no_usable_stream"
 
 
+class ExtractionStoppedError(PreprocessingError):
+    """The caller asked the extraction to stop (nobody waits for its answer any more)."""
+
+    kind = "extraction_stopped"
+
+
 class ModelLoadError(PreprocessingError):
     """A bundled model is missing, or its version or checksum differs from the pinned one."""
 
@@ -61,6 +67,7 @@ class ModelLoadError(PreprocessingError):
 
 __all__ = [
     "CorruptMediaError",
+    "ExtractionStoppedError",
     "MediaTooLargeError",
     "MediaTooLongError",
     "ModelLoadError",

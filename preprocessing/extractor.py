@@ -13,7 +13,7 @@ import numpy as np
 
 from preprocessing.asr import SpeechRecognizer, Transcription
 from preprocessing.bundle import FeatureBundle, MediaSummary
-from preprocessing.errors import NoUsableStreamError
+from preprocessing.errors import ExtractionStoppedError, NoUsableStreamError
 from preprocessing.grid import grid_length
 from preprocessing.media import SUPPORTED_HINT, MediaInfo, decode_media, probe_media
 from preprocessing.profiles import MODALITIES, PROFILES, FeatureProfile
@@ -275,13 +275,27 @@ class Extractor:
         """Recognise the container and check the limits from its header, decoding nothing."""
         return probe_media(path, self.settings)
 
-    def extract(self, path: Path | str, transcript: str | None = None) -> FeatureBundle:
+    def extract(
+        self,
+        path: Path | str,
+        transcript: str | None = None,
+        *,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> FeatureBundle:
         """Extract the requested modalities of the media file at ``path``.
 
         ``transcript``: the caller's transcript; when given (and not blank) ASR is skipped and the
         words are placed at the nominal speaking rate. Raises a
         :class:`preprocessing.errors.PreprocessingError` subclass for media it cannot use.
+
+        ``should_stop``: polled while decoding (each packet) and between stages; when it answers
+        True the extraction ends with :class:`preprocessing.errors.ExtractionStoppedError`.
         """
+
+        def check_stop() -> None:
+            if should_stop is not None and should_stop():
+                raise ExtractionStoppedError("The extraction was stopped: nobody waits for it.")
+
         settings = self.settings
         rate = settings.rate_hz
         transcript = transcript.strip() if transcript and transcript.strip() else None
@@ -309,6 +323,7 @@ class Extractor:
                     audio="audio" in self.modalities or need_asr,
                     video=want_visual,
                     frame_handler=stream_long_clips,
+                    should_stop=should_stop,
                 )
         finally:
             for opened in streams:
@@ -343,6 +358,7 @@ class Extractor:
         # ASR runs first; with overlap_asr it runs on a helper thread (CTranslate2 releases the
         # GIL) while the audio and visual features are computed here. With Whisper audio
         # features the same thread keeps the encoder states (or only encodes, without ASR).
+        check_stop()
         asr_job = None
         states_job = None  # encoder states without ASR (Whisper audio features)
         want_states = "audio" in self.modalities and settings.audio_features == "whisper"
@@ -375,6 +391,7 @@ class Extractor:
                 features["visual"], masks["visual"] = visual_on_grid(
                     values, found, decoded.frame_times, length, rate, settings.frame_rate_hz
                 )
+        check_stop()
 
         if "audio" in self.modalities:
             windows = None
@@ -412,6 +429,7 @@ class Extractor:
             if states_job is not None:  # the encoder ran on the helper thread for the audio
                 timings["audio"] += states_job.elapsed_ms
 
+        check_stop()
         if want_text:
             transcription = None
             if asr_job is not None:

@@ -20,6 +20,7 @@ import numpy as np
 
 from preprocessing.errors import (
     CorruptMediaError,
+    ExtractionStoppedError,
     MediaTooLargeError,
     MediaTooLongError,
     NoUsableStreamError,
@@ -276,6 +277,11 @@ def _header_info(
                 f"The video has {frame_count} frames; the limit is {settings.max_frames}. "
                 "Send a shorter clip or one with a lower frame rate."
             )
+    if audio is not None:
+        _check_audio_rate(
+            int(audio.codec_context.sample_rate or 0), int(audio.codec_context.channels or 0),
+            settings,
+        )  # fmt: skip
     return MediaInfo(
         container=container,
         file_bytes=size,
@@ -289,6 +295,15 @@ def _header_info(
         audio_sample_rate=int(audio.codec_context.sample_rate or 0) or None if audio else None,
         audio_channels=int(audio.codec_context.channels or 0) or None if audio else None,
     )
+
+
+def _check_audio_rate(rate: int, channels: int, settings: ExtractorSettings) -> None:
+    if rate * channels > settings.max_audio_rate_channels:
+        raise MediaTooLargeError(
+            f"The audio has {rate} Hz x {channels} channels; the limit is "
+            f"{settings.max_audio_rate_channels} samples per second over all channels. Send "
+            "audio at a usual sample rate (16-48 kHz, mono or stereo)."
+        )
 
 
 def _scaled_size(width: int, height: int, max_side: int) -> tuple[int, int]:
@@ -305,6 +320,7 @@ def decode_media(
     video: bool,
     on_frame: Callable[[np.ndarray, float], None] | None = None,
     frame_handler: Callable[[MediaInfo], Callable[[np.ndarray, float], None] | None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> DecodedMedia:
     """Probe, check limits, then decode the requested streams in one pass over the file.
 
@@ -321,8 +337,10 @@ def decode_media(
     twice. It is called once with the header's :class:`MediaInfo` (before any frame is
     decoded, and only when a video stream is decoded); what it returns, when not None, is used
     as ``on_frame``.
+
+    ``should_stop``: polled before each packet; when it answers True the decoding stops with
+    :class:`ExtractionStoppedError` (the caller gave up: a deadline, a client gone).
     """
-    import av
 
     size = _checked_size(path, settings)
     container = sniff_container(path)
@@ -340,73 +358,105 @@ def decode_media(
         for stream in streams:
             stream.codec_context.thread_count = settings.decode_threads
             stream.thread_type = "AUTO" if settings.decode_threads != 1 else "SLICE"
-        audio_sink = _AudioSink(audio_stream, origin) if audio_stream is not None else None
+        audio_sink = (
+            _AudioSink(audio_stream, origin, settings) if audio_stream is not None else None
+        )
         frame_sink = (
             _FrameSink(video_stream, origin, settings, on_frame)
             if video_stream is not None
             else None
         )
-        errors = 0
-        decoded_any = False
         try:
-            for packet in handle.demux(*streams):
-                try:
-                    frames = packet.decode()
-                except av.error.FFmpegError:
-                    errors += 1
+            return _decode_streams(
+                handle, container, info, streams, audio_sink, frame_sink, settings, should_stop
+            )
+        finally:
+            # The resampler's filter graph owns native threads: release it now, not whenever
+            # the garbage collector frees a traceback that still refers to it.
+            if audio_sink is not None:
+                audio_sink.close()
+
+
+def _decode_streams(
+    handle: Any,
+    container: Container,
+    info: MediaInfo,
+    streams: list[Any],
+    audio_sink: _AudioSink | None,
+    frame_sink: _FrameSink | None,
+    settings: ExtractorSettings,
+    should_stop: Callable[[], bool] | None,
+) -> DecodedMedia:
+    import av
+
+    audio_stream = audio_sink.stream if audio_sink is not None else None
+    video_stream = frame_sink.stream if frame_sink is not None else None
+    errors = 0
+    decoded_any = False
+    try:
+        for packet in handle.demux(*streams):
+            if should_stop is not None and should_stop():
+                raise ExtractionStoppedError("The extraction was stopped: nobody waits for it.")
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError:
+                errors += 1
+                continue
+            for frame in frames:
+                decoded_any = True
+                if packet.stream is audio_stream and audio_sink is not None:
+                    audio_sink.add(frame)
+                    end = audio_sink.end_s
+                elif frame_sink is not None:
+                    frame_sink.add(frame)
+                    end = frame_sink.last_time_s
+                else:
                     continue
-                for frame in frames:
+                if end > settings.max_duration_s + 1.0:
+                    raise MediaTooLongError(
+                        "The clip is longer than the limit of "
+                        f"{settings.max_duration_s:.0f} s. Send a shorter clip."
+                    )
+        # Flush decoders (B-frames and resampler delay).
+        for stream in streams:
+            try:
+                for frame in stream.codec_context.decode(None):
                     decoded_any = True
-                    if packet.stream is audio_stream and audio_sink is not None:
+                    if stream is audio_stream and audio_sink is not None:
                         audio_sink.add(frame)
-                        end = audio_sink.end_s
                     elif frame_sink is not None:
                         frame_sink.add(frame)
-                        end = frame_sink.last_time_s
-                    else:
-                        continue
-                    if end > settings.max_duration_s + 1.0:
-                        raise MediaTooLongError(
-                            "The clip is longer than the limit of "
-                            f"{settings.max_duration_s:.0f} s. Send a shorter clip."
-                        )
-            # Flush decoders (B-frames and resampler delay).
-            for stream in streams:
-                try:
-                    for frame in stream.codec_context.decode(None):
-                        decoded_any = True
-                        if stream is audio_stream and audio_sink is not None:
-                            audio_sink.add(frame)
-                        elif frame_sink is not None:
-                            frame_sink.add(frame)
-                except av.error.FFmpegError:
-                    errors += 1
-        except av.error.FFmpegError as exc:
-            raise CorruptMediaError(
-                f"The {container.name} file could not be decoded ({_reason(exc)}); it may be "
-                "damaged or truncated."
-            ) from None
+            except av.error.FFmpegError:
+                errors += 1
+    except (av.error.FFmpegError, ValueError, IndexError) as exc:
+        # ValueError: PyAV's refusal of a frame it cannot convert (a resampler or scaler
+        # setup the stream's frames do not match); IndexError: a packet of a stream that
+        # appeared after the header (FLV), which PyAV's demuxer cannot look up.
+        raise CorruptMediaError(
+            f"The {container.name} file could not be decoded ({_reason(exc)}); it may be "
+            "damaged or truncated."
+        ) from None
 
-        if not decoded_any:
-            raise CorruptMediaError(
-                f"No audio or video could be decoded from the {container.name} file; it is "
-                "damaged or truncated."
-            )
-        result = DecodedMedia(info=info, duration_s=0.0)
-        extents = []
-        if audio_sink is not None:
-            result.audio = audio_sink.finish()
-            extents.append(len(result.audio) / AUDIO_SAMPLE_RATE)
-            _check_truncated(container, "audio", extents[-1], audio_stream)
-        if frame_sink is not None:
-            result.frames = frame_sink.frames
-            result.frame_times = np.asarray(frame_sink.times, dtype=np.float64)
-            extents.append(frame_sink.last_time_s + frame_sink.frame_period_s)
-            _check_truncated(container, "video", extents[-1], video_stream)
-        # The grid covers the header's duration when it has one (a stream may legitimately end
-        # early); otherwise what was decoded.
-        result.duration_s = info.duration_s or max(extents, default=0.0)
-        return result
+    if not decoded_any:
+        raise CorruptMediaError(
+            f"No audio or video could be decoded from the {container.name} file; it is "
+            "damaged or truncated."
+        )
+    result = DecodedMedia(info=info, duration_s=0.0)
+    extents = []
+    if audio_sink is not None:
+        result.audio = audio_sink.finish()
+        extents.append(len(result.audio) / AUDIO_SAMPLE_RATE)
+        _check_truncated(container, "audio", extents[-1], audio_stream)
+    if frame_sink is not None:
+        result.frames = frame_sink.frames
+        result.frame_times = np.asarray(frame_sink.times, dtype=np.float64)
+        extents.append(frame_sink.last_time_s + frame_sink.frame_period_s)
+        _check_truncated(container, "video", extents[-1], video_stream)
+    # The grid covers the header's duration when it has one (a stream may legitimately end
+    # early); otherwise what was decoded.
+    result.duration_s = info.duration_s or max(extents, default=0.0)
+    return result
 
 
 def _origin_seconds(handle: Any) -> float:
@@ -430,36 +480,59 @@ def _check_truncated(container: Container, kind: str, decoded_s: float, stream: 
 
 
 class _AudioSink:
-    """Resamples decoded audio frames to 16 kHz mono float32 and places them in time."""
+    """Resamples decoded audio frames to 16 kHz mono float32 and places them in time.
 
-    def __init__(self, stream: Any, origin_s: float) -> None:
-        import av
+    A stream whose sample rate, layout or sample format changes mid-way (concatenated MP3 or
+    ADTS files, chained Ogg) is resampled segment by segment: a resampler takes one input
+    setup only, so a change flushes the current one and starts a new one.
+    """
 
-        self._resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_SAMPLE_RATE)
+    def __init__(self, stream: Any, origin_s: float, settings: ExtractorSettings) -> None:
+        self._settings = settings
+        self._resampler: Any = None
+        self._setup: tuple[str, str, int] | None = None
         self._chunks: list[np.ndarray] = []
         self._samples = 0
         self._start_s: float | None = None
         self._origin_s = origin_s
-        self._stream = stream
+        self.stream = stream
 
     @property
     def end_s(self) -> float:
         return (self._start_s or 0.0) + self._samples / AUDIO_SAMPLE_RATE
 
     def add(self, frame: Any) -> None:
+        import av
+
         if self._start_s is None:
             t = frame.time if frame.time is not None else self._origin_s
             self._start_s = max(0.0, float(t) - self._origin_s)
-        for out in self._resampler.resample(frame):
+        setup = (frame.format.name, frame.layout.name, int(frame.sample_rate))
+        if setup != self._setup:
+            # Checked per segment too: a header may under-report what the frames carry.
+            _check_audio_rate(setup[2], frame.layout.nb_channels, self._settings)
+            self._flush()
+            self._resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_SAMPLE_RATE)
+            self._setup = setup
+        self._keep(self._resampler.resample(frame))
+
+    def _keep(self, frames: list[Any]) -> None:
+        for out in frames:
             chunk = out.to_ndarray().reshape(-1)
             self._chunks.append(chunk)
             self._samples += len(chunk)
 
+    def _flush(self) -> None:
+        if self._resampler is not None:
+            self._keep(self._resampler.resample(None))
+            self._resampler = None
+
+    def close(self) -> None:
+        """Drop the resampler (and the native threads of its filter graph)."""
+        self._resampler = None
+
     def finish(self) -> np.ndarray:
-        for out in self._resampler.resample(None):
-            chunk = out.to_ndarray().reshape(-1)
-            self._chunks.append(chunk)
-            self._samples += len(chunk)
+        self._flush()
         pad = round((self._start_s or 0.0) * AUDIO_SAMPLE_RATE)
         parts = [np.zeros(pad, np.float32)] if pad else []
         audio = np.concatenate([*parts, *self._chunks]) if (parts or self._chunks) else None
@@ -477,6 +550,7 @@ class _FrameSink:
         on_frame: Callable[[np.ndarray, float], None] | None = None,
     ) -> None:
         self._on_frame = on_frame
+        self.stream = stream
         self._origin_s = origin_s
         self._period = 1.0 / settings.frame_rate_hz
         self._next_s = 0.0

@@ -34,6 +34,9 @@ class ExtractorSettings:
     max_width: int = 4096
     max_height: int = 4096
     max_frames: int = 100_000
+    # Audio sample rate x channels: decoding cost grows with it, not with duration alone
+    # (768 000 admits 96 kHz x 8 channels or 192 kHz x 4).
+    max_audio_rate_channels: int = 768_000
 
     # Decoding.
     frame_rate_hz: float = 5.0  # video frames sampled per second for the visual modality

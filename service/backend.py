@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from model import CoupledMambaForSentiment
+from model.ops import NonFiniteInputError
 from service.core.types import ClipFeatures, ClipOutcome, ClipResult, MemorySnapshot
-from service.errors import GpuOutOfMemoryError
+from service.errors import GpuOutOfMemoryError, InvalidInputError
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +76,11 @@ class ModelBackend:
     def run_batch(self, clips: Sequence[ClipFeatures], padded_length: int) -> list[ClipOutcome]:
         """Score ``clips`` as one batch padded to ``padded_length`` steps.
 
-        On GPU out-of-memory the cache is freed and the batch is retried in two halves, down
-        to single clips; only clips that fail alone get a :class:`GpuOutOfMemoryError`.
+        A failing batch is retried in two halves, down to single clips, so one clip's failure
+        never fails the others: on GPU out-of-memory (the cache freed first) only clips that do
+        not fit alone get a :class:`GpuOutOfMemoryError`; a clip whose features overflow the
+        model's float range alone gets an :class:`InvalidInputError`; any other error is kept
+        for the clip that raises it alone.
         """
         try:
             return self._forward(clips, padded_length)
@@ -87,23 +91,37 @@ class ModelBackend:
             if len(clips) == 1:
                 logger.warning("clip of %d steps does not fit in memory alone", clips[0].length)
                 return [
-                    ClipOutcome(
-                        result=None,
-                        error=GpuOutOfMemoryError(
+                    self._failed(
+                        GpuOutOfMemoryError(
                             "the clip did not fit in accelerator memory; retry later or send "
                             "a shorter clip"
                         ),
-                        model_ms=0.0,
-                        batch_size=1,
-                        padded_length=padded_length,
-                        memory=self.memory_snapshot(),
+                        padded_length,
                     )
                 ]
-            half = len(clips) // 2
             logger.warning("out of memory on a batch of %d; retrying in halves", len(clips))
-            return self.run_batch(clips[:half], padded_length) + self.run_batch(
-                clips[half:], padded_length
+        except Exception as exc:
+            if len(clips) == 1:
+                return [self._failed(_clip_error(exc), padded_length)]
+            logger.warning(
+                "model call failed on a batch of %d (%s); retrying in halves",
+                len(clips),
+                type(exc).__name__,
             )
+        half = len(clips) // 2
+        return self.run_batch(clips[:half], padded_length) + self.run_batch(
+            clips[half:], padded_length
+        )
+
+    def _failed(self, error: BaseException, padded_length: int) -> ClipOutcome:
+        return ClipOutcome(
+            result=None,
+            error=error,
+            model_ms=0.0,
+            batch_size=1,
+            padded_length=padded_length,
+            memory=self.memory_snapshot(),
+        )
 
     def warmup(self, batch_sizes: Sequence[int], lengths: Sequence[int]) -> None:
         """Run random batches of each size and length once (compiles, allocates, caches)."""
@@ -162,6 +180,11 @@ class ModelBackend:
         emotion_names = self.config.emotion_classes
         model_ms = (time.perf_counter() - start) * 1000.0
         memory = self.memory_snapshot()
+        # A row is independent of the others (padding is masked), so a non-finite answer is
+        # its own clip's doing: that clip alone is refused.
+        finite = np.isfinite(scores) & np.isfinite(probabilities).all(axis=1)
+        if emotions is not None:
+            finite &= np.isfinite(emotions).all(axis=1)
         return [
             ClipOutcome(
                 result=ClipResult(
@@ -172,8 +195,10 @@ class ModelBackend:
                         if emotions is not None
                         else None
                     ),
-                ),
-                error=None,
+                )
+                if finite[i]
+                else None,
+                error=None if finite[i] else _overflow_error(),
                 model_ms=model_ms,
                 batch_size=len(clips),
                 padded_length=padded_length,
@@ -186,3 +211,17 @@ class ModelBackend:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _overflow_error() -> InvalidInputError:
+    return InvalidInputError(
+        "the features are too large in magnitude: the model's values overflowed the float "
+        "range; send features on the scale of the profile's extractors"
+    )
+
+
+def _clip_error(exc: Exception) -> BaseException:
+    """The error a lone clip's failed model call answers with."""
+    if isinstance(exc, NonFiniteInputError):
+        return _overflow_error()
+    return exc  # raised again in the request, which logs it once (an answer of 500)

@@ -8,6 +8,7 @@ Preprocessing errors are translated here too, so every status is decided in this
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
@@ -16,6 +17,29 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
+
+MAX_ECHO_CHARS = 64
+"""Longest client-sent value quoted in an error message (longer ones are cut)."""
+MAX_ECHO_ITEMS = 5
+"""Most client-sent names listed in an error message."""
+MAX_MESSAGE_CHARS = 1000
+"""Longest error message answered (a last bound on anything a message quotes)."""
+
+
+def echo(value: object) -> str:
+    """A client-sent value quoted for an error message, cut to ``MAX_ECHO_CHARS``."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= MAX_ECHO_CHARS:
+        return repr(text)
+    return f"{text[:MAX_ECHO_CHARS]!r}... ({len(text)} characters)"
+
+
+def echo_names(names: Sequence[object]) -> str:
+    """Client-sent names quoted for an error message: the first ``MAX_ECHO_ITEMS``, each cut."""
+    shown = [echo(name) for name in names[:MAX_ECHO_ITEMS]]
+    if len(names) > MAX_ECHO_ITEMS:
+        shown.append(f"... {len(names) - MAX_ECHO_ITEMS} more")
+    return f"[{', '.join(shown)}]"
 
 
 class ServiceError(Exception):
@@ -163,11 +187,15 @@ def from_preprocessing_error(exc: Exception) -> ServiceError:
         return UnsupportedMediaError(message)
     if isinstance(exc, pre.MediaTooLargeError):
         return PayloadTooLargeError(message)
+    if isinstance(exc, pre.ExtractionStoppedError):
+        return DeadlineExceededError("the request deadline passed during extraction")
     return UndecodableMediaError(message)
 
 
 def error_body(error_type: str, message: str) -> dict[str, Any]:
-    """The JSON body of every error answer."""
+    """The JSON body of every error answer (the message cut to ``MAX_MESSAGE_CHARS``)."""
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS] + "..."
     return {"error": {"type": error_type, "message": message}}
 
 
@@ -195,8 +223,8 @@ _HTTP_ERROR_TYPES = {
 def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors()[:5]:
-        where = ".".join(str(p) for p in err.get("loc", ()))
-        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+        where = ".".join(str(p)[:MAX_ECHO_CHARS] for p in err.get("loc", ()))
+        parts.append(f"{where}: {str(err.get('msg', 'invalid'))[:200]}")
     return "; ".join(parts) or "invalid request"
 
 
@@ -220,11 +248,39 @@ def install_handlers(app: FastAPI, retry_after_s: int) -> None:
             headers=dict(exc.headers or {}),
         )
 
-    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
-
     app.add_exception_handler(ServiceError, on_service_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
-    app.add_exception_handler(Exception, on_unexpected)
+    # Any other exception: UnhandledErrorMiddleware (a handler for Exception would answer,
+    # then re-raise to the server, which logs the same error a second time).
+    app.add_middleware(UnhandledErrorMiddleware)
+
+
+class UnhandledErrorMiddleware:
+    """Answers an unexpected exception with a JSON 500 and logs it once (not re-raised)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracking(message: Any) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking)
+        except Exception:
+            logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                return  # the answer is under way: nothing more can be said
+            response = JSONResponse(
+                error_body("internal_error", "internal server error"), status_code=500
+            )
+            await response(scope, receive, send)

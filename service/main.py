@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,7 +26,11 @@ from service.core.engine import InferenceCore
 from service.core.extraction import FeatureExtractor
 from service.errors import install_handlers
 from service.metrics import ServiceMetrics
-from service.middleware import RequestContextMiddleware, RequestMetricsMiddleware
+from service.middleware import (
+    RequestContextMiddleware,
+    RequestMetricsMiddleware,
+    SecurityHeadersMiddleware,
+)
 from service.settings import ServiceSettings
 
 if TYPE_CHECKING:
@@ -36,14 +42,47 @@ logger = logging.getLogger(__name__)
 API_VERSION = "1.0.0"
 
 
+UPLOAD_DIR_PREFIX = "cmamba-uploads-"
+"""A server's own upload folder is ``<tmp>/cmamba-uploads-<pid>-<random>``."""
+
+
+def remove_stale_upload_dirs(base: Path) -> list[Path]:
+    """Remove the upload folders in ``base`` left by server processes that no longer run (a
+    killed process never removes its own); the folders removed."""
+    removed = []
+    for folder in base.glob(f"{UPLOAD_DIR_PREFIX}*-*"):
+        pid_text = folder.name[len(UPLOAD_DIR_PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit() or not folder.is_dir() or _process_alive(int(pid_text)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    if removed:
+        logger.info("removed %d upload folders of stopped processes", len(removed))
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: ServiceSettings = app.state.settings
     core: InferenceCore = app.state.core
     core.check()  # a missing checkpoint stops the server here, with a clear message
     own_dir = settings.upload_dir is None
+    if own_dir:
+        remove_stale_upload_dirs(Path(tempfile.gettempdir()))
     upload_dir = (
-        Path(tempfile.mkdtemp(prefix="cmamba-uploads-")) if own_dir else settings.upload_dir
+        Path(tempfile.mkdtemp(prefix=f"{UPLOAD_DIR_PREFIX}{os.getpid()}-"))
+        if own_dir
+        else settings.upload_dir
     )
     app.state.upload_dir = upload_dir
     starting = asyncio.create_task(asyncio.to_thread(core.start), name="cmamba-startup")
@@ -55,6 +94,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await core.wait_idle(settings.drain_timeout_s)
         await asyncio.to_thread(core.wait_started)
         await asyncio.to_thread(core.stop)
+        app.state.body_executor.shutdown(wait=False, cancel_futures=True)
         if own_dir and upload_dir is not None:
             shutil.rmtree(upload_dir, ignore_errors=True)
 
@@ -100,6 +140,8 @@ def create_app(
     app.state.metrics = service_metrics
     app.state.core = core
     app.state.upload_dir = settings.upload_dir
+    # Large request bodies are parsed here, one at a time, off the event loop.
+    app.state.body_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cmamba-body")
     install_handlers(app, settings.retry_after_s)
     app.include_router(predict.router)  # first: the hot path is matched before the others
     app.include_router(health.router)
@@ -111,4 +153,5 @@ def create_app(
     declare_scheme(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=service_metrics)
     app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(SecurityHeadersMiddleware)  # outermost: every answer gets the headers
     return app

@@ -64,12 +64,27 @@ class ServiceSettings(BaseSettings):
     retry_after_s: int = Field(default=1, ge=0, description="Retry-After on 503 answers")
     max_upload_bytes: int = Field(default=50 * 2**20, ge=1, description="request body limit")
     max_transcript_chars: int = Field(default=10_000, ge=1)
+    max_form_parts: int = Field(default=8, ge=2, description="parts of a multipart upload")
+    max_part_header_bytes: int = Field(
+        default=8192, ge=256, description="header bytes of one multipart part"
+    )
+    offloop_body_bytes: int = Field(
+        default=1 << 20,
+        ge=0,
+        description="features bodies over this are parsed off the event loop, and must be "
+        "exact JSON (numbers as numbers): the lax schema path would hold the GIL throughout",
+    )
     upload_dir: Path | None = Field(default=None, description="temp files; default a fresh dir")
 
     # Feature extraction -----------------------------------------------------------------
     enable_media: bool = Field(default=True, description="serve /v1/predict (loads extractors)")
     extract_workers: int = Field(default=1, ge=1, description="CPU feature extraction threads")
     max_media_seconds: float = Field(default=180.0, gt=0.0, description="longest accepted clip")
+    max_audio_rate_channels: int = Field(
+        default=768_000,
+        ge=1,
+        description="most audio sample rate x channels decoded (96 kHz x 8, 192 kHz x 4)",
+    )
     extractor_options: dict[str, Any] = Field(
         default_factory=dict,
         description='more preprocessing.ExtractorSettings fields, e.g. {"frame_rate_hz": 5}',
@@ -81,6 +96,17 @@ class ServiceSettings(BaseSettings):
     )
     public_docs: bool = Field(default=False, description="serve /docs without the token")
     drain_timeout_s: float = Field(default=30.0, ge=0.0, description="SIGTERM drain limit")
+
+    # Slow clients (cmamba serve) ----------------------------------------------------------
+    header_timeout_s: float = Field(
+        default=10.0, gt=0.0, description="close a connection whose request headers take longer"
+    )
+    body_timeout_s: float = Field(
+        default=60.0, gt=0.0, description="close a connection whose request body takes longer"
+    )
+    keep_alive_timeout_s: float = Field(
+        default=5.0, gt=0.0, description="close an idle keep-alive connection after this"
+    )
 
     @field_validator("model_path", mode="before")
     @classmethod

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # The shared folder beside the repository (CI clones the repo with shared/ next to it).
@@ -70,3 +72,60 @@ def remux() -> Callable[..., Path]:
 def peak_bytes() -> Callable[[Callable[[], object]], int]:
     """``cpu_peak_bytes``: peak CPU allocation of a call."""
     return cpu_peak_bytes
+
+
+def _encode_tone(fmt: str, codec: str, rate: int, layout: str, seconds: float = 1.0) -> bytes:
+    """A 440 Hz tone encoded with PyAV into a headerless stream format (mp3, adts)."""
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=fmt) as out:
+        stream = out.add_stream(codec, rate=rate, layout=layout)
+        n = int(rate * seconds)
+        tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(n) / rate)).astype(np.float32)
+        interleaved = np.repeat(tone, av.AudioLayout(layout).nb_channels)[None, :]
+        frame = av.AudioFrame.from_ndarray(interleaved, format="flt", layout=layout)
+        frame.sample_rate = rate
+        frame.pts = 0
+        resampler = av.AudioResampler(format=stream.codec_context.format.name, layout=layout)
+        for converted in resampler.resample(frame):
+            for packet in stream.encode(converted):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def encode_tone() -> Callable[..., bytes]:
+    """``encode_tone(fmt, codec, rate, layout, seconds=1.0)``: a tone as mp3/adts bytes."""
+    return _encode_tone
+
+
+def _mutate(data: bytes, rng: np.random.Generator) -> bytes:
+    """A few random edits of ``data``: flipped bytes, a cut, inserted or repeated runs."""
+    out = bytearray(data)
+    for _ in range(int(rng.integers(1, 6))):
+        kind = int(rng.integers(0, 5))
+        at = int(rng.integers(0, max(1, len(out))))
+        if kind == 0:  # flip bytes
+            for i in rng.integers(0, len(out), int(rng.integers(1, 16))):
+                out[i] = int(rng.integers(0, 256))
+        elif kind == 1:  # truncate
+            del out[at:]
+        elif kind == 2:  # insert random bytes
+            out[at:at] = rng.integers(0, 256, int(rng.integers(1, 64)), dtype=np.uint8).tobytes()
+        elif kind == 3:  # repeat a region (nested or repeated structures)
+            size = int(rng.integers(1, 4096))
+            out[at:at] = out[at : at + size] * int(rng.integers(2, 50))
+        else:  # a size field set to an extreme
+            out[at : at + 4] = rng.choice([b"\x00\x00\x00\x00", b"\xff\xff\xff\xff", b"\x01\xff"])
+        if not out:
+            break
+    return bytes(out)
+
+
+@pytest.fixture(scope="session")
+def mutate() -> Callable[[bytes, np.random.Generator], bytes]:
+    """``mutate(data, rng)``: seeded random edits of a file's bytes (fuzzing)."""
+    return _mutate

@@ -20,7 +20,12 @@ from torch import Tensor
 
 from model.ops.scan_ref import coupled_selective_scan_ref
 from model.ops.scan_torch import coupled_selective_scan_torch
-from model.ops.validation import ScanDims, check_finite, validate_scan_inputs
+from model.ops.validation import (
+    NonFiniteInputError,
+    ScanDims,
+    check_finite,
+    validate_scan_inputs,
+)
 
 BACKENDS = ("ref", "torch", "triton")
 
@@ -101,6 +106,7 @@ def coupled_selective_scan(
 
 __all__ = [
     "BACKENDS",
+    "NonFiniteInputError",
     "ScanDims",
     "coupled_selective_scan",
     "coupled_selective_scan_ref",

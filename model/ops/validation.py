@@ -119,9 +119,13 @@ def find_nonfinite(named: dict[str, Tensor | None]) -> list[str]:
     return [name for name, ok in zip(names, flags.tolist(), strict=True) if not ok]
 
 
-def nonfinite_error(names: list[str]) -> ValueError:
+class NonFiniteInputError(ValueError):
+    """Scan inputs hold NaN or infinity (for a model: its input features overflowed)."""
+
+
+def nonfinite_error(names: list[str]) -> NonFiniteInputError:
     """The error raised when scan inputs hold NaN or infinity."""
-    return _fail(f"non-finite values (NaN or inf) in {', '.join(names)}")
+    return NonFiniteInputError(f"{_PREFIX}: non-finite values (NaN or inf) in {', '.join(names)}")
 
 
 def check_finite(named: dict[str, Tensor | None]) -> None:

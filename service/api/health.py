@@ -10,10 +10,11 @@ from service.core.engine import CoreState
 from service.errors import DrainingError, NotReadyError
 
 router = APIRouter(tags=["health"])
+# async: answered on the event loop itself, without a hop to the thread pool.
 
 
 @router.get("/v2/health/live", response_model=HealthResponse, responses=error_responses(503))
-def live(core: CoreDep) -> HealthResponse:
+async def live(core: CoreDep) -> HealthResponse:
     """200 while the process can serve or is getting there; 503 once startup failed or the
     model worker died (restart the process)."""
     if core.state is CoreState.FAILED:
@@ -24,7 +25,7 @@ def live(core: CoreDep) -> HealthResponse:
 
 
 @router.get("/v2/health/ready", response_model=HealthResponse, responses=error_responses(503))
-def ready(core: CoreDep) -> HealthResponse:
+async def ready(core: CoreDep) -> HealthResponse:
     """200 once the model is loaded and warmed; 503 before that and while draining."""
     if core.ready:
         return HealthResponse(status="ready")

@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from service.api.auth import BearerRoute
 from service.api.dependencies import CoreDep
 from service.api.schemas import ModelMetadata, error_responses
-from service.errors import ModelNotFoundError
+from service.errors import ModelNotFoundError, echo
 
 router = APIRouter(tags=["models"], route_class=BearerRoute)
 
@@ -21,5 +21,7 @@ def model_metadata(name: str, core: CoreDep) -> dict[str, Any]:
     """The served model's inputs, outputs, architecture, checkpoint facts and model card."""
     metadata = core.metadata()
     if name != metadata["name"]:
-        raise ModelNotFoundError(f"no model {name!r} here; this server serves {metadata['name']!r}")
+        raise ModelNotFoundError(
+            f"no model {echo(name)} here; this server serves {metadata['name']!r}"
+        )
     return metadata

@@ -7,6 +7,7 @@ cannot share is per-request event-loop work.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,10 +18,12 @@ from fastapi.responses import JSONResponse
 
 from service.api.auth import BearerRoute
 from service.api.dependencies import app_parts
-from service.api.features_body import parse_features_body
+from service.api.disconnect import unless_disconnected
+from service.api.features_body import FeaturesBody, parse_features_body
 from service.api.schemas import FeaturesRequest, PredictResponse, error_responses
 from service.api.uploads import read_body, receive_upload_in_time
-from service.core.types import Prediction
+from service.core.engine import InferenceCore
+from service.core.types import ClipFeatures, Prediction
 from service.errors import ServiceError, UnsupportedMediaError
 from service.metrics import ServiceMetrics
 
@@ -75,6 +78,11 @@ def _count_rejections(metrics: ServiceMetrics) -> Iterator[None]:
         raise
 
 
+def _parse_large_body(core: InferenceCore, body: bytes) -> tuple[FeaturesBody, ClipFeatures]:
+    payload = parse_features_body(body, lax=False)
+    return payload, core.clip_from_features(payload.profile, payload.features, payload.masks)
+
+
 def _answer(prediction: Prediction, request: Request) -> JSONResponse:
     body = PredictResponse.from_prediction(prediction, request.state.request_id)
     server_timing = ", ".join(
@@ -100,14 +108,17 @@ async def predict_media(
             core.require_media()  # before reading the body
             deadline = time.monotonic() + settings.request_timeout_s
             upload = await receive_upload_in_time(request, settings)
-            prediction = await core.predict_media(
-                upload.path,
-                upload.transcript,
-                started=request.state.start_time,
-                deadline=deadline,
-                remove_after=True,
-                upload_ms=upload.receive_ms,
-                attribution=attribution,
+            prediction = await unless_disconnected(
+                request,
+                core.predict_media(
+                    upload.path,
+                    upload.transcript,
+                    started=request.state.start_time,
+                    deadline=deadline,
+                    remove_after=True,
+                    upload_ms=upload.receive_ms,
+                    attribution=attribution,
+                ),
             )
     return _answer(prediction, request)
 
@@ -135,8 +146,13 @@ async def predict_features(
             if media_type != "application/json":
                 raise UnsupportedMediaError("send the features as application/json")
             body = await read_body(request, max_bytes=settings.max_upload_bytes)
-            payload = parse_features_body(body)
-            clip = core.clip_from_features(payload.profile, payload.features, payload.masks)
+            if len(body) <= settings.offloop_body_bytes:
+                payload = parse_features_body(body)
+                clip = core.clip_from_features(payload.profile, payload.features, payload.masks)
+            else:  # one large body at a time, on the body thread, strict types only
+                payload, clip = await asyncio.get_running_loop().run_in_executor(
+                    request.app.state.body_executor, _parse_large_body, core, body
+                )
             prediction = await core.predict_features(
                 clip,
                 started=request.state.start_time,

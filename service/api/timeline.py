@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 
 from service.api.auth import BearerRoute
 from service.api.dependencies import CoreDep, MetricsDep, SettingsDep
+from service.api.disconnect import unless_disconnected
 from service.api.predict import _MEDIA_BODY, _count_rejections
 from service.api.schemas import ModelInfo, Sentiment, error_responses
 from service.api.uploads import receive_upload_in_time
@@ -128,10 +129,15 @@ async def predict_timeline(
             started = request.state.start_time
             deadline = time.monotonic() + settings.request_timeout_s
             upload = await receive_upload_in_time(request, settings)
-            bundle, wait_ms = await core.extract_bundle(
-                upload.path, upload.transcript, deadline=deadline, remove_after=True
+            bundle, wait_ms = await unless_disconnected(
+                request,
+                core.extract_bundle(
+                    upload.path, upload.transcript, deadline=deadline, remove_after=True
+                ),
             )
-            timeline = await score_timeline(core, bundle, deadline, window_s=window)
+            timeline = await unless_disconnected(
+                request, score_timeline(core, bundle, deadline, window_s=window)
+            )
     timings = dict.fromkeys(MEDIA_STAGES, 0.0)
     timings.update({stage: float(ms) for stage, ms in bundle.timings_ms.items()})
     timings["upload"] = upload.receive_ms

@@ -26,6 +26,7 @@ from service.errors import (
     InvalidInputError,
     PayloadTooLargeError,
     UnsupportedMediaError,
+    echo,
 )
 from service.settings import ServiceSettings
 
@@ -34,6 +35,8 @@ ACCEPTED_MEDIA_TYPES = ("application/octet-stream", "application/ogg", "")
 FILE_FIELD = "file"
 TRANSCRIPT_FIELD = "transcript"
 MAX_FIELD_BYTES = 256 * 1024  # any non-file part
+MAX_FORM_PARTS = 8
+MAX_PART_HEADER_BYTES = 8 * 1024
 
 
 @dataclass
@@ -63,9 +66,20 @@ class _Part:
 class _FormCollector:
     """Callbacks for :class:`MultipartParser` that spool the file part to ``sink``."""
 
-    def __init__(self, sink: IO[bytes], max_transcript_chars: int) -> None:
+    def __init__(
+        self,
+        sink: IO[bytes],
+        max_transcript_chars: int,
+        max_parts: int = MAX_FORM_PARTS,
+        max_header_bytes: int = MAX_PART_HEADER_BYTES,
+    ) -> None:
         self.sink = sink
         self.max_field_bytes = min(MAX_FIELD_BYTES, max_transcript_chars * 4)
+        self.max_parts = max_parts
+        self.max_header_bytes = max_header_bytes
+        self.parts = 0
+        self.in_part = False
+        self._header_bytes = 0
         self.file_part: _Part | None = None
         self.fields: dict[str, str] = {}
         self.error: Exception | None = None
@@ -88,12 +102,32 @@ class _FormCollector:
     def _on_part_begin(self) -> None:
         self._part = _Part()
         self._headers = {}
+        self._header_bytes = 0
+        self.in_part = True
+        self.parts += 1
+        if self.parts > self.max_parts and self.error is None:
+            self.error = InvalidInputError(
+                f"the form has more than {self.max_parts} parts: send a `file` part and an "
+                "optional `transcript`"
+            )
+
+    def _count_header_bytes(self, count: int) -> bool:
+        self._header_bytes += count
+        if self._header_bytes <= self.max_header_bytes:
+            return True
+        if self.error is None:
+            self.error = InvalidInputError(
+                f"a form part's headers are over {self.max_header_bytes} bytes"
+            )
+        return False
 
     def _on_header_field(self, data: bytes, start: int, end: int) -> None:
-        self._header_field += data[start:end]
+        if self._count_header_bytes(end - start):
+            self._header_field += data[start:end]
 
     def _on_header_value(self, data: bytes, start: int, end: int) -> None:
-        self._header_value += data[start:end]
+        if self._count_header_bytes(end - start):
+            self._header_value += data[start:end]
 
     def _on_header_end(self) -> None:
         self._headers[self._header_field.decode("latin-1").strip().lower()] = bytes(
@@ -115,7 +149,7 @@ class _FormCollector:
             self.error = InvalidInputError("send one `file` part only")
         elif not media_type_accepted(self._part.content_type):
             self.error = UnsupportedMediaError(
-                f"unsupported media type {self._part.content_type!r}: send audio or video"
+                f"unsupported media type {echo(self._part.content_type)}: send audio or video"
             )
 
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
@@ -127,9 +161,10 @@ class _FormCollector:
         elif part.size <= self.max_field_bytes:
             part.data += data[start:end]
         elif self.error is None:
-            self.error = InvalidInputError(f"form field `{part.name}` is too long")
+            self.error = InvalidInputError(f"form field {echo(part.name)} is too long")
 
     def _on_part_end(self) -> None:
+        self.in_part = False
         part = self._part
         if part.name == FILE_FIELD:
             if self.file_part is None:
@@ -138,7 +173,7 @@ class _FormCollector:
             try:
                 self.fields[part.name] = part.data.decode("utf-8")
             except UnicodeDecodeError:
-                self.error = InvalidInputError(f"form field `{part.name}` is not UTF-8 text")
+                self.error = InvalidInputError(f"form field {echo(part.name)} is not UTF-8 text")
 
 
 def media_type_accepted(content_type: str) -> bool:
@@ -154,6 +189,8 @@ async def receive_upload(
     max_bytes: int,
     upload_dir: Path,
     max_transcript_chars: int,
+    max_parts: int = MAX_FORM_PARTS,
+    max_header_bytes: int = MAX_PART_HEADER_BYTES,
 ) -> Upload:
     """Stream the request's multipart body to a temp file in ``upload_dir``.
 
@@ -183,7 +220,7 @@ async def receive_upload(
     path = Path(name)
     try:
         with os.fdopen(fd, "wb") as sink:
-            form = _FormCollector(sink, max_transcript_chars)
+            form = _FormCollector(sink, max_transcript_chars, max_parts, max_header_bytes)
             try:
                 parser = MultipartParser(boundary, form.callbacks())  # type: ignore[arg-type]
             except Exception as exc:
@@ -206,6 +243,11 @@ async def receive_upload(
         file_part = form.file_part
         if form.error is not None:
             raise form.error
+        if form.in_part:
+            raise InvalidInputError(
+                "the multipart body ends inside a part, without its closing boundary "
+                "(--BOUNDARY--): the upload is incomplete"
+            )
         if file_part is None:
             raise InvalidInputError("the form has no `file` part")
         if file_part.size == 0:
@@ -245,6 +287,8 @@ async def receive_upload_in_time(request: Request, settings: ServiceSettings) ->
                 max_bytes=settings.max_upload_bytes,
                 upload_dir=upload_dir,
                 max_transcript_chars=settings.max_transcript_chars,
+                max_parts=settings.max_form_parts,
+                max_header_bytes=settings.max_part_header_bytes,
             ),
             settings.request_timeout_s,
         )
@@ -263,12 +307,14 @@ async def read_body(request: Request, *, max_bytes: int) -> bytes:
         raise PayloadTooLargeError(
             f"the body is {int(declared)} bytes, over the limit of {max_bytes} bytes"
         )
-    body = bytearray()
+    chunks: list[bytes] = []
+    received = 0
     try:
         async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_bytes:
+            chunks.append(chunk)
+            received += len(chunk)
+            if received > max_bytes:
                 raise PayloadTooLargeError(f"the body is over the limit of {max_bytes} bytes")
     except ClientDisconnect as exc:
         raise ClientDisconnectedError("the client disconnected during the request") from exc
-    return bytes(body)
+    return b"".join(chunks)  # one copy, not one per chunk

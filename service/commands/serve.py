@@ -205,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
 
     from service.errors import StartupError
     from service.main import create_app
+    from service.protocol import slow_client_guard
     from service.server import DrainingServer
     from service.settings import ServiceSettings
 
@@ -228,6 +229,9 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         log_level=args.log_level,
         workers=1,
+        server_header=False,  # no "server: uvicorn"
+        http=slow_client_guard(settings.header_timeout_s, settings.body_timeout_s),
+        timeout_keep_alive=max(1, round(settings.keep_alive_timeout_s)),
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
     )
     server = DrainingServer(config, app.state.core, settings.drain_timeout_s)

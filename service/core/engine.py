@@ -45,6 +45,8 @@ from service.errors import (
     ServiceError,
     StartupError,
     UndecodableMediaError,
+    echo,
+    echo_names,
     from_preprocessing_error,
 )
 from service.metrics import ServiceMetrics
@@ -85,6 +87,7 @@ def default_extractor(
     options: dict[str, Any] = {
         "max_duration_s": settings.max_media_seconds,
         "max_file_bytes": settings.max_upload_bytes,
+        "max_audio_rate_channels": settings.max_audio_rate_channels,
     }
     options.update(settings.extractor_options)
     if text_encoder is not None:
@@ -314,7 +317,8 @@ class InferenceCore:
             "classes": list(CLASS_NAMES),
             "architecture": dict(description),
             "checkpoint": {
-                "path": info.path if info else None,
+                # The folder's name only: where it lies on the server is nobody's business.
+                "name": Path(info.path).name if info else None,
                 "sha256": info.sha256 if info else None,
                 "training": info.training if info else {},
                 "metrics": info.metrics if info else {},
@@ -467,7 +471,7 @@ class InferenceCore:
         config = self.config
         if profile != config.feature_profile:
             raise FeatureMismatchError(
-                f"features are in profile {profile!r}, but the loaded model takes "
+                f"features are in profile {echo(profile)}, but the loaded model takes "
                 f"{config.feature_profile!r}"
             )
         if not features:
@@ -475,7 +479,7 @@ class InferenceCore:
         unknown = sorted(set(features) - set(config.modalities))
         if unknown:
             raise FeatureMismatchError(
-                f"modalities {unknown} are not inputs of the loaded model "
+                f"modalities {echo_names(unknown)} are not inputs of the loaded model "
                 f"(it takes {list(config.modalities)})"
             )
         arrays: dict[str, np.ndarray] = {}
@@ -515,7 +519,9 @@ class InferenceCore:
         mask_arrays: dict[str, np.ndarray] = {}
         extra = sorted(set(masks or {}) - set(arrays))
         if extra:
-            raise InvalidInputError(f"masks given for modalities without features: {extra}")
+            raise InvalidInputError(
+                f"masks given for modalities without features: {echo_names(extra)}"
+            )
         for modality in arrays:
             given = (masks or {}).get(modality)
             if given is None:
@@ -607,14 +613,24 @@ class InferenceCore:
             if remove_after:
                 path.unlink(missing_ok=True)
             raise MediaDisabledError(self._media_unavailable)
-        job = self._pool.submit(path, transcript, deadline=deadline, remove_after=remove_after)
+        stop = threading.Event()
+        job = self._pool.submit(
+            path, transcript, deadline=deadline, remove_after=remove_after, stop=stop
+        )
+        waited = asyncio.wrap_future(job)
+        # Whoever gives up on the job (deadline, cancelled request), its outcome is read here,
+        # so an error it ends with later is not reported as never retrieved.
+        waited.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
-            # shield: a job that has not started must still run, to delete its file.
-            done = await asyncio.wait_for(
-                asyncio.shield(asyncio.wrap_future(job)), self._remaining(deadline)
-            )
+            # shield: a job that has not started must still run, to delete its file; a job
+            # that has started is asked to stop (it polls ``stop`` and its deadline).
+            done = await asyncio.wait_for(asyncio.shield(waited), self._remaining(deadline))
         except TimeoutError as exc:
+            stop.set()
             raise DeadlineExceededError("the request deadline passed during extraction") from exc
+        except asyncio.CancelledError:
+            stop.set()  # the request was cancelled (its client went away)
+            raise
         except ServiceError:
             raise
         except Exception as exc:

@@ -6,8 +6,11 @@ or sit behind locks), so the pool holds one instance and ``workers`` threads.
 
 from __future__ import annotations
 
+import inspect
 import logging
+import threading
 import time
+import traceback
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -38,6 +41,18 @@ class FeatureExtractor(Protocol):
     def extract(self, path: Path, transcript: str | None = None) -> Any: ...
 
 
+def release_frames(exc: BaseException) -> None:
+    """Clear the local variables of the finished frames in ``exc``'s tracebacks (and those of
+    its causes), so that decoders and resamplers they refer to are freed now, not when the
+    garbage collector breaks the exception's reference cycles."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        current = current.__cause__ or current.__context__
+
+
 class ExtractionJobResult:
     """A finished extraction: the bundle and how long the job waited for a free thread."""
 
@@ -62,6 +77,8 @@ class ExtractionPool:
         self._executor = ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="cmamba-extract"
         )
+        # preprocessing.Extractor stops when asked; an extractor without the keyword runs on.
+        self._stoppable = "should_stop" in inspect.signature(extractor.extract).parameters
 
     def warmup(self) -> None:
         """Load the extractor's models and compile its JIT paths (on a pool thread)."""
@@ -74,21 +91,34 @@ class ExtractionPool:
         *,
         deadline: float,
         remove_after: bool,
+        stop: threading.Event | None = None,
     ) -> Future[ExtractionJobResult]:
         """Queue the extraction of ``path``.
 
         The job owns the file when ``remove_after`` is set: it deletes it once done, whatever
-        happens, also when it starts after ``deadline`` and skips the work.
+        happens, also when it starts after ``deadline`` and skips the work. The extraction
+        stops early (``ExtractionStoppedError``) once ``deadline`` passes or ``stop`` is set:
+        nobody waits for its answer then.
         """
         submitted = time.monotonic()
+
+        def should_stop() -> bool:
+            return time.monotonic() > deadline or (stop is not None and stop.is_set())
 
         def job() -> ExtractionJobResult:
             try:
                 started = time.monotonic()
-                if started > deadline:
+                if should_stop():
                     raise DeadlineExceededError("the request deadline passed before extraction")
-                bundle = self.extractor.extract(path, transcript=transcript)
+                if self._stoppable:
+                    stoppable: Any = self.extractor
+                    bundle = stoppable.extract(path, transcript=transcript, should_stop=should_stop)
+                else:
+                    bundle = self.extractor.extract(path, transcript=transcript)
                 return ExtractionJobResult(bundle, (started - submitted) * 1000.0)
+            except BaseException as exc:
+                release_frames(exc)
+                raise
             finally:
                 if remove_after:
                     path.unlink(missing_ok=True)

@@ -170,3 +170,17 @@ def generated(
         write_video(root / "huge.mp4", "mp4", "mpeg4", 64, 5), "mov", 20000, 20000
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def container_samples(
+    tmp_path_factory: pytest.TempPathFactory, media_dir: Path, remux: Callable[..., Path]
+) -> dict[str, Path]:
+    """One shared clip in each container whose header ``preprocessing.headers`` reads."""
+    root = tmp_path_factory.mktemp("containers")
+    source = media_dir / "cremad_1001_DFA_HAP_XX.mp4"
+    return {
+        "mov": source,
+        "matroska": remux(source, root / "clip.mkv", "matroska", ("audio", "video")),
+        "avi": write_video(root / "clip.avi", "avi", "mpeg4", 64, 5),
+    }

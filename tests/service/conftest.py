@@ -154,6 +154,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@pytest.fixture
+def unused_port() -> int:
+    """A free loopback port."""
+    return free_port()
+
+
 class ServerProcess:
     """``cmamba serve`` in a subprocess on a free port."""
 
@@ -227,6 +233,24 @@ def media_server(checkpoint: Path, shared_media: Path) -> Iterator[ServerProcess
             "CMAMBA_MAX_BATCH_SIZE": "4",
             "CMAMBA_MAX_BATCH_DELAY_MS": "5",
             "CMAMBA_MAX_UPLOAD_BYTES": str(4 * 2**20),
+        }
+    )
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def features_server(checkpoint: Path) -> Iterator[ServerProcess]:
+    """A real features-only server on the tiny checkpoint (shared by the hostile-input tests)."""
+    server = ServerProcess(
+        {
+            "CMAMBA_MODEL_PATH": str(checkpoint),
+            "CMAMBA_ENABLE_MEDIA": "false",
+            "CMAMBA_MAX_BATCH_SIZE": "8",
+            "CMAMBA_MAX_UPLOAD_BYTES": str(64 * 2**20),
         }
     )
     try:
