@@ -34,6 +34,7 @@ from numpy.typing import NDArray
 
 from model.config import CoupledMambaConfig
 from model.mamba import CoupledMambaForSentiment
+from model.ops import NonFiniteInputError
 from model.training.data import Sample, collate, length_bucketed_batches
 from model.training.emotions import auc
 from model.training.metrics import rated_text_metrics
@@ -464,9 +465,7 @@ def train_multimodal(
             batch = collate([it.sample for it in chunk], config.modalities)
             try:
                 out = model(batch.features, batch.masks)
-            except ValueError as exc:  # the scan refuses non-finite inputs: a diverged run
-                if "non-finite" not in str(exc):
-                    raise
+            except NonFiniteInputError:  # the scan refuses non-finite inputs: a diverged run
                 diverged = True
                 break
             target = torch.tensor([it.sentiment for it in chunk], dtype=torch.float32)
@@ -503,7 +502,12 @@ def train_multimodal(
         if diverged:
             log(f"epoch {epoch + 1}: loss is not finite: the run diverged")
             break
-        metrics = evaluate(model, valid, band)
+        try:
+            metrics = evaluate(model, valid, band)
+        except NonFiniteInputError:  # the states overflow on the longer validation inputs
+            diverged = True
+            log(f"epoch {epoch + 1}: validation inputs overflow the scan: the run diverged")
+            break
         score = selection_score(metrics)
         history.append(
             {"epoch": epoch + 1, "loss": float(np.mean(losses)), "select": score, "valid": metrics}
