@@ -1,10 +1,13 @@
 """Preprocessing speed: per-stage real-time factor on the shared clips and a 60 s talking clip.
 
-    .venv/bin/python bench/preprocess.py [--repeats 2] [--seconds 60] [--no-write]
+    .venv/bin/python bench/preprocess.py [--repeats 2] [--seconds 60] [--checkpoint default]
+                                         [--no-write]
 
-After ``Extractor.warmup()`` each clip is extracted ``--repeats`` times; the table shows the
-median milliseconds of each stage divided by the clip's duration (real-time factor, RTF: 0.15
-means a 60 s clip takes 9 s). The 60 s clip is made by looping the shared talking-head clips
+The extractor is the one the service builds for ``--checkpoint`` (the embedded default:
+text, Whisper encoder states and the face encoder, profile multimodal-v1). After its warm-up
+each clip is extracted ``--repeats`` times; the table shows the median milliseconds of each
+stage divided by the clip's duration (real-time factor, RTF: 0.15 means a 60 s clip takes
+9 s). The 60 s clip is made by looping the shared talking-head clips
 (CREMA-D and GRID, scaled to 480x360, H.264 + AAC in MP4) and removed afterwards. A second
 table times the audio stage's pitch tracker, yin against pyin, on the same 60 s of audio.
 The tables go to docs/PERFORMANCE.md between the ``preprocess`` markers.
@@ -142,6 +145,12 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument(
+        "--checkpoint",
+        default="default",
+        help='whose extractor to time: "default" (the served one), "text-only", a checkpoint '
+        'folder, or "none" (the plain default-v1 extractor)',
+    )
     args = parser.parse_args()
 
     import torch
@@ -149,8 +158,21 @@ def main() -> int:
     from preprocessing import Extractor, ExtractorSettings
 
     load_before = os.getloadavg()[0]
-    settings = ExtractorSettings()
-    extractor = Extractor(settings)
+    if args.checkpoint == "none":
+        extractor = Extractor(ExtractorSettings())
+    else:  # the extractor the service builds for that checkpoint
+        from model import load_checkpoint
+        from service.core.engine import default_extractor
+        from service.settings import ServiceSettings
+
+        service = ServiceSettings(model_path=args.checkpoint)
+        model = load_checkpoint(service.model_path)
+        info = model.checkpoint_info
+        assert info is not None
+        extractor = default_extractor(  # type: ignore[assignment]
+            service, model.config.modalities, info.text_encoder, info.face_encoder
+        )
+    settings = extractor.settings
     start = time.perf_counter()
     warm = extractor.warmup()
     warm_s = time.perf_counter() - start
@@ -185,7 +207,8 @@ def main() -> int:
         "noisy. Settings: grid "
         f"{settings.rate_hz:g} Hz, frames sampled at {settings.frame_rate_hz:g} fps (longer side "
         f"<= {settings.frame_max_side} px), ASR tiny.en int8 beam {settings.asr_beam_size} with "
-        f"{settings.asr_threads} thread(s) and VAD, F0 by {settings.f0_method}. Warm-up "
+        f"{settings.asr_threads} thread(s) and VAD, profile {settings.profile_name} (audio "
+        f"features: {settings.audio_features}), F0 by {settings.f0_method}. Warm-up "
         f"(loads every model, compiles numba): {warm_s:.1f} s "
         f"({', '.join(f'{k} {v / 1000:.1f} s' for k, v in warm.items())}).",
         "",
