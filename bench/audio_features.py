@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.doc_sections import data_dir, write_section  # noqa: E402
 
 DOC = ROOT / "docs" / "FEATURES.md"
 MEDIA = ROOT.parent / "shared" / "media"
@@ -61,7 +62,6 @@ POSITIVE = {3}
 NEUTRAL = {1, 2}
 CANDIDATES = ("librosa-33", "egemaps-lld-25", "whisper-enc-384")
 RATE_HZ = 10.0
-BEGIN, END = "<!-- audio-choice:begin -->", "<!-- audio-choice:end -->"
 
 
 # -- features ---------------------------------------------------------------------------------
@@ -282,20 +282,10 @@ def table(rows: dict[str, dict[str, float]], n_clips: int) -> str:
     return "\n".join(lines)
 
 
-def write_docs(text: str) -> None:
-    doc = DOC.read_text(encoding="utf-8")
-    if BEGIN not in doc:
-        raise SystemExit(f"markers {BEGIN} / {END} not found in {DOC}")
-    head, rest = doc.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    DOC.write_text(f"{head}{BEGIN}\n{text}{END}{tail}", encoding="utf-8")
-    print(f"wrote the audio-choice section of {DOC.relative_to(ROOT)}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ravdess", type=Path, default=Path("/work/data/ravdess"))
-    parser.add_argument("--cache", type=Path, default=Path("/work/data/cache/audio_features"))
+    parser.add_argument("--ravdess", type=Path, default=data_dir() / "ravdess")
+    parser.add_argument("--cache", type=Path, default=data_dir() / "cache" / "audio_features")
     parser.add_argument("--media", type=Path, default=MEDIA)
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=CANDIDATES)
     parser.add_argument("--repeats", type=int, default=3)
@@ -322,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(rows, len(clips))
     print(text)
     if args.write_docs:
-        write_docs(text)
+        write_section(DOC, "audio-choice", text)
     return 0
 
 

@@ -45,6 +45,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.doc_sections import write_section  # noqa: E402
 
 DOC = ROOT / "docs" / "PERFORMANCE.md"
 DEFAULT_CLIP = ROOT.parent / "shared" / "media" / "cremad_1001_DFA_HAP_XX.mp4"
@@ -529,18 +530,6 @@ def section_name(device: str) -> str:
     return "load-cuda" if device.startswith("cuda") else "load"
 
 
-def write_section(text: str, device: str) -> None:
-    name = section_name(device)
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    doc = DOC.read_text(encoding="utf-8")
-    if begin not in doc or end not in doc:
-        raise SystemExit(f"markers {begin} / {end} not found in {DOC}")
-    head, rest = doc.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    DOC.write_text(f"{head}{begin}\n{text}{end}{tail}", encoding="utf-8")
-    print(f"wrote the {name} section of {DOC.relative_to(ROOT)}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, help="default: the embedded default")
@@ -714,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(cells, context, scaling, verdict)
     print("\n" + text)
     if args.write_docs:
-        write_section(text, device)
+        write_section(DOC, section_name(device), text)
     if args.doc is not None:
         args.doc.write_text(text, encoding="utf-8")
     return 0

@@ -25,13 +25,14 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.doc_sections import write_section  # noqa: E402
+
 sys.path.insert(0, str(ROOT / "bench"))
 
 from load import Server  # noqa: E402
 from preprocess import make_talking_clip  # noqa: E402
 
 DOC = ROOT / "docs" / "PERFORMANCE.md"
-BEGIN, END = "<!-- predict-e2e:begin -->", "<!-- predict-e2e:end -->"
 STAGES = ("decode", "asr", "text", "audio", "visual", "queue", "model", "total")
 TARGET_10S, TARGET_RTF = 1.0, 0.15
 
@@ -126,15 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
-        text = DOC.read_text()
-        if BEGIN in text and END in text:
-            head, rest = text.split(BEGIN, 1)
-            _, tail = rest.split(END, 1)
-            text = f"{head}{BEGIN}\n{table}\n{END}{tail}"
-        else:
-            text = text.rstrip() + f"\n\n{BEGIN}\n{table}\n{END}\n"
-        DOC.write_text(text)
-        print(f"wrote {DOC.relative_to(ROOT)}")
+        write_section(DOC, "predict-e2e", table, append=True)
     return 0
 
 

@@ -30,6 +30,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.doc_sections import write_section  # noqa: E402
 
 MEDIA = ROOT.parent / "shared" / "media"
 SHARED = [
@@ -46,7 +47,6 @@ LOOP_SOURCES = [
 STAGES = ["decode", "asr", "text", "audio", "visual"]
 TARGET_RTF = 0.15
 DOC = ROOT / "docs" / "PERFORMANCE.md"
-BEGIN, END = "<!-- preprocess:begin -->", "<!-- preprocess:end -->"
 
 
 def _decode_audio(path: Path, rate: int) -> np.ndarray:
@@ -261,15 +261,7 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
-        text = DOC.read_text()
-        if BEGIN in text and END in text:
-            head, rest = text.split(BEGIN, 1)
-            _, tail = rest.split(END, 1)
-            DOC.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
-            print(f"wrote {DOC.relative_to(ROOT)}")
-        else:
-            print(f"markers {BEGIN} / {END} not found in {DOC}", file=sys.stderr)
-            return 1
+        write_section(DOC, "preprocess", table)
     return 0
 
 

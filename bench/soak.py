@@ -35,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-
+from bench.doc_sections import write_section  # noqa: E402
 from bench.load import DEFAULT_CLIP, Server, features_body, resolve_checkpoint  # noqa: E402
 
 DOC = ROOT / "docs" / "PERFORMANCE.md"
@@ -240,17 +240,6 @@ def render(
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    begin, end = f"<!-- {SECTION}:begin -->", f"<!-- {SECTION}:end -->"
-    doc = DOC.read_text(encoding="utf-8")
-    if begin not in doc or end not in doc:
-        raise SystemExit(f"markers {begin} / {end} not found in {DOC}")
-    head, rest = doc.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    DOC.write_text(f"{head}{begin}\n{text}{end}{tail}", encoding="utf-8")
-    print(f"wrote the {SECTION} section of {DOC.relative_to(ROOT)}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=5.0, help="soak duration")
@@ -286,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(text)
     if args.doc:
-        write_section(text)
+        write_section(DOC, SECTION, text)
     return 0
 
 

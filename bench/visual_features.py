@@ -36,7 +36,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
+from bench.doc_sections import data_dir, write_section  # noqa: E402
 from preprocessing.face_expression import (  # noqa: E402
     CLASSES,
     FACE_EMBED_DIM,
@@ -47,7 +47,6 @@ from preprocessing.face_training import load_split, pos_neg_auc  # noqa: E402
 
 MEDIA = ROOT.parent / "shared" / "media"
 DOC = ROOT / "docs" / "FEATURES.md"
-BEGIN, END = "<!-- visual-choice:begin -->", "<!-- visual-choice:end -->"
 MESH_COLUMNS = list(range(1, 16))  # head pose + expression; not face_present, face_size
 HAPPY = CLASSES.index("happy")
 CLIPS = {
@@ -305,24 +304,9 @@ def render(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_docs(text: str) -> None:
-    doc = DOC.read_text(encoding="utf-8")
-    if BEGIN in doc:
-        head, rest = doc.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-    else:
-        anchor = "## Long clips"
-        if anchor not in doc:
-            raise SystemExit(f"'{anchor}' not found in {DOC}")
-        head, tail = doc.split(anchor, 1)
-        tail = "\n\n" + anchor + tail
-    DOC.write_text(f"{head}{BEGIN}\n{text}{END}{tail}", encoding="utf-8")
-    print(f"wrote the visual-choice section of {DOC.relative_to(ROOT)}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("/work/data/fer2013"))
+    parser.add_argument("--data", type=Path, default=data_dir() / "fer2013")
     parser.add_argument(
         "--weights", type=Path, default=ROOT / "build" / "face_encoder" / "face_encoder.safetensors"
     )
@@ -334,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     text, _ = run(args.data, args.weights, args.media)
     print(text)
     if args.write_docs:
-        write_docs(text)
+        write_section(DOC, "visual-choice", text)
     return 0
 
 

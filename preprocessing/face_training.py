@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 CANVAS_INNER, CANVAS_TOTAL = 128, 192
-DEFAULT_CACHE = Path("/work/data/cache/fer2013")
+DEFAULT_CACHE = Path("build") / "fer2013-cache"  # relative to the working directory
 
 
 def list_split(data_dir: Path, split: str) -> tuple[list[Path], np.ndarray]:

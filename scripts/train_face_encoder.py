@@ -21,16 +21,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from preprocessing.face_training import DEFAULT_CACHE, train_face_encoder  # noqa: E402
+from bench.doc_sections import data_dir  # noqa: E402
+from preprocessing.face_training import train_face_encoder  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("/work/data/fer2013"))
+    parser.add_argument("--data", type=Path, default=data_dir() / "fer2013")
     parser.add_argument(
         "--out", type=Path, default=ROOT / "build" / "face_encoder" / "face_encoder.safetensors"
     )
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--cache", type=Path, default=ROOT / "build" / "fer2013-cache")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="torch threads while training")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import threading
 from collections.abc import Callable, Iterator
@@ -28,7 +29,7 @@ from preprocessing.visual import FaceMeshRunner, frame_embeddings, visual_on_gri
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_WEIGHTS = ROOT / "build" / "face_encoder" / "face_encoder.safetensors"
-FER_DIR = Path("/work/data/fer2013")
+FER_DIR = Path(os.environ.get("CMAMBA_DATA_DIR") or ROOT / "data") / "fer2013"
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> float:
