@@ -37,9 +37,11 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/scan.py
 
-# Rebuild the embedded default checkpoint from ../shared/data/sentiment-snippets (docs/TRAINING.md).
+# Rebuild the embedded default checkpoint (text, voice, face) from RAVDESS and FER2013 in
+# $CMAMBA_DATA_DIR and the rated sentences in ../shared/data/sentiment-snippets; docs/TRAINING.md
+# says where to get each. ABLATION=1 also runs the coupling ablation.
 default-model: $(STAMP)
-	$(BIN)/python scripts/build_default_model.py
+	$(BIN)/python scripts/build_default_model.py $(if $(ABLATION),--ablation,)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
