@@ -91,6 +91,14 @@ RECIPE = MultimodalTrainSettings(
     mix=MixRecipe(text_per_epoch=1500, voice_repeats=2, faces_per_epoch=1500),
 )  # fmt: skip
 
+# Step 5b: the text branch alone, refined on the rated sentences with everything else frozen.
+# With text absent its parameters take no part (a masked step neither writes nor decays a
+# state), so voice-only and face-only answers are unchanged by this step.
+TEXT_REFINE = MultimodalTrainSettings(
+    epochs=2, batch_size=32, lr=3e-4, warmup_steps=50, seed=1111, threads=2,
+    mix=MixRecipe(text_per_epoch=5000, voice_repeats=0, faces_per_epoch=0, paired_repeats=0),
+)  # fmt: skip
+
 # The coupling ablation: smaller network and recipe, every variant the same.
 ABLATION_VARIANTS = {
     "none": {"state_coupling": "none"},
@@ -158,9 +166,9 @@ def face_step(data: Path, work: Path, reuse: Path | None) -> Path:
     if reuse is not None:
         if not target.exists() or target.read_bytes() != reuse.read_bytes():
             shutil.copyfile(reuse, target)
-            metrics = reuse.with_name(reuse.stem + ".metrics.json")
-            if metrics.exists():
-                shutil.copyfile(metrics, work / "face_encoder.metrics.json")
+        metrics = reuse.with_name(reuse.stem + ".metrics.json")
+        if metrics.exists() and not (work / "face_encoder.metrics.json").exists():
+            shutil.copyfile(metrics, work / "face_encoder.metrics.json")
         log(f"face encoder: reusing {reuse}")
         return target
     if target.exists():
@@ -337,36 +345,82 @@ def ablation_table(results: dict[str, Any]) -> str:
 
 
 def train_step(train: Mixer, valid: EvalSets, work: Path, layers: Path, face: Path) -> Path:
-    """Warm-start from the text-only checkpoint, train on mixed epochs, save the checkpoint."""
+    """Warm-start from the text-only checkpoint, train on mixed epochs (saved as
+    ``<work>/checkpoint-joint``), refine the text branch (step 5b), save ``<work>/checkpoint``."""
     from model import CoupledMambaConfig, CoupledMambaForSentiment, load_checkpoint, save_checkpoint
     from model.checkpoints import pinned_hashes
 
-    out = work / "checkpoint"
-    result_file = work / "train.json"
-    if result_file.exists() and (out / "model.safetensors").exists():
+    out, joint = work / "checkpoint", work / "checkpoint-joint"
+    joint_file, refine_file = work / "train.json", work / "text_refine.json"
+    if refine_file.exists() and (out / "model.safetensors").exists():
         log(f"train: reusing {out}")
         return out
-    import torch
-
-    torch.manual_seed(RECIPE.seed)
-    config = CoupledMambaConfig(feature_dims=DIMS, feature_profile=PROFILE, **MODEL)
-    model = CoupledMambaForSentiment(config)
-    source = load_checkpoint(TEXT_ONLY, **pinned_hashes(TEXT_ONLY))
-    copied = warm_start(model, source)
-    log(f"train: warm start copied {len(copied)} tensors from {TEXT_ONLY.name}")
-    result = train_multimodal(model, train, valid, RECIPE, log=log)
-    summary = {**result.summary(), "recipe": asdict(RECIPE), "warm_start": str(TEXT_ONLY.name)}
-    result_file.write_text(json.dumps(summary, indent=1, default=float) + "\n")
     face_info = json.loads((work / "face_encoder.metrics.json").read_text()) if (
         work / "face_encoder.metrics.json").exists() else {}  # fmt: skip
-    save_checkpoint(
-        result.model, out, name=NAME, version=VERSION,
-        training={"recipe": asdict(RECIPE), "best_epoch": result.best_epoch,
-                  "seconds": round(result.seconds, 1), "warm_start": TEXT_ONLY.name},
-        text_encoder=layers, text_encoder_info={"tuned_layers": [4, 5]},
-        face_encoder=face, face_encoder_info={"trained_on": "FER2013 Training", **face_info},
-    )  # fmt: skip
+
+    def save(model: Any, folder: Path, training: dict[str, Any]) -> None:
+        save_checkpoint(
+            model, folder, name=NAME, version=VERSION, training=training,
+            text_encoder=layers, text_encoder_info={"tuned_layers": [4, 5]},
+            face_encoder=face, face_encoder_info={"trained_on": "FER2013 Training", **face_info},
+        )  # fmt: skip
+
+    if joint_file.exists() and (joint / "model.safetensors").exists():
+        log(f"train: reusing {joint}")
+        summary = json.loads(joint_file.read_text())
+        model = load_checkpoint(joint)
+    else:
+        import torch
+
+        torch.manual_seed(RECIPE.seed)
+        config = CoupledMambaConfig(feature_dims=DIMS, feature_profile=PROFILE, **MODEL)
+        model = CoupledMambaForSentiment(config)
+        source = load_checkpoint(TEXT_ONLY, **pinned_hashes(TEXT_ONLY))
+        copied = warm_start(model, source)
+        log(f"train: warm start copied {len(copied)} tensors from {TEXT_ONLY.name}")
+        result = train_multimodal(model, train, valid, RECIPE, log=log)
+        summary = {**result.summary(), "recipe": asdict(RECIPE), "warm_start": TEXT_ONLY.name}
+        joint_file.write_text(json.dumps(summary, indent=1, default=float) + "\n")
+        model = result.model
+        save(model, joint, {k: v for k, v in summary.items() if k != "history"})
+    model.train()
+    refined = refine_text(model, train, valid)
+    refine_summary = {**refined.summary(), "recipe": asdict(TEXT_REFINE)}
+    refine_file.write_text(json.dumps(refine_summary, indent=1, default=float) + "\n")
+    training = {k: v for k, v in summary.items() if k != "history"}
+    training["text_refine"] = {k: v for k, v in refine_summary.items() if k != "history"}
+    save(model, out, training)
     return out
+
+
+def refine_text(model: Any, train: Mixer, valid: EvalSets) -> Any:
+    """Step 5b: train the text branch alone (input projection, norms, mixers) on text-only
+    epochs, every other parameter frozen; the epoch with the best mean per-source validation r
+    is kept (or none, when no epoch beats the start)."""
+    from model.training.multimodal import evaluate, selection_score
+
+    texts_only = Mixer(train.texts, [], [], DIMS)
+    valid_text = EvalSets(**{**valid.__dict__, "voice_audio": [], "voice_words": [],
+                             "face": [], "paired": {}})  # fmt: skip
+    start = selection_score(evaluate(model, valid_text))
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        param.requires_grad = "text" in parts and parts[0] in (
+            "input_proj",
+            "layers",
+            "final_norms",
+        )
+    result = train_multimodal(model, texts_only, valid_text, TEXT_REFINE, log=log)
+    for param in model.parameters():
+        param.requires_grad = True
+    best = max((h["select"] for h in result.history), default=-1.0)
+    if best <= start:
+        log(f"text refinement: no epoch beat the start ({start:.4f}); kept the start")
+        model.load_state_dict(state)
+    else:
+        log(f"text refinement: valid mean r {start:.4f} -> {best:.4f}")
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -226,13 +226,9 @@ through the service's own extractor, transcript held fixed): score of each clip.
 
 def _face_line(info: dict[str, Any]) -> str:
     test = info.get("test") or {}
-    if not test:
-        return ""
-    auc = test.get("auc") or test.get("AUC")
-    acc = test.get("accuracy") or test.get("acc")
     parts = []
-    if auc is not None:
-        parts.append(f"PrivateTest AUC {float(auc):.3f}")
-    if acc is not None:
-        parts.append(f"7-class accuracy {float(acc):.3f}")
+    if "auc_p_happy" in test:
+        parts.append(f"PrivateTest AUC of P(happy) {float(test['auc_p_happy']):.3f}")
+    if "accuracy" in test:
+        parts.append(f"7-class accuracy {float(test['accuracy']):.3f}")
     return ("The CNN alone: " + ", ".join(parts) + ".") if parts else ""

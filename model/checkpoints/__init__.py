@@ -20,13 +20,13 @@ if TYPE_CHECKING:
 
     from model.mamba import CoupledMambaForSentiment
 
-DEFAULT_CHECKPOINT_SHA256 = ""
+DEFAULT_CHECKPOINT_SHA256 = "34400ea8d6481e37b40efcff7497e7c7172a3238186c635732ed8032315ed53a"
 """sha256 (hex) of ``default/model.safetensors``; written by scripts/build_default_model.py."""
 
-DEFAULT_TEXT_ENCODER_SHA256 = ""
+DEFAULT_TEXT_ENCODER_SHA256 = "a51bf4769e389ad02163fab8d79765c1abe6d3a0cd3ef4603f45399309c14fdc"
 """sha256 (hex) of ``default/text_encoder.safetensors`` (empty: the checkpoint has none)."""
 
-DEFAULT_FACE_ENCODER_SHA256 = ""
+DEFAULT_FACE_ENCODER_SHA256 = "f3e61d0ae95e03119babb180b722d1012d842016e21c7e8859a47f44f9c4e2f4"
 """sha256 (hex) of ``default/face_encoder.safetensors`` (empty: the checkpoint has none)."""
 
 TEXT_ONLY_CHECKPOINT_SHA256 = "c7b007ddc8e076354c7e3a8540f175ce555f74e6ab400084f5895800ba09e95c"

@@ -1,4 +1,5 @@
-"""The embedded default checkpoint: pinned hash, declared modalities, sensible scores."""
+"""The embedded checkpoints: pinned hashes, declared modalities, and each branch at work on real
+clips (the default reads text, voice and face; the text-only one stays available by name)."""
 
 from __future__ import annotations
 
@@ -15,118 +16,202 @@ import torch
 from model import CheckpointError, load_checkpoint
 from model.checkpoints import (
     DEFAULT_CHECKPOINT_SHA256,
+    DEFAULT_FACE_ENCODER_SHA256,
     DEFAULT_TEXT_ENCODER_SHA256,
+    TEXT_ONLY_CHECKPOINT_SHA256,
     default_checkpoint_path,
     load_default_checkpoint,
+    pinned_hashes,
+    text_only_checkpoint_path,
 )
 from model.training.data import Sample
 from model.training.trainer import predict_scores
 
+HAPPY, ANGRY = "cremad_1001_DFA_HAP_XX.mp4", "cremad_1001_DFA_ANG_XX.mp4"
+WORDS = "Don't forget a jacket"  # what the actor says in both clips
 
-def test_default_checkpoint_is_small_and_declares_text_only() -> None:
+
+def test_default_checkpoint_is_small_coupled_and_declares_three_modalities() -> None:
     folder = default_checkpoint_path()
-    weights = folder / "model.safetensors"
-    assert weights.stat().st_size <= 20 * 1024 * 1024
-    assert len(DEFAULT_CHECKPOINT_SHA256) == 64
+    assert sum(p.stat().st_size for p in folder.iterdir()) <= 25 * 1024 * 1024
     config = json.loads((folder / "config.json").read_text())
-    assert config["modalities"] == ["text"]
-    assert config["feature_profile"] == "tuned-text-v1"
-    encoder = folder / "text_encoder.safetensors"
+    assert config["modalities"] == ["text", "audio", "visual"]
+    assert config["feature_profile"] == "multimodal-v1"
+    assert config["state_coupling"] in ("learned", "mean")  # the coupling is active
+    assert config["emotion_classes"][:2] == ["neutral", "happy"]
     assert config["text_encoder"]["sha256"] == DEFAULT_TEXT_ENCODER_SHA256
-    assert weights.stat().st_size + encoder.stat().st_size <= 20 * 1024 * 1024
-    assert config["label_scale"] == [-3.0, 3.0]
+    assert config["face_encoder"]["sha256"] == DEFAULT_FACE_ENCODER_SHA256
+    assert len(DEFAULT_CHECKPOINT_SHA256) == 64
     card = (folder / "MODEL_CARD.md").read_text()
-    assert "CMU-MOSEI" in card and "VADER" in card
+    for source in ("RAVDESS", "FER2013", "Hutto & Gilbert", "CC BY-NC-SA 4.0"):
+        assert source in card
+    model = load_default_checkpoint()
+    coupling = np.array(model.coupling_matrices())  # (layers, 3, 3)
+    assert np.allclose(coupling.sum(-1), 1.0) and (coupling[:, 0, 1:] > 1e-3).all()
 
 
-def test_tampered_default_checkpoint_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["model.safetensors", "face_encoder.safetensors"])
+def test_tampered_default_files_are_refused(tmp_path: Path, name: str) -> None:
     copy = tmp_path / "default"
     shutil.copytree(default_checkpoint_path(), copy)
-    weights = copy / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 0x01  # one bit in the last tensor's data
-    weights.write_bytes(bytes(data))
+    target = copy / name
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0x01  # one bit of the last tensor's data
+    target.write_bytes(bytes(data))
+    if name != "model.safetensors":  # make the config agree, so only the pin can tell
+        config = json.loads((copy / "config.json").read_text())
+        config["face_encoder"]["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+        (copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="sha256"):
-        load_checkpoint(copy, expected_sha256=DEFAULT_CHECKPOINT_SHA256)
+        load_checkpoint(copy, **_pins_of_default())
 
 
-def test_default_checkpoint_orders_clear_sentiment() -> None:
+def _pins_of_default() -> dict[str, str]:
+    return pinned_hashes(default_checkpoint_path())
+
+
+def test_text_only_checkpoint_stays_available_and_orders_clear_sentiment() -> None:
     from preprocessing.dataset import encode_texts_on_grid
+    from preprocessing.text import TextEncoder
+    from service.settings import ServiceSettings
 
-    model = load_default_checkpoint()
+    folder = text_only_checkpoint_path()
+    assert ServiceSettings(model_path="text-only").model_path == folder
+    model = load_checkpoint(folder, **pinned_hashes(folder))
+    assert model.config.modalities == ("text",)
+    assert model.checkpoint_info is not None
+    assert model.checkpoint_info.sha256 == TEXT_ONLY_CHECKPOINT_SHA256
+    tuning = model.checkpoint_info.text_encoder
+    assert tuning is not None
+    encoder = TextEncoder(tuning=tuning["path"], tuning_sha256=tuning["sha256"])
     texts = [
         "This is a wonderful, beautiful film and I loved every minute of it.",
         "What a terrible, boring waste of time; I hated it.",
         "The meeting is at three o'clock in room B.",
     ]
-    encoded = encode_texts_on_grid(texts, default_text_encoder(model))
     samples = [
         Sample.from_dense(str(i), 0.0, {"text": f}, {"text": m}, dtype=np.float32)
-        for i, (f, m) in enumerate(encoded)
+        for i, (f, m) in enumerate(encode_texts_on_grid(texts, encoder))
     ]
     positive, negative, neutral = predict_scores(model, samples)
     assert positive > 1.0 and negative < -1.0
     assert negative < neutral < positive
 
 
-def default_text_encoder(model: Any) -> Any:
-    from preprocessing.text import TextEncoder
-
-    tuning = model.checkpoint_info.text_encoder
-    return TextEncoder(tuning=tuning["path"], tuning_sha256=tuning["sha256"])
+# -- each branch on real clips, through the service ------------------------------------------
 
 
-def test_tampered_text_encoder_is_refused(tmp_path: Path) -> None:
-    copy = tmp_path / "default"
-    shutil.copytree(default_checkpoint_path(), copy)
-    layers = copy / "text_encoder.safetensors"
-    data = bytearray(layers.read_bytes())
-    data[-1] ^= 0x01
-    layers.write_bytes(bytes(data))
-    config = json.loads((copy / "config.json").read_text())
-    config["text_encoder"]["sha256"] = hashlib.sha256(bytes(data)).hexdigest()  # consistent...
-    (copy / "config.json").write_text(json.dumps(config))
-    load_checkpoint(copy)  # ...so only the pinned hash can tell
-    with pytest.raises(CheckpointError, match="text encoder sha256"):
-        load_checkpoint(copy, expected_text_encoder_sha256=DEFAULT_TEXT_ENCODER_SHA256)
-
-
-def test_service_serves_the_default_with_its_own_text_encoder(shared_media: Path) -> None:
-    """Through the app: the answer for a clip and a transcript equals the offline pipeline with
-    the checkpoint's tuned encoder, and differs from the plain encoder's features."""
+@pytest.fixture(scope="module")
+def served(shared_media: Path, tmp_path_factory: pytest.TempPathFactory, remux) -> Any:
+    """The app serving the default checkpoint (real extractor), and the test clips: the two
+    CREMA-D clips (same actor and sentence, happy and angry) whole, face only (silent video) and
+    voice only (no video stream)."""
     from fastapi.testclient import TestClient
 
-    from preprocessing import Extractor, ExtractorSettings
     from service.main import create_app
     from service.settings import ServiceSettings
 
-    model = load_default_checkpoint()
-    clip = shared_media / "cremad_1001_DFA_HAP_XX.mp4"
-    transcript = "I am so happy and grateful, this is wonderful news"
+    root = tmp_path_factory.mktemp("clips")
+    clips = {}
+    for emotion, name in (("happy", HAPPY), ("angry", ANGRY)):
+        source = shared_media / name
+        clips[emotion] = source
+        clips[f"{emotion}_face"] = remux(source, root / f"{emotion}_face.mp4", "mp4", ("video",))
+        clips[f"{emotion}_voice"] = remux(source, root / f"{emotion}_voice.mp4", "mp4", ("audio",))
     app = create_app(ServiceSettings(torch_threads=1, max_batch_delay_ms=1.0))
     with TestClient(app) as client:
-        assert app.state.core.wait_started(120)
-        name = model.checkpoint_info.name
-        meta = client.get(f"/v2/models/{name}").json()
-        assert meta["feature_profile"] == "tuned-text-v1"
-        assert meta["checkpoint"]["text_encoder"]["sha256"] == DEFAULT_TEXT_ENCODER_SHA256
-        response = client.post(
-            "/v1/predict",
-            files={"file": (clip.name, clip.read_bytes(), "video/mp4")},
-            data={"transcript": transcript},
-        )
+        assert app.state.core.wait_started(300)
+        yield client, clips
+
+
+def _predict(client: Any, path: Path, transcript: str | None = WORDS) -> dict[str, Any]:
+    data = {"transcript": transcript} if transcript else {}
+    response = client.post(
+        "/v1/predict", files={"file": (path.name, path.read_bytes(), "video/mp4")}, data=data
+    )
     assert response.status_code == 200, response.text
-    served = response.json()["sentiment"]["score"]
+    body: dict[str, Any] = response.json()
+    return body
 
-    def offline(settings: ExtractorSettings) -> float:
-        bundle = Extractor(settings, modalities=("text",)).extract(clip, transcript=transcript)
-        features = {"text": torch.from_numpy(bundle.features["text"])[None].float()}
-        masks = {"text": torch.from_numpy(bundle.masks["text"])[None]}
-        with torch.no_grad():
-            return float(model(features, masks).score[0])
 
-    tuning = model.checkpoint_info.text_encoder
-    tuned = offline(ExtractorSettings(text_tuning_path=Path(tuning["path"])))
-    plain = offline(ExtractorSettings())
-    assert served == pytest.approx(tuned, abs=1e-4)
-    assert abs(plain - tuned) > 1e-3
+def test_happy_clip_scores_above_angry_with_the_words_held_fixed(served) -> None:
+    client, clips = served
+    happy, angry = _predict(client, clips["happy"]), _predict(client, clips["angry"])
+    assert happy["modalities"]["used"] == angry["modalities"]["used"] == [
+        "text", "audio", "visual"
+    ]  # fmt: skip
+    assert happy["sentiment"]["score"] > angry["sentiment"]["score"]
+    assert angry["emotions"]["angry"] > happy["emotions"]["angry"]
+    assert abs(sum(happy["emotions"].values()) - 1.0) < 1e-4
+
+
+def test_a_silent_face_is_scored_and_the_face_alone_orders_the_clips(served) -> None:
+    """A silent video of a face (no audio stream, no words) answers, and the face branch alone
+    puts the happy clip above the angry one."""
+    client, clips = served
+    happy = _predict(client, clips["happy_face"], transcript=None)
+    angry = _predict(client, clips["angry_face"], transcript=None)
+    assert happy["modalities"]["used"] == ["visual"] == angry["modalities"]["used"]
+    assert happy["sentiment"]["score"] > angry["sentiment"]["score"] + 0.5
+    assert happy["emotions"]["happy"] > angry["emotions"]["happy"]
+
+
+def test_a_voice_without_a_picture_or_words_is_scored(served) -> None:
+    """A voice alone answers (ASR may find words in it; the audio must be used, no face)."""
+    client, clips = served
+    for emotion in ("happy", "angry"):
+        body = _predict(client, clips[f"{emotion}_voice"], transcript=None)
+        assert "audio" in body["modalities"]["used"]
+        assert "visual" not in body["modalities"]["used"]
+        assert body["modalities"]["frames"] == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known miss, in the model card: trained on RAVDESS alone, the voice branch ranks "
+    "this CREMA-D actor's angry clip above the happy one",
+)
+def test_the_voice_alone_orders_the_clips(served) -> None:
+    client, clips = served
+    happy = _predict(client, clips["happy_voice"], transcript=WORDS)
+    angry = _predict(client, clips["angry_voice"], transcript=WORDS)
+    assert happy["sentiment"]["score"] > angry["sentiment"]["score"]
+
+
+def test_removing_a_modality_changes_the_answer_and_absent_ones_are_handled(
+    served, shared_media: Path
+) -> None:
+    """The same clip's features with and without the face: different answers; with the face
+    alone (text and audio absent from the request): still an answer."""
+    from preprocessing import Extractor, ExtractorSettings
+
+    client, _ = served
+    model = load_default_checkpoint()
+    info = model.checkpoint_info
+    assert info is not None and info.text_encoder and info.face_encoder
+    settings = ExtractorSettings(
+        audio_features="whisper",
+        text_tuning_path=Path(info.text_encoder["path"]),
+        face_encoder_path=Path(info.face_encoder["path"]),
+    )
+    bundle = Extractor(settings).extract(shared_media / HAPPY, transcript=WORDS)
+
+    def score(modalities: tuple[str, ...]) -> float:
+        body = {
+            "profile": "multimodal-v1",
+            "features": {m: bundle.features[m].tolist() for m in modalities},
+            "masks": {m: bundle.masks[m].tolist() for m in modalities},
+        }
+        response = client.post("/v1/predict/features", json=body)
+        assert response.status_code == 200, response.text
+        assert response.json()["modalities"]["used"] == list(modalities)
+        return float(response.json()["sentiment"]["score"])
+
+    everything = score(("text", "audio", "visual"))
+    assert abs(everything - score(("text", "audio"))) > 1e-3
+    assert abs(everything - score(("audio", "visual"))) > 1e-3
+    face_only = score(("visual",))
+    features = {"visual": torch.from_numpy(bundle.features["visual"])[None]}
+    masks = {"visual": torch.from_numpy(bundle.masks["visual"])[None]}
+    with torch.no_grad():
+        assert face_only == pytest.approx(float(model(features, masks).score[0]), abs=1e-4)
