@@ -133,6 +133,9 @@ def model_card(
     training = config.get("training", {})
     recipe = training.get("recipe", {})
     face_info = config.get("face_encoder", {})
+    refine = training.get("text_refine", {})
+    refine_recipe = refine.get("recipe", {})
+    refine_mix = refine_recipe.get("mix", {})
     couplings = config.get("state_coupling")
     return f"""# {config["checkpoint"]["name"]} (version {config["checkpoint"]["version"]})
 
@@ -183,7 +186,12 @@ epochs of mixed samples (AdamW lr {recipe.get("lr")}, cosine, batch {recipe.get(
 squared error on the score weighted per source by 1 / label spread + 0.2 x cross-entropy on the
 3 classes + 0.5 x cross-entropy on the emotions where labelled); the epoch with the best mean of
 (mean per-source text r, voice AUC, face AUC, fused AUC) on the validation split
-(epoch {training.get("best_epoch")}), seed {recipe.get("seed")}.
+(epoch {training.get("best_epoch")}), seed {recipe.get("seed")}. Then the text branch alone
+(input projection, norms, mixers of the text modality; everything else frozen) was refined on
+rated sentences for {refine_recipe.get("epochs")} epochs of {refine_mix.get("text_per_epoch")} (lr
+{refine_recipe.get("lr")}), the epoch with the best mean per-source validation r kept (epoch
+{refine.get("best_epoch")}): with no text in a request those parameters take no part, so
+voice-only and face-only answers are unchanged by it.
 Architecture: d_model {config["d_model"]}, d_state {config["d_state"]}, {config["n_layers"]}
 layers, expand {config["expand"]}, {config["pooling"]} pooling, gate fusion,
 {config["checkpoint"]["parameters"]:,} parameters. Rebuild: `make default-model`.
