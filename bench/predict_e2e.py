@@ -92,10 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         f"`POST /v1/predict` on a real `cmamba serve` (1 torch thread), one request at a time, "
         f"median of {args.repeats} after a warm-up request; {os.cpu_count()} CPU cores, load "
         f"average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after (shared machine: "
-        "compare the rows of one run, not absolute times across runs). Milliseconds; "
-        "`preprocess RTF` = (decode + the slowest of ASR and audio + text + visual) / clip "
-        "seconds is not measured directly, so the table gives the server's total minus "
-        "queue and model over the clip's length.",
+        "compare the rows of one run, not absolute times across runs). Milliseconds; ASR "
+        "runs beside the audio and visual stages, so the stages add up to more than the total; "
+        "`preprocess RTF` = (server total - queue - model) / clip seconds.",
         "",
         "| checkpoint | clip | modalities | decode | asr | text | audio | visual | model "
         "| server total | client wall | preprocess RTF |",
