@@ -94,9 +94,12 @@ RECIPE = MultimodalTrainSettings(
 # Step 5b: the text branch alone, refined on the rated sentences with everything else frozen.
 # With text absent its parameters take no part (a masked step neither writes nor decays a
 # state), so voice-only and face-only answers are unchanged by this step.
+# NYT editorials weigh twice: their validation r fell most in the joint epochs (0.691 -> 0.672);
+# the boost was kept because it raised the mean validation r (0.7553 -> 0.7557).
 TEXT_REFINE = MultimodalTrainSettings(
-    epochs=2, batch_size=32, lr=3e-4, warmup_steps=50, seed=1111, threads=2,
+    epochs=2, batch_size=32, lr=3e-4, warmup_steps=50, seed=1111, threads=1,
     mix=MixRecipe(text_per_epoch=5000, voice_repeats=0, faces_per_epoch=0, paired_repeats=0),
+    source_boost={"nyt_editorials": 2.0},
 )  # fmt: skip
 
 # The coupling ablation: smaller network and recipe, every variant the same.

@@ -189,7 +189,7 @@ squared error on the score weighted per source by 1 / label spread + 0.2 x cross
 (epoch {training.get("best_epoch")}), seed {recipe.get("seed")}. Then the text branch alone
 (input projection, norms, mixers of the text modality; everything else frozen) was refined on
 rated sentences for {refine_recipe.get("epochs")} epochs of {refine_mix.get("text_per_epoch")} (lr
-{refine_recipe.get("lr")}), the epoch with the best mean per-source validation r kept (epoch
+{refine_recipe.get("lr")}, loss weight boosts {refine_recipe.get("source_boost") or "none"}), the epoch with the best mean per-source validation r kept (epoch
 {refine.get("best_epoch")}): with no text in a request those parameters take no part, so
 voice-only and face-only answers are unchanged by it.
 Architecture: d_model {config["d_model"]}, d_state {config["d_state"]}, {config["n_layers"]}

@@ -395,6 +395,8 @@ class MultimodalTrainSettings:
     seed: int = 0
     threads: int = 2
     mix: MixRecipe = field(default_factory=MixRecipe)
+    # Extra factor on a source's loss weight (after the 1 / label-spread weighting).
+    source_boost: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -452,6 +454,7 @@ def train_multimodal(
         model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
     )
     weights = source_weights(train.epoch(settings.mix, random.Random(settings.seed)))
+    weights = {s: w * settings.source_boost.get(s, 1.0) for s, w in weights.items()}
     history: list[dict[str, Any]] = []
     best_score, best_epoch, best_state = -math.inf, -1, None
     step, start, diverged = 0, time.perf_counter(), False
