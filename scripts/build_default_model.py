@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import shutil
 import sys
 import time
@@ -51,6 +50,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import build_text_model as text_model  # noqa: E402
 
+from bench.doc_sections import data_dir  # noqa: E402
 from model.config import EMOTION_NAMES  # noqa: E402
 from model.training.data import Sample, load_feature_cache  # noqa: E402
 from model.training.emotions import (  # noqa: E402
@@ -69,6 +69,7 @@ from model.training.multimodal import (  # noqa: E402
     MultimodalTrainSettings,
     eval_sets,
     face_sample,
+    in_branch,
     train_multimodal,
     warm_start,
 )
@@ -408,12 +409,7 @@ def refine_text(model: Any, train: Mixer, valid: EvalSets) -> Any:
     start = selection_score(evaluate(model, valid_text))
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for name, param in model.named_parameters():
-        parts = name.split(".")
-        param.requires_grad = "text" in parts and parts[0] in (
-            "input_proj",
-            "layers",
-            "final_norms",
-        )
+        param.requires_grad = in_branch(name, "text")
     result = train_multimodal(model, texts_only, valid_text, TEXT_REFINE, log=log)
     for param in model.parameters():
         param.requires_grad = True
@@ -428,7 +424,7 @@ def refine_text(model: Any, train: Mixer, valid: EvalSets) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=os.environ.get("CMAMBA_DATA_DIR"))
+    parser.add_argument("--data", type=Path, default=data_dir(), help="default: CMAMBA_DATA_DIR")
     parser.add_argument(
         "--snippets", type=Path, default=ROOT.parent / "shared" / "data" / "sentiment-snippets"
     )
@@ -444,8 +440,6 @@ def main(argv: list[str] | None = None) -> int:
         "--step", choices=("all", "features", "ablation", "train", "report"), default="all"
     )
     args = parser.parse_args(argv)
-    if args.data is None:
-        raise SystemExit("pass --data DIR or set CMAMBA_DATA_DIR (see docs/TRAINING.md)")
     start = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)
     voices_raw, faces_raw = check_data(args.data, args.snippets)

@@ -38,6 +38,7 @@ from model.ops import NonFiniteInputError
 from model.training.data import Sample, collate, length_bucketed_batches
 from model.training.emotions import auc
 from model.training.metrics import rated_text_metrics
+from model.training.trainer import lr_factor
 
 NO_EMOTION = -1
 
@@ -490,10 +491,7 @@ def train_multimodal(
             if not torch.isfinite(loss):
                 diverged = True
                 break
-            factor = min(1.0, (step + 1) / settings.warmup_steps) if settings.warmup_steps else 1.0
-            span = max(1, total_steps - settings.warmup_steps)
-            progress = min(1.0, max(0, step - settings.warmup_steps) / span)
-            factor *= 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress))
+            factor = lr_factor(step, total_steps, settings.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * factor
             optimizer.zero_grad(set_to_none=True)
@@ -540,6 +538,14 @@ def _brief(metrics: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def in_branch(name: str, modality: str) -> bool:
+    """Whether parameter ``name`` belongs to ``modality``'s branch: its input projection, its
+    norms and mixers in every layer, its final norm. With the modality absent from a request
+    these take no part (a masked step neither writes nor decays a state)."""
+    parts = name.split(".")
+    return modality in parts and parts[0] in ("input_proj", "layers", "final_norms")
+
+
 def warm_start(
     model: CoupledMambaForSentiment, source: CoupledMambaForSentiment, modality: str = "text"
 ) -> list[str]:
@@ -548,10 +554,9 @@ def warm_start(
     target_state = model.state_dict()
     copied = []
     for name, value in source.state_dict().items():
-        parts = name.split(".")
-        branch = modality in parts and parts[0] in ("input_proj", "layers", "final_norms")
-        head = parts[0] in ("regression_head", "class_head") or name == "fusion.gate.weight"
-        if (branch or head) and name in target_state and target_state[name].shape == value.shape:
+        head = name.split(".")[0] in ("regression_head", "class_head")
+        wanted = in_branch(name, modality) or head or name == "fusion.gate.weight"
+        if wanted and name in target_state and target_state[name].shape == value.shape:
             target_state[name] = value.clone()
             copied.append(name)
     model.load_state_dict(target_state)

@@ -209,14 +209,20 @@ def group_loss_weights(samples: Sequence[Sample], settings: TrainSettings) -> di
     return {g: w / mean for g, w in raw.items()}
 
 
-def _lr_factor(settings: TrainSettings, step: int, total_steps: int) -> float:
-    if settings.warmup_steps and step < settings.warmup_steps:
-        return (step + 1) / settings.warmup_steps
-    if settings.lr_schedule == "cosine":
-        span = max(1, total_steps - settings.warmup_steps)
-        progress = min(1.0, (step - settings.warmup_steps) / span)
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "cosine") -> float:
+    """The learning rate's multiplier at ``step``: linear warm-up over ``warmup_steps``, then
+    constant or a cosine decay to 5 % at ``total_steps``."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "cosine":
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
         return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress))
     return 1.0
+
+
+def _lr_factor(settings: TrainSettings, step: int, total_steps: int) -> float:
+    return lr_factor(step, total_steps, settings.warmup_steps, settings.lr_schedule)
 
 
 def _score_of(

@@ -291,6 +291,14 @@ class InferenceCore:
     ) -> dict[str, Any]:
         assert self._identity is not None and self._model is not None
         info = self._model.checkpoint_info
+        outputs = [
+            {"name": "score", "datatype": "FP32", "shape": [1]},
+            {"name": "probabilities", "datatype": "FP32", "shape": [len(CLASS_NAMES)]},
+        ]
+        if config.emotion_classes:
+            outputs.append(
+                {"name": "emotions", "datatype": "FP32", "shape": [len(config.emotion_classes)]}
+            )
         return {
             "name": self._identity.name,
             "versions": [self._identity.version],
@@ -303,15 +311,7 @@ class InferenceCore:
                 {"name": m, "datatype": "FP32", "shape": [-1, dim]}
                 for m, dim in config.feature_dims.items()
             ],
-            "outputs": [
-                {"name": "score", "datatype": "FP32", "shape": [1]},
-                {"name": "probabilities", "datatype": "FP32", "shape": [len(CLASS_NAMES)]},
-                *(
-                    [{"name": "emotions", "datatype": "FP32", "shape": [len(emotions)]}]
-                    if (emotions := list(config.emotion_classes))
-                    else []
-                ),
-            ],
+            "outputs": outputs,
             "emotion_classes": list(config.emotion_classes),
             "label_scale": list(config.label_scale),
             "classes": list(CLASS_NAMES),
@@ -322,16 +322,8 @@ class InferenceCore:
                 "sha256": info.sha256 if info else None,
                 "training": info.training if info else {},
                 "metrics": info.metrics if info else {},
-                "text_encoder": (
-                    {k: v for k, v in info.text_encoder.items() if k != "path"}
-                    if info and info.text_encoder
-                    else None
-                ),
-                "face_encoder": (
-                    {k: v for k, v in info.face_encoder.items() if k != "path"}
-                    if info and info.face_encoder
-                    else None
-                ),
+                "text_encoder": _without_path(info.text_encoder if info else None),
+                "face_encoder": _without_path(info.face_encoder if info else None),
             },
             "model_card": info.model_card if info else None,
         }
@@ -768,6 +760,11 @@ class InferenceCore:
             self.metrics.gpu_allocated.set(memory.allocated_bytes)
             self.metrics.gpu_reserved.set(memory.reserved_bytes or 0)
             self.metrics.gpu_peak.set(memory.peak_allocated_bytes or 0)
+
+
+def _without_path(section: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A checkpoint's encoder section as clients see it: without the file's server path."""
+    return {k: v for k, v in section.items() if k != "path"} if section else None
 
 
 def _summary_dict(summary: Any) -> dict[str, Any]:

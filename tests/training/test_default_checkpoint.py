@@ -63,11 +63,7 @@ def test_tampered_default_files_are_refused(tmp_path: Path, name: str) -> None:
         config["face_encoder"]["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
         (copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="sha256"):
-        load_checkpoint(copy, **_pins_of_default())
-
-
-def _pins_of_default() -> dict[str, str]:
-    return pinned_hashes(default_checkpoint_path())
+        load_checkpoint(copy, **pinned_hashes(default_checkpoint_path()))
 
 
 def test_text_only_checkpoint_stays_available_and_orders_clear_sentiment() -> None:
