@@ -73,7 +73,7 @@ def report(
     )
 
     model = load_checkpoint(checkpoint)
-    metrics = evaluate(model, test, model.config.neutral_band)
+    metrics = evaluate(model, test)
     crema = crema_d_check(checkpoint)
     ablation_file = work / "ablation.md"
     ablation = ablation_file.read_text() if ablation_file.exists() else ""

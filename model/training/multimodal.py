@@ -252,13 +252,17 @@ def predict(
     return Predictions(scores, emotions if has_emotions else None)
 
 
-def sentiment_class(values: NDArray[Any], band: float) -> NDArray[np.int64]:
-    """0 negative, 1 neutral, 2 positive around 0 with a neutral band."""
-    return np.where(values < -band, 0, np.where(values > band, 2, 1)).astype(np.int64)
+def sentiment_class(values: Any, config: CoupledMambaConfig) -> NDArray[np.int64]:
+    """Class indices (0 negative, 1 neutral, 2 positive) of scores, by the model's own rule
+    (``CoupledMambaConfig.score_to_class``)."""
+    return np.array([config.score_to_class(float(v)) for v in values], dtype=np.int64)
 
 
 def emotion_metrics(
-    items: Sequence[MixedSample], polarity: Sequence[int], predictions: Predictions, band: float
+    items: Sequence[MixedSample],
+    polarity: Sequence[int],
+    predictions: Predictions,
+    config: CoupledMambaConfig,
 ) -> dict[str, float]:
     """AUC of the score for positive vs negative emotions, 3-class sentiment accuracy (items
     with a sentiment target) and emotion accuracy."""
@@ -271,8 +275,8 @@ def emotion_metrics(
         "AUC": auc(score[signed].tolist(), (pol[signed] > 0).tolist()),
         "Acc_3": float(
             np.mean(
-                sentiment_class(score[has_target], band)
-                == sentiment_class(target[has_target], band)
+                sentiment_class(score[has_target], config)
+                == sentiment_class(target[has_target], config)
             )
         )
         if has_target.any()
@@ -334,7 +338,7 @@ def eval_sets(
     )
 
 
-def evaluate(model: CoupledMambaForSentiment, sets: EvalSets, band: float = 0.5) -> dict[str, Any]:
+def evaluate(model: CoupledMambaForSentiment, sets: EvalSets) -> dict[str, Any]:
     """Every metric of the default checkpoint's report on one split."""
     out: dict[str, Any] = {}
     if sets.text:
@@ -347,19 +351,19 @@ def evaluate(model: CoupledMambaForSentiment, sets: EvalSets, band: float = 0.5)
         }
     if sets.voice_audio:
         out["voice"] = emotion_metrics(
-            sets.voice_audio, sets.voice_polarity, predict(model, sets.voice_audio), band
+            sets.voice_audio, sets.voice_polarity, predict(model, sets.voice_audio), model.config
         )
         out["voice_words"] = emotion_metrics(
-            sets.voice_words, sets.voice_polarity, predict(model, sets.voice_words), band
+            sets.voice_words, sets.voice_polarity, predict(model, sets.voice_words), model.config
         )
     if sets.face:
         out["face"] = emotion_metrics(
-            sets.face, sets.face_polarity, predict(model, sets.face), band
+            sets.face, sets.face_polarity, predict(model, sets.face), model.config
         )
     for name, items in sets.paired.items():
         if items:
             out[f"paired:{name}"] = emotion_metrics(
-                items, sets.paired_polarity, predict(model, items), band
+                items, sets.paired_polarity, predict(model, items), model.config
             )
     return out
 
@@ -450,7 +454,6 @@ def train_multimodal(
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     config: CoupledMambaConfig = model.config
-    band = config.neutral_band
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
     )
@@ -479,7 +482,7 @@ def train_multimodal(
             if has.any():
                 err = (out.score[has] - target[has]) ** 2
                 loss = loss + (w[has] * err).sum() / w[has].sum()
-                classes = torch.from_numpy(sentiment_class(target[has].numpy(), band))
+                classes = torch.from_numpy(sentiment_class(target[has].tolist(), config))
                 ce = F.cross_entropy(out.logits[has], classes, reduction="none")
                 loss = loss + settings.class_loss_weight * (w[has] * ce).sum() / w[has].sum()
             emotion = torch.tensor([it.emotion for it in chunk])
@@ -504,7 +507,7 @@ def train_multimodal(
             log(f"epoch {epoch + 1}: loss is not finite: the run diverged")
             break
         try:
-            metrics = evaluate(model, valid, band)
+            metrics = evaluate(model, valid)
         except NonFiniteInputError:  # the states overflow on the longer validation inputs
             diverged = True
             log(f"epoch {epoch + 1}: validation inputs overflow the scan: the run diverged")
