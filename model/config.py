@@ -10,16 +10,23 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Literal, get_args
 
 CONFIG_VERSION = 2
 """The config layout this code writes. Bump it when a field changes meaning or is removed,
 and add an upgrade function from the previous version to ``_UPGRADES``."""
 
-MODALITY_ORDER: tuple[str, ...] = ("text", "audio", "visual")
+# The shared vocabulary. The service, the trainer and the command line import these names
+# (``model.config`` imports no torch); preprocessing keeps its own copy of the modality names
+# (``preprocessing.profiles.MODALITIES``) because model and preprocessing never import each
+# other, and a test checks the two agree.
+
+Modality = Literal["text", "audio", "visual"]
+MODALITY_ORDER: tuple[str, ...] = get_args(Modality)
 """Every modality name the model knows, in the one order used everywhere."""
 
-CLASS_NAMES: tuple[str, ...] = ("negative", "neutral", "positive")
+SentimentClass = Literal["negative", "neutral", "positive"]
+CLASS_NAMES: tuple[str, ...] = get_args(SentimentClass)
 """Order of the classification head's outputs."""
 
 EMOTION_NAMES: tuple[str, ...] = (
@@ -34,10 +41,11 @@ EMOTION_NAMES: tuple[str, ...] = (
 """Emotion classes the embedded default's emotion head predicts (the classes RAVDESS and FER2013
 share; RAVDESS's "calm" is taken as neutral). A checkpoint lists its own in ``emotion_classes``."""
 
-STATE_COUPLINGS = ("none", "mean", "sum", "learned")
-POOLINGS = ("mean", "last", "max")
-FUSIONS = ("gate", "mean", "concat")
-NORMS = ("layernorm", "rmsnorm")
+# The choices of the config's string fields (``cmamba train`` offers the same).
+STATE_COUPLINGS: tuple[str, ...] = ("none", "mean", "sum", "learned")
+POOLINGS: tuple[str, ...] = ("mean", "last", "max")
+FUSIONS: tuple[str, ...] = ("gate", "mean", "concat")
+NORMS: tuple[str, ...] = ("layernorm", "rmsnorm")
 
 
 class ConfigError(ValueError):
@@ -55,8 +63,8 @@ class CoupledMambaConfig:
     """Architecture and output conventions of a :class:`CoupledMambaForSentiment`.
 
     Attributes:
-        modalities: modality branches of the network, a subset of ("text", "audio", "visual")
-            kept in that order.
+        modalities: modality branches of the network, a subset of ``MODALITY_ORDER`` kept in
+            that order.
         feature_dims: input feature size per modality (keys = ``modalities``).
         feature_profile: name of the preprocessing feature profile the inputs come from.
         d_model: width of the residual stream of every modality.

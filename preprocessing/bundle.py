@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from preprocessing.profiles import MODALITIES
+
 
 @dataclass(frozen=True)
 class MediaSummary:
@@ -54,8 +56,7 @@ class FeatureBundle:
     @property
     def modalities(self) -> tuple[str, ...]:
         """Modalities present in ``features`` (requested ones), in canonical order."""
-        order = ("text", "audio", "visual")
-        return tuple(m for m in order if m in self.features)
+        return tuple(m for m in MODALITIES if m in self.features)
 
     def present(self, modality: str) -> bool:
         """True when ``modality`` was requested and has at least one valid step."""

@@ -40,7 +40,8 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor
 
-MODALITIES = ("text", "audio", "visual")
+from model.config import MODALITY_ORDER
+
 MMSA_KEYS = {"text": "text", "audio": "audio", "visual": "vision"}
 SPLITS = ("train", "valid", "test")
 
@@ -236,7 +237,7 @@ def load_mmsa_pickle(
     missing = [s for s in SPLITS if s not in raw]
     if missing:
         raise ValueError(f"{path}: not an MMSA pickle, missing splits {missing}")
-    present = [m for m in MODALITIES if MMSA_KEYS[m] in raw["train"]]
+    present = [m for m in MODALITY_ORDER if MMSA_KEYS[m] in raw["train"]]
     chosen = tuple(modalities) if modalities else tuple(present)
     unknown = [m for m in chosen if m not in present]
     if unknown:
@@ -352,7 +353,7 @@ def select_modalities(dataset: FeatureDataset, modalities: Sequence[str]) -> Fea
     unknown = [m for m in modalities if m not in dataset.modalities]
     if unknown:
         raise ValueError(f"dataset has no modalities {unknown} (has {list(dataset.modalities)})")
-    keep = tuple(m for m in MODALITIES if m in modalities)
+    keep = tuple(m for m in MODALITY_ORDER if m in modalities)
     splits = {
         name: [
             Sample(

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from model.config import SentimentClass
 from service.core.types import Prediction
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
@@ -13,7 +14,7 @@ FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 class Sentiment(BaseModel):
     score: float = Field(description="regression score on the model's label scale")
-    label: Literal["negative", "neutral", "positive"]
+    label: SentimentClass
     probabilities: dict[str, float] = Field(description="negative, neutral, positive")
 
 

@@ -6,21 +6,29 @@ import argparse
 from collections.abc import Mapping
 from typing import Any
 
+from model.config import FUSIONS, NORMS, POOLINGS, STATE_COUPLINGS, CoupledMambaConfig
+
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Architecture knobs of :class:`model.CoupledMambaConfig` (defaults: the paper's)."""
+    """Architecture knobs of :class:`model.CoupledMambaConfig`, with its defaults (the paper's)
+    and its choices."""
+    base = CoupledMambaConfig()
     group = parser.add_argument_group("model (defaults: the paper's)")
-    group.add_argument("--d-model", type=int, default=128)
-    group.add_argument("--d-state", type=int, default=64)
-    group.add_argument("--d-conv", type=int, default=4)
-    group.add_argument("--expand", type=int, default=2)
-    group.add_argument("--layers", type=int, default=3)
-    group.add_argument("--coupling", choices=("none", "mean", "sum", "learned"), default="learned")
-    group.add_argument("--feature-mixing", action="store_true")
-    group.add_argument("--pooling", choices=("mean", "last", "max"), default="mean")
-    group.add_argument("--fusion", choices=("gate", "mean", "concat"), default="gate")
-    group.add_argument("--norm", choices=("layernorm", "rmsnorm"), default="layernorm")
-    group.add_argument("--dropout", type=float, default=0.1)
+    group.add_argument("--d-model", type=int, default=base.d_model)
+    group.add_argument("--d-state", type=int, default=base.d_state)
+    group.add_argument("--d-conv", type=int, default=base.d_conv)
+    group.add_argument("--expand", type=int, default=base.expand)
+    group.add_argument("--layers", type=int, default=base.n_layers)
+    group.add_argument("--coupling", choices=STATE_COUPLINGS, default=base.state_coupling)
+    group.add_argument(
+        "--feature-mixing",
+        action=argparse.BooleanOptionalAction,
+        default=base.feature_mixing,
+    )
+    group.add_argument("--pooling", choices=POOLINGS, default=base.pooling)
+    group.add_argument("--fusion", choices=FUSIONS, default=base.fusion)
+    group.add_argument("--norm", choices=NORMS, default=base.norm)
+    group.add_argument("--dropout", type=float, default=base.dropout)
 
 
 def model_config_overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from preprocessing.profiles import MODALITIES
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -18,8 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--modalities",
         nargs="+",
-        choices=("text", "audio", "visual"),
-        default=["text", "audio", "visual"],
+        choices=MODALITIES,
+        default=list(MODALITIES),
     )
     parser.add_argument("--workers", type=int, default=1, help="parallel extraction processes")
     parser.add_argument(

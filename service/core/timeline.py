@@ -26,14 +26,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from model.config import MODALITY_ORDER
 from service.core.types import CLASS_NAMES, ClipFeatures, ClipResult
 from service.errors import UndecodableMediaError
 
 if TYPE_CHECKING:
     from service.core.engine import InferenceCore
     from service.core.extraction import FeatureBundleLike
-
-MODALITY_ORDER: tuple[str, ...] = ("text", "audio", "visual")
 
 
 @dataclass(frozen=True)

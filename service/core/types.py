@@ -8,8 +8,7 @@ from typing import Any
 
 import numpy as np
 
-CLASS_NAMES: tuple[str, ...] = ("negative", "neutral", "positive")
-"""Order of the model's class probabilities."""
+from model.config import CLASS_NAMES as CLASS_NAMES  # the model's class order, re-exported
 
 MEDIA_STAGES: tuple[str, ...] = ("decode", "asr", "text", "audio", "visual")
 """Feature extraction stages, as reported by the extractor."""
