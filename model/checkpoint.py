@@ -8,7 +8,7 @@ dtype, and nothing extra may be there.
 
 A checkpoint may also carry its own text encoder layers (``text_encoder.safetensors``, fine-tuned
 top layers of MiniLM applied over the bundled base model; see
-:mod:`model.training.text_tuning`), declared in a ``text_encoder`` section with the file's
+:mod:`preprocessing.text_tuning`), declared in a ``text_encoder`` section with the file's
 sha256, which loading checks. Its features are then of profile ``tuned-text-v1``. A
 ``multimodal-v1`` checkpoint ships those layers and a facial-expression encoder
 (``face_encoder.safetensors``, the CNN of :mod:`preprocessing.face_expression`), declared the

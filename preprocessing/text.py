@@ -65,6 +65,18 @@ def split_words(text: str) -> list[str]:
     return text.split()
 
 
+@dataclass(frozen=True)
+class PieceWindow:
+    """One window of a text's word pieces, as the encoder feeds its model (without [CLS] and
+    [SEP]): ``ids`` the piece ids, ``word_ids`` the word of each piece, ``text`` the index of the
+    text in the batch it came from. A text longer than ``MAX_SEQUENCE_TOKENS - 2`` pieces is cut
+    into several windows of whole words."""
+
+    text: int
+    ids: list[int]
+    word_ids: list[int]
+
+
 class TextEncoder:
     """MiniLM-L6 (all-MiniLM-L6-v2) loaded with transformers from a local folder, never the hub.
 
@@ -76,7 +88,7 @@ class TextEncoder:
     small CPU work is fastest and most predictable on one thread); ``None`` leaves it alone.
 
     ``tuning`` is a safetensors file of fine-tuned layer weights (a checkpoint's
-    ``text_encoder.safetensors``, see :mod:`model.training.text_tuning`) loaded over the base
+    ``text_encoder.safetensors``, see :mod:`preprocessing.text_tuning`) loaded over the base
     model; every tensor in it must name a tensor of the base model with the same shape. With
     ``tuning_sha256`` the file's hash is checked first.
     """
@@ -171,6 +183,30 @@ class TextEncoder:
             )
         model.load_state_dict({k: v.to(base[k].dtype) for k, v in tensors.items()}, strict=False)
 
+    def piece_windows(self, word_lists: Sequence[Sequence[str]]) -> list[PieceWindow]:
+        """Tokenise word sequences into the windows the model is run on (the one tokenisation
+        of the text modality: the service's features and the text tuning both use it)."""
+        self.load()
+        windows: list[PieceWindow] = []
+        with self._tok_lock:
+            for text_idx, words in enumerate(word_lists):
+                kept = [w for w in words if w.strip()]
+                if not kept:
+                    continue
+                enc = self._tokenizer(
+                    kept, is_split_into_words=True, add_special_tokens=False, verbose=False
+                )
+                ids: list[int] = list(enc["input_ids"])
+                word_ids = [int(w) for w in enc.word_ids()]
+                for start, stop in _word_windows(word_ids, MAX_SEQUENCE_TOKENS - 2):
+                    windows.append(PieceWindow(text_idx, ids[start:stop], word_ids[start:stop]))
+        return windows
+
+    def model_input(self, ids: Sequence[int]) -> list[int]:
+        """A window's piece ids as the model reads them: ``[CLS] ids [SEP]``."""
+        self.load()
+        return [int(self._tokenizer.cls_token_id), *ids, int(self._tokenizer.sep_token_id)]
+
     def encode(self, text: str) -> TokenEmbeddings:
         """Embed one text (words split on whitespace)."""
         return self.encode_words_batch([split_words(text)])[0]
@@ -189,37 +225,20 @@ class TextEncoder:
         import torch
 
         words_per_text = [tuple(w for w in words if w.strip()) for words in word_lists]
-        # Tokenise every text into (piece ids, word ids), then cut into windows of whole words.
-        windows: list[tuple[int, list[int], list[int]]] = []  # (text index, ids, word ids)
-        with self._tok_lock:
-            for text_idx, words in enumerate(words_per_text):
-                if not words:
-                    continue
-                enc = self._tokenizer(
-                    list(words),
-                    is_split_into_words=True,
-                    add_special_tokens=False,
-                    verbose=False,
-                )
-                ids: list[int] = list(enc["input_ids"])
-                word_ids = [int(w) for w in enc.word_ids()]
-                for start, stop in _word_windows(word_ids, MAX_SEQUENCE_TOKENS - 2):
-                    windows.append((text_idx, ids[start:stop], word_ids[start:stop]))
-        cls_id = int(self._tokenizer.cls_token_id)
-        sep_id = int(self._tokenizer.sep_token_id)
+        windows = self.piece_windows(words_per_text)
         pad_id = int(self._tokenizer.pad_token_id)
 
         # Sort by length so that a batch holds similar lengths (little padding).
-        order = sorted(range(len(windows)), key=lambda i: len(windows[i][1]))
+        order = sorted(range(len(windows)), key=lambda i: len(windows[i].ids))
         window_vectors: list[np.ndarray | None] = [None] * len(windows)
         for b in range(0, len(order), self._batch_size):
             batch = [windows[i] for i in order[b : b + self._batch_size]]
-            width = max(len(ids) for _, ids, _ in batch) + 2
+            width = max(len(w.ids) for w in batch) + 2
             input_ids = np.full((len(batch), width), pad_id, dtype=np.int64)
             attention = np.zeros((len(batch), width), dtype=np.int64)
-            for row, (_, ids, _) in enumerate(batch):
-                input_ids[row, : len(ids) + 2] = [cls_id, *ids, sep_id]
-                attention[row, : len(ids) + 2] = 1
+            for row, window in enumerate(batch):
+                input_ids[row, : len(window.ids) + 2] = self.model_input(window.ids)
+                attention[row, : len(window.ids) + 2] = 1
             with torch.inference_mode():
                 hidden = self._model(
                     input_ids=torch.from_numpy(input_ids),
@@ -228,15 +247,15 @@ class TextEncoder:
                 ).last_hidden_state  # (batch, width, 384)
             hidden_np = hidden.float().numpy()
             for row, idx in enumerate(order[b : b + self._batch_size]):
-                n = len(windows[idx][1])
+                n = len(windows[idx].ids)
                 window_vectors[idx] = hidden_np[row, 1 : 1 + n].copy()  # drop [CLS], [SEP]
 
         out_vecs: list[list[np.ndarray]] = [[] for _ in word_lists]
         out_words: list[list[int]] = [[] for _ in word_lists]
-        for (text_idx, _, word_ids), vecs in zip(windows, window_vectors, strict=True):
+        for window, vecs in zip(windows, window_vectors, strict=True):
             assert vecs is not None
-            out_vecs[text_idx].append(vecs)
-            out_words[text_idx].extend(word_ids)
+            out_vecs[window.text].append(vecs)
+            out_words[window.text].extend(window.word_ids)
         results = []
         for text_idx, words in enumerate(words_per_text):
             if not out_vecs[text_idx]:

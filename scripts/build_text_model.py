@@ -6,7 +6,7 @@ reuses its steps 0 and 1 (text encoder, sentence features) and warm-starts from 
 Steps, each resumable (rerunning skips what is done):
 
 0. text encoder: the top two layers of MiniLM-L6 fine-tuned on the train split's sentences
-   (``model.training.text_tuning``; the valid split picks the epoch), saved as
+   (``preprocessing.text_tuning``; the valid split picks the epoch), saved as
    ``<work>/text_encoder.safetensors``.
 1. features: every sentence of ``../shared/data/sentiment-snippets`` through the service's text
    path with those layers (token embeddings placed at the nominal speaking rate on the 10 Hz
@@ -92,13 +92,13 @@ TUNING_FILE = "text_encoder.safetensors"
 
 def tune_text(data_dir: Path, work: Path) -> tuple[Path, dict[str, Any]]:
     """Step 0: fine-tune MiniLM's top layers on the train split (valid picks the epoch)."""
-    from model.training.text_tuning import (
+    from preprocessing.models import TEXT_MODEL_SHA256
+    from preprocessing.text_tuning import (
         TextTuningConfig,
         TuningExample,
         save_text_tuning,
         tune_text_encoder,
     )
-    from preprocessing.models import TEXT_MODEL_SHA256
 
     target = work / TUNING_FILE
     info_file = work / "text_tuning.json"

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from model.config import MODALITY_ORDER
 from service.commands._training import add_model_arguments, model_config_overrides, resolve_profile
 
 
@@ -29,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--modalities",
         nargs="+",
-        choices=("text", "audio", "visual"),
+        choices=MODALITY_ORDER,
         help="modalities to train on (default: all in the data)",
     )
     parser.add_argument(
@@ -44,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--text-encoder",
         type=Path,
         help="fine-tuned text encoder layers the text features were made with (a file from "
-        "model.training.text_tuning); shipped in the checkpoint, profile tuned-text-v1",
+        "preprocessing.text_tuning); shipped in the checkpoint, profile tuned-text-v1",
     )
     add_model_arguments(parser)
     group = parser.add_argument_group("training (defaults: the paper's recipe)")
@@ -203,8 +204,8 @@ def text_encoder_info(path: Path) -> dict[str, Any]:
     """What a checkpoint records about its text encoder layers besides their hash."""
     from safetensors import safe_open
 
-    from model.training.text_tuning import layer_of
     from preprocessing.models import TEXT_MODEL_SHA256, TEXT_PACKAGE, TEXT_PACKAGE_VERSION
+    from preprocessing.text_tuning import layer_of
 
     with safe_open(str(path), framework="pt") as handle:
         names = list(handle.keys())

@@ -12,8 +12,10 @@ in the encoder's ``state_dict``, e.g. ``encoder.layer.5.output.dense.weight``), 
 stay frozen, so their outputs are computed once per sentence and every epoch runs only the
 tuned layers: two layers of six cost about a third of a full fine-tune.
 
-Word pieces are made exactly as the service makes them (whitespace words, no special tokens,
-then ``[CLS] ... [SEP]``); a sentence longer than the encoder's window is cut to it here.
+Word pieces are made by the service's own :class:`preprocessing.text.TextEncoder`
+(:meth:`~preprocessing.text.TextEncoder.piece_windows`, then ``[CLS] ... [SEP]``), so training and
+serving cannot tokenise differently; a sentence longer than the encoder's window is tuned on its
+first window (the encoder embeds the rest in further windows).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-MAX_PIECES = 254  # word pieces per sentence between [CLS] and [SEP]
+from preprocessing.models import bundled_text_model_dir, offline_environment
+from preprocessing.text import TextEncoder
 
 
 @dataclass(frozen=True)
@@ -104,9 +107,7 @@ def tune_text_encoder(
     """Fine-tune the top ``config.layers`` layers; keep the epoch with the best mean per-source
     validation Pearson r (sources are the examples' ``group``)."""
     import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    from preprocessing.models import bundled_text_model_dir, offline_environment
+    from transformers import AutoModel
 
     config = config or TextTuningConfig()
     if not train or not valid:
@@ -119,7 +120,7 @@ def tune_text_encoder(
 
     offline_environment()
     folder = str(model_dir or bundled_text_model_dir())
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    text_encoder = TextEncoder(model_dir, torch_threads=None)
     encoder = AutoModel.from_pretrained(folder, local_files_only=True, attn_implementation="eager")
     encoder.eval()
     n_layers = len(encoder.encoder.layer)
@@ -129,11 +130,7 @@ def tune_text_encoder(
     tuned = list(range(first, n_layers))
 
     examples = [*train, *valid]
-    pieces: list[list[int]] = []
-    for ex in examples:
-        words = ex.text.split() or ["."]
-        ids = tokenizer(words, is_split_into_words=True, add_special_tokens=False)["input_ids"]
-        pieces.append([tokenizer.cls_token_id, *ids[:MAX_PIECES], tokenizer.sep_token_id])
+    pieces = sentence_pieces(text_encoder, [ex.text for ex in examples])
     labels = np.array([ex.label for ex in examples], np.float32)
     groups = np.array([ex.group for ex in examples])
     train_idx = np.arange(len(train))
@@ -259,6 +256,16 @@ def tune_text_encoder(
             }
     assert best_state is not None
     return TuningResult(best_state, tuned, best_epoch, history, config)
+
+
+def sentence_pieces(encoder: TextEncoder, texts: Sequence[str]) -> list[list[int]]:
+    """Each text's model input as the encoder makes it: ``[CLS]``, the word pieces of its first
+    window, ``[SEP]`` (a text without words is read as ".")."""
+    windows = encoder.piece_windows([text.split() or ["."] for text in texts])
+    first: dict[int, list[int]] = {}
+    for window in windows:
+        first.setdefault(window.text, window.ids)
+    return [encoder.model_input(first.get(i, [])) for i in range(len(texts))]
 
 
 def layer_of(name: str) -> int | None:

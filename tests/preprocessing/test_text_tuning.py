@@ -11,15 +11,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.training.rated_texts import read_snippet_folder, rescale, split_of
-from model.training.text_tuning import (
-    TextTuningConfig,
-    TuningExample,
-    save_text_tuning,
-    tune_text_encoder,
-)
 from preprocessing.errors import ModelLoadError
 from preprocessing.models import bundled_text_model_dir
 from preprocessing.text import TextEncoder
+from preprocessing.text_tuning import (
+    TextTuningConfig,
+    TuningExample,
+    save_text_tuning,
+    sentence_pieces,
+    tune_text_encoder,
+)
 
 SNIPPETS = Path(__file__).resolve().parents[3] / "shared" / "data" / "sentiment-snippets"
 
@@ -107,6 +108,29 @@ def test_bad_tuning_files_are_refused(tuned, tmp_path: Path) -> None:
         TextEncoder(tuning=not_safetensors).load()
     assert digest  # the good file stays usable
     assert TextEncoder(tuning=path, tuning_sha256=digest).encode("fine").embeddings.shape[1] == 384
+
+
+def test_tuning_reads_the_word_pieces_the_encoder_embeds() -> None:
+    encoder = TextEncoder()
+    encoder.load()
+    fed: list[list[int]] = []
+    forward = encoder._model.forward
+
+    def recording_forward(*, input_ids, attention_mask, **kwargs):  # type: ignore[no-untyped-def]
+        for row, valid in zip(input_ids, attention_mask, strict=True):
+            fed.append(row[valid.bool()].tolist())
+        return forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    encoder._model.forward = recording_forward
+    long_text = " ".join(["unbelievably"] * 60)  # several pieces per word: two windows
+    texts = ["the plot is thin but the acting is wonderful", "don't  stop\tbelieving", long_text]
+    encoder.encode_batch(texts)
+    pieces = sentence_pieces(encoder, texts)
+    assert len(fed) == 4  # the long text is embedded in two windows
+    for ids in pieces:
+        assert ids in fed
+    assert len(pieces[2]) <= 256
+    assert sentence_pieces(encoder, [""]) == sentence_pieces(encoder, ["."])
 
 
 def test_tuning_needs_data_and_a_valid_layer_count(rated) -> None:
