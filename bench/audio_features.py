@@ -39,12 +39,10 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMB
 
 import numpy as np  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench.doc_sections import data_dir, write_section  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+from bench.doc_sections import DOCS, MEDIA, data_dir, write_section  # noqa: E402
 
-DOC = ROOT / "docs" / "FEATURES.md"
-MEDIA = ROOT.parent / "shared" / "media"
+DOC = DOCS / "FEATURES.md"
 HAPPY_CLIP = "cremad_1001_DFA_HAP_XX.mp4"
 ANGRY_CLIP = "cremad_1001_DFA_ANG_XX.mp4"
 EMOTIONS = {

@@ -43,12 +43,11 @@ from typing import Any
 import httpx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench.doc_sections import write_section  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+from bench.doc_sections import DOCS, MEDIA, ROOT, write_section
 
-DOC = ROOT / "docs" / "PERFORMANCE.md"
-DEFAULT_CLIP = ROOT.parent / "shared" / "media" / "cremad_1001_DFA_HAP_XX.mp4"
+DOC = DOCS / "PERFORMANCE.md"
+DEFAULT_CLIP = MEDIA / "cremad_1001_DFA_HAP_XX.mp4"
 
 
 @dataclass

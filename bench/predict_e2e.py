@@ -23,16 +23,12 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench.doc_sections import write_section  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+from bench.doc_sections import DOCS, write_section
+from bench.load import Server
+from bench.preprocess import make_talking_clip
 
-sys.path.insert(0, str(ROOT / "bench"))
-
-from load import Server  # noqa: E402
-from preprocess import make_talking_clip  # noqa: E402
-
-DOC = ROOT / "docs" / "PERFORMANCE.md"
+DOC = DOCS / "PERFORMANCE.md"
 STAGES = ("decode", "asr", "text", "audio", "visual", "queue", "model", "total")
 TARGET_10S, TARGET_RTF = 1.0, 0.15
 

@@ -28,11 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench.doc_sections import write_section  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+from bench.doc_sections import DOCS, MEDIA, write_section
 
-MEDIA = ROOT.parent / "shared" / "media"
 SHARED = [
     "jfk.flac",
     "grid_bbaf2n.mp4",
@@ -46,7 +44,7 @@ LOOP_SOURCES = [
 ]
 STAGES = ["decode", "asr", "text", "audio", "visual"]
 TARGET_RTF = 0.15
-DOC = ROOT / "docs" / "PERFORMANCE.md"
+DOC = DOCS / "PERFORMANCE.md"
 
 
 def _decode_audio(path: Path, rate: int) -> np.ndarray:

@@ -32,12 +32,11 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+from bench.doc_sections import DOCS, ROOT, write_section
 
-DOC = ROOT / "docs" / "SCALE.md"
-BEGIN, END = "<!-- ray-front-bench:begin -->", "<!-- ray-front-bench:end -->"
+DOC = DOCS / "SCALE.md"
+SECTION = "ray-front-bench"
 APP_NAME = "cmamba-bench"
 REPLICA_HEADER = "x-cmamba-replica"
 
@@ -127,10 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import ray
-    from load import features_body, resolve_checkpoint
     from ray import serve
-    from ray_replicas import _drive, _free_port, _wait_ready
 
+    from bench.load import features_body, resolve_checkpoint
+    from bench.ray_replicas import drive, free_port, wait_ready
     from service.ray_front import HAProxyFront, find_haproxy
     from service.ray_serve import build_deployment
 
@@ -139,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as work:
         checkpoint, checkpoint_text = resolve_checkpoint(args.checkpoint, Path(work))
         body = features_body(checkpoint, args.length)
-        proxy_port, front_port, metrics_port = _free_port(), _free_port(), _free_port()
+        proxy_port, front_port, metrics_port = free_port(), free_port(), free_port()
         direct = f"http://127.0.0.1:{proxy_port}"
         fronted = f"http://127.0.0.1:{front_port}"
         ray.init(
@@ -167,12 +166,12 @@ def main(argv: list[str] | None = None) -> int:
                 settings, num_replicas=2, num_cpus=1.0, metrics_port=None, health_check_period_s=1
             )
             serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-            _wait_ready(direct, 2)
+            wait_ready(direct, 2)
             front.start()
             for concurrency in args.concurrency:
                 paths = (("Ray's proxy", direct), ("HAProxy, then Ray's proxy", fronted))
                 for path, url in paths * args.repeats:
-                    cell = asyncio.run(_drive(url, body, concurrency, args.duration))
+                    cell = asyncio.run(drive(url, body, concurrency, args.duration))
                     overhead.append(
                         (path, concurrency, cell.rps, cell.percentile(50), cell.percentile(99))
                     )
@@ -198,7 +197,6 @@ def main(argv: list[str] | None = None) -> int:
         f"{haproxy_version(find_haproxy())}"
     )
     lines = [
-        BEGIN,
         "### HAProxy in front: cost and failover here (`bench/ray_front.py`)",
         "",
         f"Machine: {machine}. Checkpoint: {checkpoint_text}; 2 features-only replicas "
@@ -242,16 +240,10 @@ def main(argv: list[str] | None = None) -> int:
             f"| {path} | {rounds[path]} | {s['200']} | {s['500']} | {s['503']} | {other} | "
             f"{replays} |"
         )
-    lines.append(END)
     text = "\n".join(lines)
     print(text)
     if args.write_docs:
-        doc = DOC.read_text()
-        if BEGIN not in doc or END not in doc:
-            raise SystemExit(f"{DOC} has no {BEGIN} ... {END} section")
-        head, rest = doc.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        DOC.write_text(head + text + tail)
+        write_section(DOC, SECTION, text)
     return 0
 
 

@@ -33,12 +33,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+from bench.doc_sections import DOCS, ROOT, write_section
 
-DOC = ROOT / "docs" / "SCALE.md"
-BEGIN, END = "<!-- ray-bench:begin -->", "<!-- ray-bench:end -->"
+DOC = DOCS / "SCALE.md"
+SECTION = "ray-bench"
 APP_NAME = "cmamba-bench"
 
 
@@ -66,7 +65,7 @@ class Cell:
         return " / ".join(f"{100 * n / total:.0f}%" for _, n in self.spread.most_common())
 
 
-async def _drive(url: str, body: bytes, concurrency: int, duration: float) -> Cell:
+async def drive(url: str, body: bytes, concurrency: int, duration: float) -> Cell:
     headers = {"content-type": "application/json"}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
@@ -94,13 +93,13 @@ async def _drive(url: str, body: bytes, concurrency: int, duration: float) -> Ce
     return cell
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def _wait_ready(url: str, replicas: int, timeout: float = 180.0) -> None:
+def wait_ready(url: str, replicas: int, timeout: float = 180.0) -> None:
     from ray import serve
 
     deadline = time.monotonic() + timeout
@@ -117,7 +116,6 @@ def _wait_ready(url: str, replicas: int, timeout: float = 180.0) -> None:
 
 def render(cells: list[Cell], context: dict[str, str]) -> str:
     lines = [
-        BEGIN,
         "### 1 vs 2 replicas here (`bench/ray_replicas.py`)",
         "",
         f"Machine: {context['machine']}. Checkpoint: {context['checkpoint']}; features-only "
@@ -140,17 +138,8 @@ def render(cells: list[Cell], context: dict[str, str]) -> str:
         for k in sorted({c.concurrency for c in cells})
         if (1, k) in by and (2, k) in by and by[(1, k)].rps
     ]
-    lines += ["", "2 replicas against 1 (req/s): " + ", ".join(ratios) + ".", END]
+    lines += ["", "2 replicas against 1 (req/s): " + ", ".join(ratios) + "."]
     return "\n".join(lines)
-
-
-def write_section(text: str) -> None:
-    doc = DOC.read_text()
-    if BEGIN not in doc or END not in doc:
-        raise SystemExit(f"{DOC} has no {BEGIN} ... {END} section")
-    head, rest = doc.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    DOC.write_text(head + text + tail)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,9 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import ray
-    from load import features_body, resolve_checkpoint
     from ray import serve
 
+    from bench.load import features_body, resolve_checkpoint
     from service.ray_serve import build_deployment
 
     cpus_per_replica = args.cpus / 2
@@ -174,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as work:
         checkpoint, checkpoint_text = resolve_checkpoint(args.checkpoint, Path(work))
         body = features_body(checkpoint, args.length)
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         ray.init(
@@ -193,9 +182,9 @@ def main(argv: list[str] | None = None) -> int:
             for replicas in (1, 2):
                 app = build_deployment(settings, num_replicas=replicas, num_cpus=cpus_per_replica)
                 serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-                _wait_ready(url, replicas)
+                wait_ready(url, replicas)
                 for concurrency in args.concurrency:
-                    cell = asyncio.run(_drive(url, body, concurrency, args.duration))
+                    cell = asyncio.run(drive(url, body, concurrency, args.duration))
                     cell.replicas = replicas
                     cells.append(cell)
                     print(
@@ -224,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(text)
     if args.write_docs:
-        write_section(text)
+        write_section(DOC, SECTION, text)
     return 0
 
 

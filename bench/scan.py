@@ -38,16 +38,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from model.ops import coupled_selective_scan  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+from bench.doc_sections import DOCS, write_blocks
+from model.ops import coupled_selective_scan
 
 SHAPES = [(1, 50, 256), (1, 500, 512), (1, 2000, 512), (32, 50, 256), (32, 500, 512)]
 TRAIN_SHAPES = [(32, 50, 256), (1, 500, 512), (8, 500, 256)]
 M, N_STATE = 3, 16
-DOC = REPO / "docs" / "PERFORMANCE.md"
+DOC = DOCS / "PERFORMANCE.md"
 # CPU ref at this many state-steps (M*b*D*N*L) needs > 3 GB and tens of seconds: skipped.
 REF_CPU_LIMIT = 2e8
 NOMINAL_PEAK_GBS = {"H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800}
@@ -594,28 +592,10 @@ def gpu_report(args: argparse.Namespace) -> str:
     )
 
 
-def replace_block(text: str, name: str, body: str) -> str:
-    """Replace the text between <!-- name:begin --> and <!-- name:end --> (append if absent)."""
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    block = f"{begin}\n{body.rstrip()}\n{end}"
-    if begin in text and end in text:
-        i, j = text.index(begin), text.index(end) + len(end)
-        return text[:i] + block + text[j:]
-    return text.rstrip() + "\n\n" + block + "\n"
-
-
 def write_docs(section: str, parts: dict[str, str]) -> None:
-    """Rewrite sub-blocks of one section of docs/PERFORMANCE.md, keeping the others."""
-    text = DOC.read_text()
-    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
-    i, j = text.index(begin) + len(begin), text.index(end)
-    inner = text[i:j]
-    if not inner.strip():
-        title = "Coupled selective scan" if section == "scan" else "Coupled selective scan on a GPU"
-        inner = f"\n### {title} (`bench/scan.py`)\n"
-    for name, body in parts.items():
-        inner = replace_block(inner, f"{section}-{name}", body)
-    DOC.write_text(text[:i] + inner.rstrip() + "\n" + text[j:])
+    """Rewrite blocks of one section of docs/PERFORMANCE.md, keeping the others."""
+    title = "Coupled selective scan" if section == "scan" else "Coupled selective scan on a GPU"
+    write_blocks(DOC, section, parts, heading=f"### {title} (`bench/scan.py`)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,13 +32,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-from bench.doc_sections import write_section  # noqa: E402
-from bench.load import DEFAULT_CLIP, Server, features_body, resolve_checkpoint  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+from bench.doc_sections import DOCS, write_section
+from bench.load import DEFAULT_CLIP, Server, features_body, resolve_checkpoint
 
-DOC = ROOT / "docs" / "PERFORMANCE.md"
+DOC = DOCS / "PERFORMANCE.md"
 SECTION = "soak"
 
 

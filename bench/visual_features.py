@@ -34,19 +34,17 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench.doc_sections import data_dir, write_section  # noqa: E402
-from preprocessing.face_expression import (  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+from bench.doc_sections import DOCS, MEDIA, ROOT, data_dir, write_section
+from preprocessing.face_expression import (
     CLASSES,
     FACE_EMBED_DIM,
     FaceExpressionEncoder,
     sha256_of,
 )
-from preprocessing.face_training import load_split, pos_neg_auc  # noqa: E402
+from preprocessing.face_training import load_split, pos_neg_auc
 
-MEDIA = ROOT.parent / "shared" / "media"
-DOC = ROOT / "docs" / "FEATURES.md"
+DOC = DOCS / "FEATURES.md"
 MESH_COLUMNS = list(range(1, 16))  # head pose + expression; not face_present, face_size
 HAPPY = CLASSES.index("happy")
 CLIPS = {

@@ -13,7 +13,7 @@ from bench.baselines import (
     materialized_attention,
     sdpa_attention,
 )
-from bench.fusion_efficiency import make_inputs, peak_memory_call
+from bench.fusion_measure import make_inputs, peak_memory_call
 from model import CoupledMambaConfig, CoupledMambaForSentiment
 
 

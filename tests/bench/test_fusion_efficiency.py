@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from bench import fusion_efficiency as fe
+from bench import fusion_measure as measure
+from bench import fusion_report as report
 from model import CoupledMambaConfig
 from model.mamba import CoupledMambaLayer, MambaMixer
 
@@ -27,13 +29,13 @@ def test_cpu_peak_follows_allocations_and_frees() -> None:
         z = torch.ones(MiB // 4)  # 1 MiB -> 3 MiB live
         return y[:1] + z[:1]
 
-    peak = fe.peak_memory_call(work, CPU)
+    peak = measure.peak_memory_call(work, CPU)
     assert 6 * MiB <= peak < 6 * MiB + 64 * 1024
 
 
 def test_cpu_peak_ignores_what_was_live_before() -> None:
     big = torch.ones(4 * MiB)
-    peak = fe.peak_memory_call(lambda: big[: MiB // 4].clone(), CPU)
+    peak = measure.peak_memory_call(lambda: big[: MiB // 4].clone(), CPU)
     assert MiB <= peak < MiB + 64 * 1024
 
 
@@ -51,7 +53,7 @@ def test_peak_breakdown_names_the_allocating_lines() -> None:
         small = _allocate_small()
         return big, small
 
-    rows = fe.peak_breakdown_cpu(work)
+    rows = measure.peak_breakdown_cpu(work)
     assert len(rows) == 2
     (first, first_bytes), (second, second_bytes) = rows
     assert first.endswith("_allocate_big") and first_bytes == 4 * MiB
@@ -61,10 +63,10 @@ def test_peak_breakdown_names_the_allocating_lines() -> None:
 def test_real_cpu_allocation_failure_counts_as_out_of_memory() -> None:
     with pytest.raises(RuntimeError) as info:
         torch.empty(1 << 50, dtype=torch.uint8)
-    assert fe.is_out_of_memory(info.value)
-    assert fe.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
-    assert not fe.is_out_of_memory(RuntimeError("shape mismatch"))
-    assert not fe.is_out_of_memory(ValueError("out of memory"))
+    assert measure.is_out_of_memory(info.value)
+    assert measure.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert not measure.is_out_of_memory(RuntimeError("shape mismatch"))
+    assert not measure.is_out_of_memory(ValueError("out of memory"))
 
 
 def test_rounds_interleave_with_a_rotating_start() -> None:
@@ -72,24 +74,24 @@ def test_rounds_interleave_with_a_rotating_start() -> None:
     calls: dict[str, Callable[[], float]] = {
         name: functools.partial(lambda n: float(len(n)), name) for name in ("ours", "(a)", "(b)")
     }
-    times = fe.interleaved_rounds(calls, 3, log=order)
+    times = measure.interleaved_rounds(calls, 3, log=order)
     assert order == ["ours", "(a)", "(b)", "(a)", "(b)", "ours", "(b)", "ours", "(a)"]
     assert times == {"ours": [4.0] * 3, "(a)": [3.0] * 3, "(b)": [3.0] * 3}
 
 
 def test_time_call_measures_the_call() -> None:
-    seconds = fe.time_call(lambda: sum(range(200_000)), CPU)
+    seconds = measure.time_call(lambda: sum(range(200_000)), CPU)
     assert 0 < seconds < 5
 
 
 def test_fit_line() -> None:
-    slope, intercept, r2 = fe.fit_line([64, 256, 1024], [100 + 3 * x for x in (64, 256, 1024)])
+    slope, intercept, r2 = measure.fit_line([64, 256, 1024], [100 + 3 * x for x in (64, 256, 1024)])
     assert slope == pytest.approx(3.0)
     assert intercept == pytest.approx(100.0)
     assert r2 == pytest.approx(1.0)
-    assert fe.fit_line([1, 2, 3], [1, 5, 2])[2] < 0.5
+    assert measure.fit_line([1, 2, 3], [1, 5, 2])[2] < 0.5
     with pytest.raises(ValueError):
-        fe.fit_line([1], [1])
+        measure.fit_line([1], [1])
 
 
 def test_layer_floor_counts_the_tensors_a_layer_holds_at_its_scan() -> None:
@@ -105,11 +107,11 @@ def test_layer_floor_counts_the_tensors_a_layer_holds_at_its_scan() -> None:
             u, dt, B, C, z = mixer.scan_inputs(hidden[i], torch.ones(batch, length))
             y = torch.empty_like(u)  # the scan output has u's shape
             total += sum(t.numel() for t in (u, dt, B, C, z, y))
-    floor = fe.layer_activation_floor(config)
+    floor = measure.layer_activation_floor(config)
     assert floor["floor"] * batch * length == total * 4
 
 
-def _quick_options(**overrides: object) -> fe.BenchOptions:
+def _quick_options(**overrides: object) -> measure.BenchOptions:
     values: dict[str, object] = {
         "lengths": (8, 16),
         "batches": (1,),
@@ -118,17 +120,17 @@ def _quick_options(**overrides: object) -> fe.BenchOptions:
         "mem_cap_gb": 4.0,
     }
     values.update(overrides)
-    return fe.BenchOptions(**values)  # type: ignore[arg-type]
+    return measure.BenchOptions(**values)  # type: ignore[arg-type]
 
 
 def test_a_setting_over_the_memory_cap_is_recorded_not_run() -> None:
     options = _quick_options()
-    config = fe.bench_config(quick=True)
-    models = fe.build_models(config, CPU, options.heads, "auto", 0)
+    config = measure.bench_config(quick=True)
+    models = measure.build_models(config, CPU, options.heads, "auto", 0)
     # (a) needs 2 x 1 x 4 x 64^2 x 4 B = 131 kB of attention matrices at L = 64.
     options.mem_cap_gb = 100e3 / 1e9
-    done: dict[str, list[fe.Measurement]] = {}
-    row = fe.run_setting(models, config, options, 1, 64, done, log=lambda _: None)
+    done: dict[str, list[measure.Measurement]] = {}
+    row = measure.run_setting(models, config, options, 1, 64, done, log=lambda _: None)
     assert row["(a)"].status == "oom" and row["(a)"].note == "OOM (est. 0.0 GB)"
     assert row["(a)"].times_s == [] and row["(a)"].peak_bytes is None
     for name in ("ours", "(b)"):
@@ -138,7 +140,7 @@ def test_a_setting_over_the_memory_cap_is_recorded_not_run() -> None:
         assert peak is not None and peak > 0
     # a larger setting is estimated from this one, and skipped when over the time cap
     options.mem_cap_gb, options.max_call_s = 4.0, 1e-9
-    later = fe.run_setting(models, config, options, 1, 128, done, log=lambda _: None)
+    later = measure.run_setting(models, config, options, 1, 128, done, log=lambda _: None)
     assert later["ours"].status == "skipped" and later["ours"].note.startswith("skipped (est.")
 
 
@@ -153,10 +155,10 @@ class _RunsOutOfMemory(nn.Module):
 
 def test_a_real_out_of_memory_is_recorded_not_raised() -> None:
     options = _quick_options()
-    config = fe.bench_config(quick=True)
-    models = fe.build_models(config, CPU, options.heads, "auto", 0)
+    config = measure.bench_config(quick=True)
+    models = measure.build_models(config, CPU, options.heads, "auto", 0)
     models["(b)"] = _RunsOutOfMemory()
-    row = fe.run_setting(models, config, options, 1, 8, {}, log=lambda _: None)
+    row = measure.run_setting(models, config, options, 1, 8, {}, log=lambda _: None)
     assert row["(b)"].status == "oom" and row["(b)"].note == "OOM"
     assert row["ours"].status == "ok" and row["(a)"].status == "ok"
 
@@ -164,22 +166,22 @@ def test_a_real_out_of_memory_is_recorded_not_raised() -> None:
 def test_verdicts_say_met_and_missed() -> None:
     def row(ours: tuple[float, int], a: tuple[float, int], b: tuple[float, int]) -> dict:
         out = {}
-        for name, (seconds, peak) in zip(fe.MODEL_NAMES, (ours, a, b), strict=True):
-            out[name] = fe.Measurement(name, 1, 4096, times_s=[seconds], peak_bytes=peak)
+        for name, (seconds, peak) in zip(measure.MODEL_NAMES, (ours, a, b), strict=True):
+            out[name] = measure.Measurement(name, 1, 4096, times_s=[seconds], peak_bytes=peak)
         return out
 
-    good = fe.target_verdicts([row((1.0, 5), (3.0, 100), (2.0, 5))], 4096)[0]
+    good = report.target_verdicts([row((1.0, 5), (3.0, 100), (2.0, 5))], 4096)[0]
     assert "speed vs (a) 3.00x (target >= 2x: met)" in good
     assert "memory vs (a) 95.0% less (target >= 90%: met)" in good
     assert "speed vs (b) 2.00x (target > 1x: met)" in good
     assert "memory vs (b) 1.00x of (b) (target <= 1x: met)" in good
-    bad = fe.target_verdicts([row((1.0, 50), (1.5, 100), (0.5, 10))], 4096)[0]
+    bad = report.target_verdicts([row((1.0, 50), (1.5, 100), (0.5, 10))], 4096)[0]
     assert bad.count("MISSED") == 4
-    assert fe.target_verdicts([row((1.0, 5), (3.0, 100), (2.0, 5))], 1024) == []
+    assert report.target_verdicts([row((1.0, 5), (3.0, 100), (2.0, 5))], 1024) == []
 
-    config = fe.bench_config(quick=True)
-    assert fe.explain_misses([row((1.0, 5), (3.0, 100), (2.0, 5))], config, heads=4) == []
-    why = fe.explain_misses([row((1.0, 50), (1.5, 100), (0.5, 10))], config, heads=4)
+    config = measure.bench_config(quick=True)
+    assert report.explain_misses([row((1.0, 5), (3.0, 100), (2.0, 5))], config, heads=4) == []
+    why = report.explain_misses([row((1.0, 50), (1.5, 100), (0.5, 10))], config, heads=4)
     assert [line.split(":")[0] for line in why] == [
         "b=1, L=4096, memory vs (a)",
         "b=1, L=4096, memory vs (b)",
@@ -194,22 +196,22 @@ def test_doc_section_keeps_everything_else(tmp_path: Path) -> None:
     doc = tmp_path / "PERFORMANCE.md"
     doc.write_text(
         "# Performance\n\n<!-- scan:begin -->\nscan table\n<!-- scan:end -->\n\n"
-        f"{fe.DOC_BEGIN}\n{fe.DOC_END}\n\ntail\n"
+        f"{report.DOC_BEGIN}\n{report.DOC_END}\n\ntail\n"
     )
-    fe.write_doc_section(doc, "cuda", "cuda numbers\n")
-    fe.write_doc_section(doc, "cpu", "cpu numbers v1\n")
-    fe.write_doc_section(doc, "cpu", "cpu numbers v2\n")
+    report.write_doc_section(doc, "cuda", "cuda numbers\n")
+    report.write_doc_section(doc, "cpu", "cpu numbers v1\n")
+    report.write_doc_section(doc, "cpu", "cpu numbers v2\n")
     text = doc.read_text()
     assert "scan table" in text and text.endswith("tail\n")
     assert "cuda numbers" in text and "cpu numbers v2" in text and "v1" not in text
-    assert text.count(fe.DOC_BEGIN) == 1 and text.count("<!-- fusion-cpu:begin -->") == 1
-    section = text.split(fe.DOC_BEGIN)[1].split(fe.DOC_END)[0]
+    assert text.count(report.DOC_BEGIN) == 1 and text.count("<!-- fusion-cpu:begin -->") == 1
+    section = text.split(report.DOC_BEGIN)[1].split(report.DOC_END)[0]
     assert "cpu numbers v2" in section and "scan table" not in section
 
 
 def test_quick_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     doc = tmp_path / "PERFORMANCE.md"
-    doc.write_text(f"# Performance\n\n{fe.DOC_BEGIN}\n{fe.DOC_END}\n")
+    doc.write_text(f"# Performance\n\n{report.DOC_BEGIN}\n{report.DOC_END}\n")
     out = tmp_path / "fusion.json"
     argv = ["--quick", "--lengths", "8,16,32", "--batches", "1", "--repeats", "2"]
     assert fe.main([*argv, "--doc", str(doc), "--json", str(out)]) == 0
@@ -219,7 +221,7 @@ def test_quick_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     rows = data["results"]
     assert [r["ours"]["length"] for r in rows] == [8, 16, 32]
     for r in rows:
-        for name in fe.MODEL_NAMES:
+        for name in measure.MODEL_NAMES:
             assert r[name]["status"] == "ok"
             assert len(r[name]["times_s"]) == 2 and r[name]["median_s"] > 0
             assert r[name]["peak_bytes"] > 0
@@ -229,28 +231,28 @@ def test_quick_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "Bytes alive at the memory peak (batch 1, L = 32)" in text
 
     # the saved results render the same section again, without measuring
-    doc.write_text(f"# Performance\n\n{fe.DOC_BEGIN}\n{fe.DOC_END}\n")
+    doc.write_text(f"# Performance\n\n{report.DOC_BEGIN}\n{report.DOC_END}\n")
     assert fe.main(["--render-json", str(out), "--doc", str(doc)]) == 0
     assert doc.read_text() == text
 
 
 def test_rounds_per_setting() -> None:
     options = _quick_options(repeats=3, long_round_s=60.0)
-    assert fe.timed_rounds(options, n_active=3, round_estimate_s=10.0) == 3
-    assert fe.timed_rounds(options, n_active=3, round_estimate_s=61.0) == 2
-    assert fe.timed_rounds(options, n_active=1, round_estimate_s=1.0) == 1
+    assert measure.timed_rounds(options, n_active=3, round_estimate_s=10.0) == 3
+    assert measure.timed_rounds(options, n_active=3, round_estimate_s=61.0) == 2
+    assert measure.timed_rounds(options, n_active=1, round_estimate_s=1.0) == 1
 
 
 def test_crossovers() -> None:
-    def row(length: int, ours: float, a: float, b: float | None) -> dict[str, fe.Measurement]:
+    def row(length: int, ours: float, a: float, b: float | None) -> dict[str, measure.Measurement]:
         out = {}
-        for name, seconds in zip(fe.MODEL_NAMES, (ours, a, b), strict=True):
+        for name, seconds in zip(measure.MODEL_NAMES, (ours, a, b), strict=True):
             times = [seconds] if seconds is not None else []
-            out[name] = fe.Measurement(name, 1, length, times_s=times)
+            out[name] = measure.Measurement(name, 1, length, times_s=times)
         return out
 
     table = [row(64, 2.0, 1.0, 1.0), row(256, 2.0, 3.0, 1.0), row(1024, 2.0, 9.0, None)]
-    assert fe.crossovers(table) == [
+    assert report.crossovers(table) == [
         "batch 1: ours is faster than (a) from L = 256",
         "batch 1: ours is faster than (b) at no measured L (up to 256)",
     ]
