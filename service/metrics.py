@@ -1,4 +1,5 @@
-"""Prometheus metrics of the service (names are a contract: DESIGN §4), on the app's registry."""
+"""Prometheus metrics of the service (names are a contract: docs/DEPLOY.md, Monitoring), on the
+app's registry."""
 
 from __future__ import annotations
 

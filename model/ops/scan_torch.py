@@ -247,8 +247,8 @@ def _scan_rows(
 
     Memory besides the output: the state twice (ping-pong) and the mixed state, each
     (M, b, D, N), plus time-major copies of one chunk of inputs. Same recurrence as the
-    autograd path; what differs only moves less data (measured at batch 16, D 256, N 16 on a
-    2-core AVX-512 host: 158 -> 92 us per step):
+    autograd path; what differs only moves less data (docs/PERFORMANCE.md, "Notes from the
+    code", has the measurement):
     - the state is held state-major, (M, b, N, D), so that every per-step operand is a
       broadcast along N or D of a contiguous block, and y = C · h is one batched
       (1, N) @ (N, D) product instead of a product buffer and a reduction over an innermost

@@ -1,4 +1,5 @@
-"""Request and response bodies of the REST API (field names are a contract: DESIGN §4)."""
+"""Request and response bodies of the REST API (field names are a contract: service/README.md,
+Endpoints)."""
 
 from __future__ import annotations
 

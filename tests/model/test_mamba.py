@@ -15,7 +15,8 @@ from model.mamba import CoupledMambaLayer, MambaMixer, masked_pool, masked_softm
 
 # ---------------------------------------------------------------------------------------------
 # An independent, literal implementation of one coupled layer for a single unpadded sample:
-# nested loops over time, conv taps and modalities, written from the equations of DESIGN §2.
+# nested loops over time, conv taps and modalities, written from the equations in README.md
+# ("The model") and the docstring of model/ops/scan_ref.py.
 # ---------------------------------------------------------------------------------------------
 
 
