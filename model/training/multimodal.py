@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
 
-from model.config import CoupledMambaConfig
+from model.config import MODALITY_ORDER, CoupledMambaConfig
 from model.mamba import CoupledMambaForSentiment
 from model.ops import NonFiniteInputError
 from model.training.data import Sample, collate, length_bucketed_batches
@@ -307,7 +307,7 @@ PAIRED_SUBSETS = {
     "voice": ("audio",),
     "face": ("visual",),
     "voice+face": ("audio", "visual"),
-    "all": ("text", "audio", "visual"),
+    "all": MODALITY_ORDER,
 }
 
 
