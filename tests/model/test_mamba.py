@@ -371,9 +371,9 @@ def test_backends_give_the_same_model(make_model, batch_of) -> None:
 def test_inference_path_equals_training_path(
     make_model, batch_of, modalities: tuple[str, ...], coupling: str, chunk: int | None
 ) -> None:
-    """Without gradients the torch backend takes its own path (the conv on (b, L, D) rows,
-    the rows scan, no stacking copy for one modality); it answers what the path that
-    training takes answers (nn.Conv1d, the autograd scan)."""
+    """Without gradients the torch backend's scan takes its own loop (``_scan_rows``: the
+    state held (N, D), one batched product per step for y); it answers what the autograd
+    scan that training takes answers, through the same layer code."""
     dims = {m: d for m, d in {"text": 7, "audio": 5, "visual": 6}.items() if m in modalities}
     features, masks = batch_of([12, 7], dims=dims)
     masks["text"][0, 3:5] = False
