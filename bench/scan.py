@@ -673,8 +673,8 @@ def layer_ab(rev: str, reps: int, threads: int) -> str:
         f"modalities, a quarter of the batch padded by a third; {threads} thread(s), CPU, "
         f"torch backend; ms of CPU time of the calling thread (all of the work with one thread; "
         f"time spent descheduled on the shared cores is not counted), median of {reps} rounds "
-        f"in which the two run in turn on the same inputs (one process, so load changes hit "
-        f"both alike).\n\n"
+        f"in which the two run in turn, in alternating order, on the same inputs (one process, "
+        f"so load changes hit both alike).\n\n"
         f"Inference (no grad; `max |diff|`: largest difference of scores and probabilities):"
         f"\n\n{table([*header, 'max |diff|'], rows)}\n\n"
         f"Training step (forward + backward of a loss on both heads; `max rel diff`: largest "
@@ -700,8 +700,10 @@ def _interleaved(
 ) -> tuple[dict[str, float], dict[str, Any]]:
     results = {name: call(model) for name, model in models.items()}  # warm-up, answers
     times: dict[str, list[float]] = {name: [] for name in models}
+    order = list(models.items())
     for _ in range(reps):
-        for name, model in models.items():
+        order.reverse()  # each goes first in every other round (the first call runs colder)
+        for name, model in order:
             t0 = time.thread_time()  # one thread: the CPU time this call used, not the wait
             call(model)
             times[name].append(time.thread_time() - t0)

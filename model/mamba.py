@@ -47,8 +47,8 @@ from model.ops.fast_path import (
     ConvFn,
     FastPath,
     causal_conv_rows,
+    check_scan_backend_name,
     choose_fast_path,
-    resolve_scan_backend,
     stack_modalities,
 )
 from model.ops.mamba_kernels import KernelChoice
@@ -482,7 +482,7 @@ class CoupledMambaForSentiment(nn.Module):
             else None
         )
         self._rescale_residual_outputs()
-        resolve_scan_backend(scan_backend, "cpu")  # an unknown name fails here, not later
+        check_scan_backend_name(scan_backend)  # an unknown name fails here, not at first use
         self._scan_request = scan_backend
         self._fast_path: FastPath | None = None
         self.inference_chunk_size: int | None = DEFAULT_INFERENCE_CHUNK

@@ -227,16 +227,21 @@ class FastPath:
         return f"scan backend {self.scan_backend}: " + "; ".join(self.reasons)
 
 
+def check_scan_backend_name(name: str) -> None:
+    """Raise ValueError unless ``name`` is "auto" or a name of ``model.ops.BACKENDS``."""
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown scan backend {name!r}; available: {BACKENDS} or 'auto'")
+
+
 def resolve_scan_backend(name: str, device: torch.device | str) -> tuple[str, str]:
     """A backend request ("auto" or a name of ``model.ops.BACKENDS``) -> (backend, why).
 
     Raises:
         ValueError: an unknown name.
     """
+    check_scan_backend_name(name)
     if name == "auto":
         return explain_backend(device)
-    if name not in BACKENDS:
-        raise ValueError(f"unknown scan backend {name!r}; available: {BACKENDS} or 'auto'")
     return name, f"{name} asked for by name"
 
 

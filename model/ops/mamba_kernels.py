@@ -131,11 +131,11 @@ def require(choice: KernelChoice) -> None:
     if choice.conv == "causal_conv1d":
         fn, why = probe(*_CONV_SOURCE)
         if fn is None:
-            raise RuntimeError(f"{why}: it does not import here")
+            raise RuntimeError(why)
     if choice.uncoupled_scan == "mamba_ssm":
         fn, why = probe(*_SCAN_SOURCE)
         if fn is None:
-            raise RuntimeError(f"{why}: it does not import here")
+            raise RuntimeError(why)
 
 
 def causal_conv1d_silu(
