@@ -104,10 +104,10 @@ TEXT_REFINE = MultimodalTrainSettings(
     source_boost={"nyt_editorials": 2.0},
 )  # fmt: skip
 
-# Step 3b: RAVDESS under drawn recording conditions (preprocessing.voice_augment): copies of
+# Step 3b: RAVDESS under drawn recording conditions (preprocessing.voice_augment): a copy of
 # every training clip for training, one of every validation and test clip for the
 # shifted-condition check ("voice_shifted" in the metrics).
-AUGMENT_COPIES = {"train": 2, "valid": 1, "test": 1}
+AUGMENT_COPIES = {"train": 1, "valid": 1, "test": 1}
 AUGMENT_SEED = 20261202
 
 # Step 5c: the voice branch alone, refined on the clips and their condition variants (audio
