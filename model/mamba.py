@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +47,6 @@ from model.config import CLASS_NAMES, CoupledMambaConfig
 from model.ops import mamba_kernels
 from model.ops.mamba_kernels import KernelChoice
 from model.ops.scan_torch import coupled_selective_scan_rows
-
-if TYPE_CHECKING:
-    from model.checkpoint import CheckpointInfo
 
 
 @dataclass
@@ -604,8 +601,6 @@ class CoupledMambaForSentiment(nn.Module):
         self.scan_backend = resolve_scan_backend(scan_backend, "cpu")
         self.kernels = mamba_kernels.select_kernels("cpu", config.state_coupling, self.scan_backend)
         self.inference_chunk_size: int | None = DEFAULT_INFERENCE_CHUNK
-        # Set by load_checkpoint: name, version, hash, training facts, metrics, model card.
-        self.checkpoint_info: CheckpointInfo | None = None
 
     @torch.no_grad()
     def _rescale_residual_outputs(self) -> None:

@@ -53,7 +53,7 @@ from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
 
 if TYPE_CHECKING:
-    from model import CoupledMambaConfig, CoupledMambaForSentiment
+    from model import CheckpointInfo, CoupledMambaConfig, CoupledMambaForSentiment
     from service.backend import ForwardHook, ModelBackend
 
 logger = logging.getLogger(__name__)
@@ -127,6 +127,7 @@ class InferenceCore:
         self.settings = settings
         self.metrics = metrics
         self._model = model
+        self._info: CheckpointInfo | None = None
         self._extractor = extractor
         self._before_forward = before_forward
         self.state = CoreState.STARTING
@@ -185,10 +186,10 @@ class InferenceCore:
         model = self._model
         if model is None:
             self.check()
-            from model import load_checkpoint
+            from model import load_checkpoint_with_info
             from model.checkpoints import pinned_hashes
 
-            model = load_checkpoint(
+            model, self._info = load_checkpoint_with_info(
                 s.model_path,
                 device=device,
                 scan_backend=s.scan_backend,
@@ -222,7 +223,7 @@ class InferenceCore:
             batcher.call(lambda: backend.warmup(sizes, [first])).result()
             self._publish_memory(backend.memory_snapshot())
 
-        info = model.checkpoint_info
+        info = self._info
         name = s.model_name or (info.name if info else "coupled-mamba")
         version = info.version if info else "0"
         self._identity = ModelIdentity(
@@ -275,7 +276,7 @@ class InferenceCore:
                     f"the checkpoint's feature sizes differ from profile {profile.name!r} "
                     f"(checkpoint, profile): {wrong}"
                 )
-            info = self._model.checkpoint_info if self._model is not None else None
+            info = self._info
             source = default_extractor(
                 self.settings,
                 modalities,
@@ -290,7 +291,7 @@ class InferenceCore:
         self, config: CoupledMambaConfig, description: Mapping[str, Any]
     ) -> dict[str, Any]:
         assert self._identity is not None and self._model is not None
-        info = self._model.checkpoint_info
+        info = self._info
         outputs = [
             {"name": "score", "datatype": "FP32", "shape": [1]},
             {"name": "probabilities", "datatype": "FP32", "shape": [len(CLASS_NAMES)]},
