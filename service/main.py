@@ -22,9 +22,9 @@ from fastapi import FastAPI
 
 from service.api import docs, health, metrics, models, predict, timeline, webui
 from service.api.auth import declare_scheme
+from service.api.errors import install_handlers
 from service.core.engine import InferenceCore
 from service.core.extraction import FeatureExtractor
-from service.errors import install_handlers
 from service.metrics import ServiceMetrics
 from service.middleware import (
     RequestContextMiddleware,
