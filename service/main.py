@@ -35,7 +35,7 @@ from service.settings import ServiceSettings
 
 if TYPE_CHECKING:
     from model import CoupledMambaForSentiment
-    from service.backend import ForwardHook
+    from service.core.runner import ForwardHook
 
 logger = logging.getLogger(__name__)
 

@@ -54,7 +54,7 @@ from service.settings import ServiceSettings
 
 if TYPE_CHECKING:
     from model import CheckpointInfo, CoupledMambaConfig, CoupledMambaForSentiment
-    from service.backend import ForwardHook, ModelBackend
+    from service.core.runner import ForwardHook, ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class InferenceCore:
         model: an already built model to serve instead of loading ``settings.model_path``.
         extractor: a thread-safe feature extractor to use instead of
             ``preprocessing.Extractor`` for the checkpoint's modalities.
-        before_forward: hook handed to the model backend (called before each model call).
+        before_forward: hook handed to the model runner (called before each model call).
     """
 
     def __init__(
@@ -133,7 +133,7 @@ class InferenceCore:
         self.state = CoreState.STARTING
         self.startup_error: str | None = None
         self._started = threading.Event()
-        self._backend: ModelBackend | None = None
+        self._runner: ModelRunner | None = None
         self._batcher: MicroBatcher | None = None
         self._pool: ExtractionPool | None = None
         self._identity: ModelIdentity | None = None
@@ -177,7 +177,7 @@ class InferenceCore:
     def _start(self) -> None:
         import torch
 
-        from service.backend import ModelBackend, resolve_device
+        from service.core.runner import ModelRunner, resolve_device
 
         s = self.settings
         threads = s.torch_threads
@@ -199,12 +199,12 @@ class InferenceCore:
             model = model.to(device).eval()
             model.set_scan_backend(s.scan_backend)  # "auto" is decided for the new device
         self._model = model
-        backend = ModelBackend(
+        runner = ModelRunner(
             model, before_forward=self._before_forward, on_oom=self.metrics.gpu_oom.inc
         )
-        self._backend = backend
+        self._runner = runner
         batcher = MicroBatcher(
-            backend.run_batch,
+            runner.run_batch,
             max_batch_size=s.max_batch_size,
             max_batch_delay_s=s.max_batch_delay_ms / 1000.0,
             max_queue_size=s.max_queue_size,
@@ -220,8 +220,8 @@ class InferenceCore:
         if s.warmup:
             first = batcher.bucket_length(1)
             sizes = sorted({1, s.max_batch_size})
-            batcher.call(lambda: backend.warmup(sizes, [first])).result()
-            self._publish_memory(backend.memory_snapshot())
+            batcher.call(lambda: runner.warmup(sizes, [first])).result()
+            self._publish_memory(runner.memory_snapshot())
 
         info = self._info
         name = s.model_name or (info.name if info else "coupled-mamba")
@@ -229,24 +229,24 @@ class InferenceCore:
         self._identity = ModelIdentity(
             name=name,
             version=version,
-            device=str(backend.device),
-            scan_backend=backend.scan_backend,
+            device=str(runner.device),
+            scan_backend=runner.scan_backend,
         )
         self._metadata = self._build_metadata(model.config, description)
 
         if s.enable_media:
             self._pool = self._build_pool(model.config)
 
-        device_name = str(backend.device)
+        device_name = str(runner.device)
         self.metrics.model_info.labels(
-            name=name, version=version, device=device_name, scan_backend=backend.scan_backend
+            name=name, version=version, device=device_name, scan_backend=runner.scan_backend
         ).set(1)
         if self.state is CoreState.STARTING:
             self.state = CoreState.READY
             self.metrics.ready.set(1)
         logger.info(
-            "ready: model %s v%s on %s, scan backend %s", name, version, backend.device,
-            backend.scan_backend,
+            "ready: model %s v%s on %s, scan backend %s", name, version, runner.device,
+            runner.scan_backend,
         )  # fmt: skip
 
     def _build_pool(self, config: CoupledMambaConfig) -> ExtractionPool | None:
