@@ -162,7 +162,7 @@ def main() -> int:
         extractor = Extractor(ExtractorSettings())
     else:  # the extractor the service builds for that checkpoint
         from model import load_checkpoint_with_info
-        from service.core.engine import default_extractor
+        from service.core.lifecycle import default_extractor
         from service.settings import ServiceSettings
 
         service = ServiceSettings(model_path=args.checkpoint)

@@ -32,7 +32,7 @@ def crema_d_check(checkpoint: Path) -> dict[str, dict[str, float]]:
     import torch
 
     from model import load_checkpoint_with_info
-    from service.core.engine import default_extractor
+    from service.core.lifecycle import default_extractor
     from service.settings import ServiceSettings
 
     model, info = load_checkpoint_with_info(checkpoint)
