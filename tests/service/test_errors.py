@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
 import pytest
 
 from service import errors
 from service.api.errors import error_headers, error_response, http_status
-
-SERVICE = Path(__file__).resolve().parents[2] / "service"
 
 
 @pytest.mark.parametrize(
@@ -46,18 +41,3 @@ def test_each_domain_error_has_its_status(error: errors.ServiceError, status: in
 
 def test_unauthorized_names_the_scheme() -> None:
     assert error_headers(errors.UnauthorizedError("x"), 1) == {"WWW-Authenticate": "Bearer"}
-
-
-def test_domain_errors_import_no_web_framework() -> None:
-    tree = ast.parse((SERVICE / "errors.py").read_text())
-    imported = {
-        alias.name.split(".")[0]
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Import)
-        for alias in node.names
-    } | {
-        (node.module or "").split(".")[0]
-        for node in ast.walk(tree)
-        if isinstance(node, ast.ImportFrom)
-    }
-    assert not imported & {"fastapi", "starlette"}
