@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -147,7 +148,7 @@ class TimelinePrediction:
     """The answer to one timeline request: the timeline and the request's facts."""
 
     timeline: Timeline
-    modalities: dict[str, object]
+    modalities: dict[str, Any]  # what the extractor found (see assembly.media_summary)
     timings_ms: dict[str, float]
     model: ModelIdentity
     largest_batch: int
