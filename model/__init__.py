@@ -3,13 +3,15 @@
 Public interface (see docs/ARCHITECTURE.md)::
 
     from model import (CoupledMambaConfig, CoupledMambaForSentiment, SentimentOutput,
-                       load_checkpoint, save_checkpoint)
+                       load_checkpoint, load_checkpoint_with_info, save_checkpoint)
 """
 
 from model.checkpoint import (
     CheckpointError,
     CheckpointInfo,
+    LoadedCheckpoint,
     load_checkpoint,
+    load_checkpoint_with_info,
     read_checkpoint_config,
     save_checkpoint,
 )
@@ -32,9 +34,11 @@ __all__ = [
     "ConfigError",
     "CoupledMambaConfig",
     "CoupledMambaForSentiment",
+    "LoadedCheckpoint",
     "SentimentOutput",
     "default_checkpoint_path",
     "load_checkpoint",
+    "load_checkpoint_with_info",
     "read_checkpoint_config",
     "save_checkpoint",
 ]

@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Self, cast
+from typing import Self, cast
 
 import torch
 import torch.nn.functional as F
@@ -52,9 +52,6 @@ from model.ops.fast_path import (
     stack_modalities,
 )
 from model.ops.mamba_kernels import KernelChoice
-
-if TYPE_CHECKING:
-    from model.checkpoint import CheckpointInfo
 
 
 @dataclass
@@ -486,8 +483,6 @@ class CoupledMambaForSentiment(nn.Module):
         self._scan_request = scan_backend
         self._fast_path: FastPath | None = None
         self.inference_chunk_size: int | None = DEFAULT_INFERENCE_CHUNK
-        # Set by load_checkpoint: name, version, hash, training facts, metrics, model card.
-        self.checkpoint_info: CheckpointInfo | None = None
 
     @torch.no_grad()
     def _rescale_residual_outputs(self) -> None:

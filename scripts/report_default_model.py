@@ -31,13 +31,11 @@ def crema_d_check(checkpoint: Path) -> dict[str, dict[str, float]]:
     the real extractor, with the transcript held fixed, per modality subset."""
     import torch
 
-    from model import load_checkpoint
-    from service.core.engine import default_extractor
+    from model import load_checkpoint_with_info
+    from service.core.lifecycle import default_extractor
     from service.settings import ServiceSettings
 
-    model = load_checkpoint(checkpoint)
-    info = model.checkpoint_info
-    assert info is not None
+    model, info = load_checkpoint_with_info(checkpoint)
     extractor = default_extractor(
         ServiceSettings(), model.config.modalities, info.text_encoder, info.face_encoder
     )

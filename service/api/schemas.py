@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.core.types import Prediction
+from service.core.types import ModelIdentity, Prediction
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
@@ -46,6 +46,15 @@ class ModelInfo(BaseModel):
     device: str
     scan_backend: str
 
+    @classmethod
+    def from_identity(cls, identity: ModelIdentity) -> ModelInfo:
+        return cls(
+            name=identity.name,
+            version=identity.version,
+            device=identity.device,
+            scan_backend=identity.scan_backend,
+        )
+
 
 class BatchInfo(BaseModel):
     size: int = Field(description="clips in the model call that scored this request")
@@ -77,7 +86,6 @@ class PredictResponse(BaseModel):
     @classmethod
     def from_prediction(cls, prediction: Prediction, request_id: str) -> PredictResponse:
         memory = prediction.gpu_memory
-        identity = prediction.model
         return cls(
             sentiment=Sentiment(
                 score=prediction.score,
@@ -93,15 +101,10 @@ class PredictResponse(BaseModel):
                 peak_allocated_bytes=memory.peak_allocated_bytes,
                 total_bytes=memory.total_bytes,
             ),
-            model=ModelInfo(
-                name=identity.name,
-                version=identity.version,
-                device=identity.device,
-                scan_backend=identity.scan_backend,
-            ),
+            model=ModelInfo.from_identity(prediction.model),
             batch=BatchInfo(size=prediction.batch_size, padded_length=prediction.padded_length),
             request_id=request_id,
-            attribution=prediction.extra.get("attribution"),
+            attribution=prediction.attribution,
             emotions=prediction.emotions,
         )
 
