@@ -147,7 +147,3 @@ class ServiceSettings(BaseSettings):
         if value is not None and not value.get_secret_value():
             return None
         return value
-
-    @property
-    def batching_enabled(self) -> bool:
-        return self.max_batch_size > 1
