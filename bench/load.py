@@ -432,7 +432,7 @@ def model_scaling(
     import torch
 
     from model import load_checkpoint
-    from service.backend import resolve_device
+    from service.core.runner import resolve_device
 
     torch.set_num_threads(threads)
     model = load_checkpoint(checkpoint, device=resolve_device(device))

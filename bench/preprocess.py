@@ -159,14 +159,12 @@ def main() -> int:
     if args.checkpoint == "none":
         extractor = Extractor(ExtractorSettings())
     else:  # the extractor the service builds for that checkpoint
-        from model import load_checkpoint
-        from service.core.engine import default_extractor
+        from model import load_checkpoint_with_info
+        from service.core.lifecycle import default_extractor
         from service.settings import ServiceSettings
 
         service = ServiceSettings(model_path=args.checkpoint)
-        model = load_checkpoint(service.model_path)
-        info = model.checkpoint_info
-        assert info is not None
+        model, info = load_checkpoint_with_info(service.model_path)
         extractor = default_extractor(  # type: ignore[assignment]
             service, model.config.modalities, info.text_encoder, info.face_encoder
         )

@@ -7,6 +7,7 @@ the scan (D, z, delta_bias with softplus, mean coupling; Mamba's A and dt init).
     python bench/scan.py --candidates      # CPU: the torch backend against the forms it beat
     python bench/scan.py --write-docs      # also rewrite docs/PERFORMANCE.md (scan or gpu section)
     python bench/scan.py --report FILE     # also write the tables to FILE (markdown)
+    python bench/scan.py --layer-ab REV    # CPU: the model at git revision REV against this tree
 
 On a CUDA machine it times ref, torch and triton on the GPU, the triton/torch ratio, the triton
 kernel's effective memory bandwidth and a sweep of its launch configuration.
@@ -31,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
-from bench.doc_sections import DOCS, write_blocks
+from bench.doc_sections import DOCS, ROOT, write_blocks, write_section
 from model.ops import coupled_selective_scan
 
 SHAPES = [(1, 50, 256), (1, 500, 512), (1, 2000, 512), (32, 50, 256), (32, 500, 512)]
@@ -592,6 +594,133 @@ def gpu_report(args: argparse.Namespace) -> str:
     )
 
 
+# -- the model's code path: A/B against an earlier revision --------------------------------------
+
+AB_INFERENCE = [(1, 64), (16, 64), (1, 512), (16, 256)]
+AB_TRAIN = [(16, 64), (4, 256)]
+
+
+def load_model_module(rev: str) -> types.ModuleType:
+    """``model/mamba.py`` as of git revision ``rev``, imported as a separate module (it runs on
+    this tree's ``model.ops`` and ``model.config``)."""
+    source = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{rev}:model/mamba.py"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    name = "baseline_mamba_" + re.sub(r"\W", "_", rev)
+    module = types.ModuleType(name)
+    module.__file__ = f"{rev}:model/mamba.py"
+    sys.modules[name] = module  # dataclasses look their module up
+    exec(compile(source, module.__file__, "exec"), module.__dict__)
+    return module
+
+
+def _ab_inputs(model: Any, batch: int, length: int, seed: int) -> tuple[dict[str, Any], ...]:
+    """Features (b, L, F) and masks with ragged lengths (a quarter of the batch padded)."""
+    g = torch.Generator().manual_seed(seed)
+    dims = model.config.feature_dims
+    features = {m: torch.randn(batch, length, f, generator=g) for m, f in dims.items()}
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    valid[: max(1, batch // 4), length - length // 3 :] = False
+    return features, {m: valid.clone() for m in dims}
+
+
+def layer_ab(rev: str, reps: int, threads: int) -> str:
+    """Time the whole model's forward (no grad) and training step (forward + backward) of the
+    shipped checkpoints' architectures, revision ``rev`` against this tree, interleaved in one
+    process on the same weights and inputs; and the largest difference of their answers."""
+    from model import CoupledMambaForSentiment
+    from model.checkpoint import read_checkpoint_config
+    from model.checkpoints import default_checkpoint_path, text_only_checkpoint_path
+
+    torch.set_num_threads(threads)
+    baseline = load_model_module(rev)
+    rows, train_rows = [], []
+    for label, folder in (
+        ("default", default_checkpoint_path()),
+        ("text-only", text_only_checkpoint_path()),
+    ):
+        config, _ = read_checkpoint_config(folder)
+        torch.manual_seed(0)
+        new = CoupledMambaForSentiment(config, scan_backend="torch").eval()
+        old = baseline.CoupledMambaForSentiment(config, scan_backend="torch").eval()
+        old.load_state_dict(new.state_dict())
+        models = {"old": old, "new": new}
+        for batch, length in AB_INFERENCE:
+            features, masks = _ab_inputs(new, batch, length, seed=batch * length)
+            infer = functools.partial(_infer, features=features, masks=masks)
+            times, answers = _interleaved(models, infer, reps)
+            diff = max(
+                (answers["new"].score - answers["old"].score).abs().max().item(),
+                (answers["new"].probabilities - answers["old"].probabilities).abs().max().item(),
+            )
+            rows.append(_ab_row(label, batch, length, times, diff))
+        for batch, length in AB_TRAIN:
+            features, masks = _ab_inputs(new, batch, length, seed=batch + length)
+            step = functools.partial(_train_step, features=features, masks=masks)
+            times, grads = _interleaved(models, step, reps)
+            diff = max(
+                ((grads["new"][n] - g).abs().max() / g.abs().max().clamp_min(1e-30)).item()
+                for n, g in grads["old"].items()
+            )
+            train_rows.append(_ab_row(label, batch, length, times, diff))
+    header = ["checkpoint", "b x L", "old ms", "new ms", "new/old"]
+    return (
+        f"The model's forward, old code path (`{rev}:model/mamba.py`) against this tree's, on the "
+        f"shipped checkpoints' architectures (random weights, shared by both), 3 or 1 "
+        f"modalities, a quarter of the batch padded by a third; {threads} thread(s), CPU, "
+        f"torch backend; ms of CPU time of the calling thread (all of the work with one thread; "
+        f"time spent descheduled on the shared cores is not counted), median of {reps} rounds "
+        f"in which the two run in turn, in alternating order, on the same inputs (one process, "
+        f"so load changes hit both alike).\n\n"
+        f"Inference (no grad; `max |diff|`: largest difference of scores and probabilities):"
+        f"\n\n{table([*header, 'max |diff|'], rows)}\n\n"
+        f"Training step (forward + backward of a loss on both heads; `max rel diff`: largest "
+        f"difference of a parameter's gradient over that gradient's largest value):\n\n"
+        f"{table([*header, 'max rel diff'], train_rows)}\n"
+    )
+
+
+def _infer(model: Any, features: dict[str, Any], masks: dict[str, Any]) -> Any:
+    with torch.no_grad():
+        return model(features, masks)
+
+
+def _train_step(model: Any, features: dict[str, Any], masks: dict[str, Any]) -> dict[str, Any]:
+    model.zero_grad(set_to_none=True)
+    out = model(features, masks)
+    (out.score.square().mean() + out.logits.logsumexp(-1).mean()).backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _interleaved(
+    models: dict[str, Any], call: Callable[[Any], Any], reps: int
+) -> tuple[dict[str, float], dict[str, Any]]:
+    results = {name: call(model) for name, model in models.items()}  # warm-up, answers
+    times: dict[str, list[float]] = {name: [] for name in models}
+    order = list(models.items())
+    for _ in range(reps):
+        order.reverse()  # each goes first in every other round (the first call runs colder)
+        for name, model in order:
+            t0 = time.thread_time()  # one thread: the CPU time this call used, not the wait
+            call(model)
+            times[name].append(time.thread_time() - t0)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}, results
+
+
+def _ab_row(label: str, batch: int, length: int, times: dict[str, float], diff: float) -> list[str]:
+    old, new = times["old"], times["new"]
+    print(f"{label} {batch}x{length}: old {old:.1f} ms, new {new:.1f} ms, diff {diff:.2e}")
+    return [
+        label,
+        f"{batch}x{length}",
+        f"{old:.1f}",
+        f"{new:.1f}",
+        f"{new / old:.2f}",
+        f"{diff:.1e}",
+    ]
+
+
 def write_docs(section: str, parts: dict[str, str]) -> None:
     """Rewrite blocks of one section of docs/PERFORMANCE.md, keeping the others."""
     title = "Coupled selective scan" if section == "scan" else "Coupled selective scan on a GPU"
@@ -606,6 +735,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-train", action="store_true", help="skip the training-step table")
     parser.add_argument("--write-docs", action="store_true")
     parser.add_argument("--report", type=Path, help="also write the tables to this file")
+    parser.add_argument(
+        "--layer-ab", metavar="REV", help="time the model at git revision REV against this tree"
+    )
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -617,6 +749,14 @@ def main(argv: list[str] | None = None) -> int:
 
     info = machine_info()
     print(info, flush=True)
+    if args.layer_ab:
+        body = f"Machine: {info}.\n\n" + layer_ab(args.layer_ab, max(args.reps, 5), args.threads)
+        print("\n" + body)
+        if args.report:
+            args.report.write_text(f"# Model code path A/B\n\n{body}\n")
+        if args.write_docs:
+            write_section(DOC, "fast-path-ab", body, append=True)
+        return 0
     parts: dict[str, str] = {}
     if torch.cuda.is_available():
         parts["results"] = f"Machine: {info}.\n\n" + gpu_report(args)

@@ -3,7 +3,7 @@
 Public interface (see docs/ARCHITECTURE.md)::
 
     from model import (CoupledMambaConfig, CoupledMambaForSentiment, SentimentOutput,
-                       load_checkpoint, save_checkpoint)
+                       load_checkpoint, load_checkpoint_with_info, save_checkpoint)
 
 Names are imported on first use, so that ``from model.config import CLASS_NAMES`` (the shared
 vocabulary) does not import torch: the HTTP layer and the command line read it without the
@@ -19,7 +19,9 @@ if TYPE_CHECKING:
     from model.checkpoint import (
         CheckpointError,
         CheckpointInfo,
+        LoadedCheckpoint,
         load_checkpoint,
+        load_checkpoint_with_info,
         read_checkpoint_config,
         save_checkpoint,
     )
@@ -42,9 +44,11 @@ _EXPORTS: dict[str, str] = {
     "ConfigError": "model.config",
     "CoupledMambaConfig": "model.config",
     "CoupledMambaForSentiment": "model.mamba",
+    "LoadedCheckpoint": "model.checkpoint",
     "SentimentOutput": "model.mamba",
     "default_checkpoint_path": "model.checkpoints",
     "load_checkpoint": "model.checkpoint",
+    "load_checkpoint_with_info": "model.checkpoint",
     "read_checkpoint_config": "model.checkpoint",
     "save_checkpoint": "model.checkpoint",
 }
@@ -58,9 +62,11 @@ __all__ = [
     "ConfigError",
     "CoupledMambaConfig",
     "CoupledMambaForSentiment",
+    "LoadedCheckpoint",
     "SentimentOutput",
     "default_checkpoint_path",
     "load_checkpoint",
+    "load_checkpoint_with_info",
     "read_checkpoint_config",
     "save_checkpoint",
 ]

@@ -24,7 +24,7 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -57,7 +57,7 @@ class CheckpointError(ValueError):
 
 @dataclass
 class CheckpointInfo:
-    """What a checkpoint says about itself besides the weights (``model.checkpoint_info``)."""
+    """What a checkpoint says about itself besides the weights (``load_checkpoint_with_info``)."""
 
     path: str
     name: str
@@ -292,6 +292,13 @@ def read_checkpoint_config(path: str | os.PathLike[str]) -> tuple[CoupledMambaCo
     return config, raw
 
 
+class LoadedCheckpoint(NamedTuple):
+    """A loaded model and what its checkpoint says about itself."""
+
+    model: CoupledMambaForSentiment
+    info: CheckpointInfo
+
+
 def load_checkpoint(
     path: str | os.PathLike[str],
     device: str | torch.device = "cpu",
@@ -302,6 +309,30 @@ def load_checkpoint(
     expected_face_encoder_sha256: str | None = None,
 ) -> CoupledMambaForSentiment:
     """Load a checkpoint folder into a model in eval mode on ``device``.
+
+    The arguments, checks and errors are those of :func:`load_checkpoint_with_info`, which also
+    answers the checkpoint's name, version, hashes, training facts, metrics and model card.
+    """
+    return load_checkpoint_with_info(
+        path,
+        device,
+        scan_backend,
+        expected_sha256=expected_sha256,
+        expected_text_encoder_sha256=expected_text_encoder_sha256,
+        expected_face_encoder_sha256=expected_face_encoder_sha256,
+    ).model
+
+
+def load_checkpoint_with_info(
+    path: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    scan_backend: str = "auto",
+    *,
+    expected_sha256: str | None = None,
+    expected_text_encoder_sha256: str | None = None,
+    expected_face_encoder_sha256: str | None = None,
+) -> LoadedCheckpoint:
+    """Load a checkpoint folder into a model in eval mode on ``device``, with its facts.
 
     Args:
         path: the folder written by :func:`save_checkpoint`.
@@ -314,7 +345,7 @@ def load_checkpoint(
         expected_face_encoder_sha256: the same for the face encoder file.
 
     Returns:
-        The model, with ``model.checkpoint_info`` (:class:`CheckpointInfo`) attached.
+        The model and its :class:`CheckpointInfo`.
 
     Raises:
         CheckpointError: missing files, hash mismatch, unknown config version, missing,
@@ -375,7 +406,7 @@ def load_checkpoint(
         encoders[key] = section
     card_path = folder / CARD_FILE
     section = raw.get("checkpoint") or {}
-    model.checkpoint_info = CheckpointInfo(
+    info = CheckpointInfo(
         path=str(folder),
         name=str(section.get("name") or folder.resolve().name),
         version=str(section.get("version") or "1"),
@@ -386,7 +417,7 @@ def load_checkpoint(
         text_encoder=encoders["text_encoder"],
         face_encoder=encoders["face_encoder"],
     )
-    return model
+    return LoadedCheckpoint(model, info)
 
 
 def _encoder_section(

@@ -34,22 +34,24 @@ clip's answer does not depend on what it is batched with.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import Self, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model import ops
 from model.config import CLASS_NAMES, CoupledMambaConfig
-from model.ops import mamba_kernels
+from model.ops.fast_path import (
+    ConvFn,
+    FastPath,
+    causal_conv_rows,
+    check_scan_backend_name,
+    choose_fast_path,
+    stack_modalities,
+)
 from model.ops.mamba_kernels import KernelChoice
-from model.ops.scan_torch import coupled_selective_scan_rows
-
-if TYPE_CHECKING:
-    from model.checkpoint import CheckpointInfo
 
 
 @dataclass
@@ -97,14 +99,6 @@ class LayerState:
 
     conv: Tensor
     ssm: Tensor
-
-
-def _stack(tensors: list[Tensor], copy: bool = True) -> Tensor:
-    """``torch.stack`` along a new first (modality) axis; with one tensor and ``copy=False``, a
-    view instead of a copy (one modality is the common case, and the copy is pure traffic)."""
-    if len(tensors) == 1 and not copy:
-        return tensors[0].unsqueeze(0)
-    return torch.stack(tensors)
 
 
 def _make_norm(config: CoupledMambaConfig) -> nn.Module:
@@ -159,112 +153,39 @@ class MambaMixer(nn.Module):
         """The continuous-time state matrix (diagonal per channel), (D, N), all negative."""
         return -torch.exp(self.A_log.float())
 
-    def scan_inputs(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Everything before the scan.
-
-        Args:
-            x: (b, L, d) normed hidden states.
-            mask: (b, L) float, 1 at valid steps and 0 elsewhere.
-
-        Returns:
-            u, dt, z: (b, D, L); B, C: (b, N, L); u and dt are zero at masked steps.
-        """
-        u, dt, B, C, z, _ = self.scan_inputs_carried(x, mask)
-        return u, dt, B, C, z
-
-    def scan_inputs_carried(
+    def scan_inputs(
         self,
         x: Tensor,
         mask: Tensor,
         conv_state: Tensor | None = None,
         carry: bool = False,
-        conv_kernel: str = "torch",
+        conv: ConvFn = causal_conv_rows,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-        """``scan_inputs`` for one chunk of time of a longer sequence.
+        """Everything before the scan, for the L steps of ``x`` (a whole sequence, or one chunk
+        of time of a longer one).
 
         Args:
-            x, mask: as in ``scan_inputs``, for the chunk's L steps.
-            conv_state: (b, D, d_conv - 1) the conv inputs of the steps just before the chunk
-                (``None``: the chunk starts the sequence, zeros before it).
+            x: (b, L, d) normed hidden states.
+            mask: (b, L) float, 1 at valid steps and 0 elsewhere.
+            conv_state: (b, D, d_conv - 1) the conv inputs of the steps just before ``x``
+                (None: ``x`` starts the sequence, zeros before it).
             carry: also return the conv state to hand to the next chunk.
-            conv_kernel: "torch" or "causal_conv1d" (see ``model.ops.mamba_kernels``).
+            conv: the model's conv (``FastPath.conv``; default: the torch conv).
 
         Returns:
-            u, dt, B, C, z as in ``scan_inputs``, and the next conv state (b, D, d_conv - 1)
-            when ``carry`` or ``conv_state`` is given, else None.
+            u, dt, z: (b, L, D); B, C: (b, L, N), as rows of time steps; u and dt are zero at
+            masked steps. Then the next conv state (b, D, d_conv - 1) when ``carry`` or
+            ``conv_state`` is given, else None.
         """
         u, z = self.in_proj(x).chunk(2, dim=-1)  # (b, L, D) each
         u = u * mask[..., None]  # padding must not leak into later steps through the conv
-        if conv_kernel == "torch" and not torch.is_grad_enabled():
-            # Inference: the same conv on the (b, L, D) rows, no layout change (see _conv_rows).
-            u_rows, next_state = self._conv_rows(u, conv_state, carry)
-            u_rows = u_rows * mask[..., None]  # (b, L, D)
-            u = u_rows.transpose(1, 2)  # (b, D, L), a view
-        else:
-            u, next_state = self._conv(u.transpose(1, 2), conv_state, carry, conv_kernel)
-            u = u * mask[:, None, :]  # (b, D, L)
-            u_rows = u.transpose(1, 2)
-        dt, B, C = self.x_proj(u_rows).split(
+        u, next_state = conv(u, self.conv1d.weight[:, 0, :], self.conv1d.bias, conv_state, carry)
+        u = u * mask[..., None]  # (b, L, D)
+        dt, B, C = self.x_proj(u).split(
             [self.dt_rank, self.d_state, self.d_state], dim=-1
         )  # (b, L, R), (b, L, N), (b, L, N)
         dt = F.softplus(self.dt_proj(dt)) * mask[..., None]  # (b, L, D), 0 at masked steps
-        return (
-            u, dt.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2), z.transpose(1, 2),
-            next_state,
-        )  # fmt: skip
-
-    def _conv_rows(
-        self, u: Tensor, conv_state: Tensor | None, carry: bool
-    ) -> tuple[Tensor, Tensor | None]:
-        """``_conv`` with the torch kernel for inference, on time-major rows: u (b, L, D) ->
-        SiLU(causal depthwise conv) (b, L, D), and the next conv state (b, D, k-1) when asked.
-
-        The k taps are k multiply-adds of shifted (b, L, D) slices of [state, u]: the same
-        sums as ``nn.Conv1d`` (up to float rounding) without its two layout changes; for a
-        depthwise conv of width 4 this is several times faster on CPU than the conv kernel.
-        """
-        batch, length, dim = u.shape
-        width = self.conv1d.kernel_size[0]
-        keep = width - 1
-        if conv_state is not None:
-            before = conv_state.transpose(1, 2)  # (b, k-1, D)
-        else:
-            before = u.new_zeros(batch, keep, dim)
-        x = torch.cat([before, u], dim=1)  # (b, k-1 + L, D)
-        weight = self.conv1d.weight[:, 0, :].t()  # (k, D)
-        bias = self.conv1d.bias
-        out = torch.mul(x[:, :length], weight[0])
-        for k in range(1, width):
-            out.addcmul_(x[:, k : k + length], weight[k])
-        if bias is not None:
-            out += bias
-        next_state = None
-        if carry or conv_state is not None:
-            next_state = x[:, x.shape[1] - keep :].transpose(1, 2)  # (b, D, k-1)
-        return F.silu(out), next_state
-
-    def _conv(
-        self, u: Tensor, conv_state: Tensor | None, carry: bool, kernel: str
-    ) -> tuple[Tensor, Tensor | None]:
-        """SiLU(causal depthwise conv) of u (b, D, L), after ``conv_state`` (b, D, k-1) when
-        given; returns (b, D, L) and, when asked or continued, the last k-1 inputs."""
-        length = u.shape[-1]
-        width = self.conv1d.kernel_size[0]
-        keep = width - 1
-        next_state = None
-        if carry or conv_state is not None:
-            before = conv_state if conv_state is not None else u.new_zeros(*u.shape[:-1], keep)
-            next_state = torch.cat([before, u[..., length - min(length, keep) :]], dim=-1)
-            next_state = next_state[..., next_state.shape[-1] - keep :]  # (b, D, k-1)
-        # With a carried state the conv runs over [state, u] without padding: k-1 more inputs.
-        x = u if conv_state is None else torch.cat([conv_state, u], dim=-1)
-        if kernel == "causal_conv1d":
-            out = mamba_kernels.causal_conv1d_silu(x, self.conv1d.weight[:, 0, :], self.conv1d.bias)
-            return out[..., x.shape[-1] - length :], next_state
-        if conv_state is None:
-            return F.silu(self.conv1d(u)[..., :length]), next_state  # pad k-1 both sides, causal
-        out = F.conv1d(x, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)
-        return F.silu(out), next_state
+        return u, dt, B, C, z, next_state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,91 +233,59 @@ class CoupledMambaLayer(nn.Module):
         return W if isinstance(W, Tensor) else None
 
     def forward(
-        self, hidden: Tensor, mask: Tensor, backend: str, kernels: KernelChoice | None = None
-    ) -> Tensor:
-        """hidden: (M, b, L, d); mask: (M, b, L) float. Returns (M, b, L, d)."""
-        out, _ = self.forward_carried(hidden, mask, backend, kernels=kernels)
-        return out
-
-    def forward_carried(
         self,
         hidden: Tensor,
         mask: Tensor,
-        backend: str,
+        path: FastPath,
         state: LayerState | None = None,
         carry: bool = False,
-        kernels: KernelChoice | None = None,
     ) -> tuple[Tensor, LayerState | None]:
-        """The layer on one chunk of time that follows ``state`` (None: the sequence starts).
+        """The layer on a sequence, or on one chunk of time that follows ``state``.
 
-        hidden: (M, b, L, d); mask: (M, b, L) float. Returns (M, b, L, d) and, when ``carry``
-        or ``state`` is given, the state after the chunk.
+        Args:
+            hidden: (M, b, L, d) the residual stream.
+            mask: (M, b, L) float, 1 at valid steps.
+            path: the model's conv and scan (``CoupledMambaForSentiment.fast_path``).
+            state: what the previous chunk left (None: the sequence starts here).
+            carry: also return the state after these steps, for the next chunk.
+
+        Returns:
+            (M, b, L, d) and, when ``carry`` or ``state`` is given, the state after the steps.
         """
-        kernels = kernels or KernelChoice()
         want_state = carry or state is not None
         mixers = [cast(MambaMixer, self.mixers[m]) for m in self.modalities]
-        conv_states = [state.conv[i] if state is not None else None for i in range(len(mixers))]
         parts = [
-            mixers[i].scan_inputs_carried(
-                self.norms[m](hidden[i]), mask[i], conv_states[i], want_state, kernels.conv
+            mixers[i].scan_inputs(
+                self.norms[m](hidden[i]),
+                mask[i],
+                state.conv[i] if state is not None else None,
+                want_state,
+                path.conv,
             )
             for i, m in enumerate(self.modalities)
         ]
         fields: list[list[Tensor | None]] = [list(f) for f in zip(*parts, strict=True)]
         del parts  # free each modality's pieces as soon as they are stacked
+        inputs = []
+        for k in range(5):
+            inputs.append(path.scan.stack(cast(list[Tensor], fields[k])))
+            fields[k] = []
+        u, dt, B, C, z = inputs  # the scan's layout: rows (M, b, L, X) or (M, b, X, L)
+        del inputs
         A = torch.stack([mx.A() for mx in mixers])  # (M, D, N)
         D = torch.stack([mx.D.float() for mx in mixers])  # (M, D)
-        W = self.coupling()
-        initial = state.ssm if state is not None else None
-        uncoupled_kernel = kernels.uncoupled_scan == "mamba_ssm" and W is None and initial is None
-        if backend == "torch" and not uncoupled_kernel and not torch.is_grad_enabled():
-            # Inference on the torch backend: the scan takes the (b, L, X) rows the mixers
-            # made, and answers y in the rows out_proj takes: no (D, L) <-> (L, D) transposes.
-            rows = [
-                _stack([t.transpose(1, 2) for t in cast(list[Tensor], fields[k])], copy=False)
-                for k in range(5)
-            ]
-            for k in range(5):
-                fields[k] = []
-            u, dt, B, C, z = rows  # u, dt, z: (M, b, L, D); B, C: (M, b, L, N)
-            del rows
-            y, last = coupled_selective_scan_rows(
-                u, dt, A, B, C, D=D, z=z, coupling=W, initial_state=initial
-            )
-            del u, dt, B, C, z
-            result: Tensor | tuple[Tensor, Tensor] = (y, last) if want_state else y
-        else:
-            stacked = []
-            for k in range(5):
-                stacked.append(torch.stack(cast(list[Tensor], fields[k])))
-                fields[k] = []
-            u, dt, B, C, z = stacked  # u, dt, z: (M, b, D, L); B, C: (M, b, N, L)
-            del stacked
-            if uncoupled_kernel:
-                result = mamba_kernels.uncoupled_selective_scan(
-                    u, dt, A, B, C, D=D, z=z, return_last_state=want_state
-                )
-            else:
-                result = ops.coupled_selective_scan(
-                    u, dt, A, B, C, D=D, z=z, delta_softplus=False, coupling=W, backend=backend,
-                    return_last_state=want_state, initial_state=initial,
-                )  # fmt: skip
-            del u, dt, B, C, z
-            # y: (M, b, D, L) -> (M, b, L, D)
-            if isinstance(result, tuple):
-                result = (result[0].transpose(2, 3), result[1])
-            else:
-                result = result.transpose(2, 3)
+        y, last = path.scan(
+            u, dt, A, B, C, D, z, self.coupling(), state.ssm if state is not None else None,
+            want_state,
+        )  # fmt: skip
+        del u, dt, B, C, z
         next_state = None
         if want_state:
-            assert isinstance(result, tuple)
-            y, last = result
+            assert last is not None
             conv = torch.stack(cast(list[Tensor], fields[5]))  # (M, b, D, k-1)
             next_state = LayerState(conv=conv, ssm=last)
-        else:
-            assert isinstance(result, Tensor)
-            y = result
-        out = _stack([mx.out_proj(y[i]) for i, mx in enumerate(mixers)], copy=False)  # (M, b, L, d)
+        # y: (M, b, L, D)
+        out = stack_modalities([mx.out_proj(y[i]) for i, mx in enumerate(mixers)], copy=False)
         del y
         return (hidden + self.dropout(out)) * mask[..., None], next_state
 
@@ -543,29 +432,18 @@ class Fusion(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_scan_backend(name: str, device: torch.device | str) -> str:
-    """Turn a backend request into a concrete name of ``model.ops.BACKENDS``.
-
-    "auto" asks ``model.ops.select_backend(device)`` when it exists, else takes the fastest
-    backend available on CPU ("torch" when present, else "ref").
-    """
-    if name == "auto":
-        select = getattr(ops, "select_backend", None)
-        if select is not None:
-            return str(select(torch.device(device)))
-        return "torch" if "torch" in ops.BACKENDS else "ref"
-    if name not in ops.BACKENDS:
-        raise ValueError(f"unknown scan backend {name!r}; available: {ops.BACKENDS} or 'auto'")
-    return name
-
-
 class CoupledMambaForSentiment(nn.Module):
     """Coupled Mamba fusion network with a regression head and a 3-class head.
 
     ``forward(features, masks)`` takes per-modality features (b, L, F_m) on one shared time
     grid and (b, L) bool masks, and returns a :class:`SentimentOutput`. A modality missing
-    from the dicts is absent (fully masked). The scan backend is chosen once, here or by
-    :meth:`set_scan_backend`, and kept in ``scan_backend``.
+    from the dicts is absent (fully masked).
+
+    The fast path (scan backend, conv and optional kernels: ``model.ops.fast_path``) is chosen
+    once for the device the parameters are on, and logged: by :meth:`set_scan_backend` (which
+    ``load_checkpoint`` calls on the final device), else at first use. Moving the model to
+    another device (``.to``, ``.cuda``, ``.cpu``) drops the choice, and the same request
+    ("auto" or a name) is resolved again for the new device at its first use.
     """
 
     def __init__(self, config: CoupledMambaConfig, scan_backend: str = "auto") -> None:
@@ -601,11 +479,10 @@ class CoupledMambaForSentiment(nn.Module):
             else None
         )
         self._rescale_residual_outputs()
-        self.scan_backend = resolve_scan_backend(scan_backend, "cpu")
-        self.kernels = mamba_kernels.select_kernels("cpu", config.state_coupling, self.scan_backend)
+        check_scan_backend_name(scan_backend)  # an unknown name fails here, not at first use
+        self._scan_request = scan_backend
+        self._fast_path: FastPath | None = None
         self.inference_chunk_size: int | None = DEFAULT_INFERENCE_CHUNK
-        # Set by load_checkpoint: name, version, hash, training facts, metrics, model card.
-        self.checkpoint_info: CheckpointInfo | None = None
 
     @torch.no_grad()
     def _rescale_residual_outputs(self) -> None:
@@ -622,29 +499,57 @@ class CoupledMambaForSentiment(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def set_scan_backend(self, name: str = "auto") -> str:
-        """Choose the scan backend ("auto" = best for the model's current device); returns it.
+    @property
+    def fast_path(self) -> FastPath:
+        """The conv and scan every layer runs, chosen for the parameters' device (at first use
+        unless :meth:`set_scan_backend` chose it)."""
+        if self._fast_path is None:
+            self._fast_path = choose_fast_path(
+                self.device, self.config.state_coupling, self._scan_request
+            )
+        return self._fast_path
 
-        Also chooses the optional kernels for the device (``model.ops.mamba_kernels``):
-        causal-conv1d's conv and, for uncoupled layers on the GPU kernel, mamba-ssm's scan,
-        where they import; ``kernels`` holds the choice and ``describe()`` reports it.
+    @property
+    def scan_backend(self) -> str:
+        """The concrete scan backend in use (a name of ``model.ops.BACKENDS``)."""
+        return self.fast_path.scan_backend
+
+    @property
+    def kernels(self) -> KernelChoice:
+        """The optional kernels in use (``model.ops.mamba_kernels``)."""
+        return self.fast_path.kernels
+
+    def set_scan_backend(self, name: str = "auto") -> str:
+        """Choose the fast path for the model's current device; returns the scan backend.
+
+        ``name`` is "auto" (the best for the device) or a name of ``model.ops.BACKENDS``. Also
+        chooses the optional kernels (causal-conv1d's conv and, for uncoupled layers on the GPU
+        kernel, mamba-ssm's scan, where they import). The choice and its reasons are logged;
+        ``describe()`` reports it. Raises ValueError for an unknown name.
         """
-        backend = resolve_scan_backend(name, self.device)
-        self.scan_backend = backend
-        self.kernels = mamba_kernels.select_kernels(
-            self.device, self.config.state_coupling, backend
-        )
-        return backend
+        self._fast_path = choose_fast_path(self.device, self.config.state_coupling, name)
+        self._scan_request = name
+        return self._fast_path.scan_backend
 
     def set_kernels(self, conv: str = "torch", uncoupled_scan: str | None = None) -> KernelChoice:
         """Force the optional kernels (benchmarks, tests); ``set_scan_backend`` chooses them.
+        The scan backend stays; a move to another device chooses again.
 
         Raises ValueError for an unknown name and RuntimeError when a kernel does not import.
         """
         choice = KernelChoice(conv, uncoupled_scan)
-        mamba_kernels.require(choice)
-        self.kernels = choice
+        self._fast_path = choose_fast_path(
+            self.device, self.config.state_coupling, self.scan_backend, kernels=choice
+        )
         return choice
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Self:
+        # Every device move (.to, .cuda, .cpu) runs through here: a fast path chosen for the
+        # old device is dropped, and chosen again for the new one at its first use.
+        out = super()._apply(fn, recurse)
+        if self._fast_path is not None and self._fast_path.device != self.device:
+            self._fast_path = None
+        return out
 
     def set_inference_chunk_size(self, steps: int | None) -> None:
         """Steps per chunk of chunked inference (None: never chunk). A runtime setting: it
@@ -719,7 +624,7 @@ class CoupledMambaForSentiment(nn.Module):
             # where, not multiply: masked steps may hold inf/NaN (MOSI audio has -inf).
             feature = torch.where(mask[..., None], features[m][:, start:end].to(param), 0.0)
             inputs.append(self.input_proj[m](feature) * mask[..., None])
-        return _stack(inputs, copy=False)
+        return stack_modalities(inputs, copy=False)
 
     def _time_chunks(self, length: int) -> list[tuple[int, int]]:
         """[start, end) of each chunk of time the layers run on: one chunk under autograd, when
@@ -735,6 +640,7 @@ class CoupledMambaForSentiment(nn.Module):
         """Run the layers over the chunks in time order, carrying each layer's state; yield
         each chunk's hidden states (M, b, c, d) after the final norms, zero at masked steps."""
         carry = len(chunks) > 1
+        path = self.fast_path
         states: list[LayerState | None] = [None] * len(self.layers)
         for start, end in chunks:
             hidden = self._project(features, valid, start, end)  # (M, b, c, d)
@@ -742,12 +648,10 @@ class CoupledMambaForSentiment(nn.Module):
             hidden = self.input_dropout(hidden) * maskf[..., None]
             for i, layer in enumerate(self.layers):
                 assert isinstance(layer, CoupledMambaLayer)
-                hidden, states[i] = layer.forward_carried(
-                    hidden, maskf, self.scan_backend, states[i], carry, self.kernels
-                )
+                hidden, states[i] = layer(hidden, maskf, path, states[i], carry)
                 if self.feature_mixing is not None and i < len(self.feature_mixing):
                     hidden = self.feature_mixing[i](hidden, maskf)
-            hidden = _stack(
+            hidden = stack_modalities(
                 [self.final_norms[m](hidden[i]) for i, m in enumerate(self.modalities)],
                 copy=False,
             )

@@ -72,6 +72,7 @@ from model.training.multimodal import (  # noqa: E402
     in_branch,
     train_multimodal,
     warm_start,
+    with_audio,
 )
 from model.training.rated_texts import SNIPPET_FILES  # noqa: E402
 
@@ -101,6 +102,22 @@ TEXT_REFINE = MultimodalTrainSettings(
     epochs=2, batch_size=32, lr=3e-4, warmup_steps=50, seed=1111, threads=1,
     mix=MixRecipe(text_per_epoch=5000, voice_repeats=0, faces_per_epoch=0, paired_repeats=0),
     source_boost={"nyt_editorials": 2.0},
+)  # fmt: skip
+
+# Step 3b: RAVDESS under drawn recording conditions (preprocessing.voice_augment): a copy of
+# every training clip for training, one of every validation and test clip for the
+# shifted-condition check ("voice_shifted" in the metrics).
+AUGMENT_COPIES = {"train": 1, "valid": 1, "test": 1}
+AUGMENT_SEED = 20261202
+
+# Step 5c: the voice branch alone, refined on the clips and their condition variants (audio
+# alone, with the words, and paired with a face), everything else frozen. With audio absent
+# its parameters take no part, so text-only and face-only answers are unchanged by this step.
+# The epoch is picked by the mean of the clean and shifted validation voice AUCs and the
+# paired voice+face and all-modalities AUCs (or none, when no epoch beats the start).
+VOICE_REFINE = MultimodalTrainSettings(
+    epochs=6, batch_size=32, lr=5e-4, warmup_steps=30, seed=1111, threads=1,
+    mix=MixRecipe(text_per_epoch=0, voice_repeats=1, faces_per_epoch=0, paired_repeats=1),
 )  # fmt: skip
 
 # The coupling ablation: smaller network and recipe, every variant the same.
@@ -216,6 +233,81 @@ def voice_features(
             masks = {m: z[f"{m}/mask"] for m in ("text", "audio")}
         out.append(_media(v, Sample.from_dense(v.id, 0.0, feats, masks)))
     return out
+
+
+def _augment_clip(job: tuple[str, str, int]) -> dict[str, Any]:
+    """One clip's condition variants (runs in a worker process): ``(path, id, copies)`` ->
+    arrays for ``np.savez``."""
+    import zlib
+
+    from preprocessing.asr import SpeechRecognizer
+    from preprocessing.grid import grid_length
+    from preprocessing.media import AUDIO_SAMPLE_RATE, decode_media
+    from preprocessing.settings import ExtractorSettings
+    from preprocessing.speech_states import states_on_grid
+    from preprocessing.voice_augment import apply_condition, draw_condition
+
+    path, clip_id, copies = job
+    global _RECOGNIZER
+    settings = ExtractorSettings(audio_features="whisper")
+    if "_RECOGNIZER" not in globals():
+        _RECOGNIZER = SpeechRecognizer(settings)
+    audio = decode_media(path, settings, audio=True, video=False).audio
+    assert audio is not None
+    arrays: dict[str, Any] = {}
+    for k in range(copies):
+        rng = np.random.default_rng([AUGMENT_SEED, zlib.crc32(clip_id.encode()), k])
+        condition = draw_condition(rng)
+        heard = apply_condition(audio, condition, rng)
+        steps = grid_length(len(heard) / AUDIO_SAMPLE_RATE, settings.rate_hz)
+        features, mask = states_on_grid(
+            _RECOGNIZER.encode(heard), heard, steps, settings.rate_hz,
+            silence_floor_dbfs=settings.silence_floor_dbfs,
+            silence_range_db=settings.silence_range_db,
+        )  # fmt: skip
+        arrays[f"{k}/features"] = features.astype(np.float16)
+        arrays[f"{k}/mask"] = mask
+        arrays[f"{k}/condition"] = np.array(condition.describe())
+    return arrays
+
+
+def augment_voices(voices: list[LabelledMedia], work: Path) -> Path:
+    """Step 3b: each clip under drawn recording conditions (``AUGMENT_COPIES`` per split),
+    made once into ``<work>/ravdess.augmented`` (one file per clip)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    folder = work / "ravdess.augmented"
+    folder.mkdir(exist_ok=True)
+    jobs = [
+        (str(v.path), v.id, AUGMENT_COPIES.get(v.split, 0))
+        for v in voices
+        if AUGMENT_COPIES.get(v.split, 0) and not (folder / f"{v.id}.npz").exists()
+    ]
+    if jobs:
+        start = time.perf_counter()
+        log(f"voice conditions: {len(jobs)} clips to augment")
+        with ProcessPoolExecutor(2) as pool:
+            done = pool.map(_augment_clip, jobs, chunksize=4)
+            for n, (job, arrays) in enumerate(zip(jobs, done, strict=True)):
+                np.savez(folder / f"{job[1]}.npz", **arrays)
+                if (n + 1) % 100 == 0:
+                    seconds = time.perf_counter() - start
+                    log(f"voice conditions: {n + 1}/{len(jobs)}, {seconds:.0f} s")
+    return folder
+
+
+def attach_variants(voices: list[EmotionMedia], folder: Path) -> None:
+    """Give each clip its condition variants from ``folder`` (``augment_voices``): audio from
+    the variant, the words of the clean clip stretched to the variant's length."""
+    for v in voices:
+        copies = AUGMENT_COPIES.get(v.split, 0)
+        if not copies:
+            continue
+        with np.load(folder / f"{v.id}.npz") as z:
+            v.variants = tuple(
+                with_audio(v.sample, z[f"{k}/features"], z[f"{k}/mask"], f"{v.id}~{k}")
+                for k in range(copies)
+            )
 
 
 def face_features(
@@ -348,10 +440,10 @@ def ablation_table(results: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- train
 
 
-def train_step(train: Mixer, valid: EvalSets, work: Path, layers: Path, face: Path) -> Path:
+def train_step(train: Mixer, valid: EvalSets, work: Path) -> Path:
     """Warm-start from the text-only checkpoint, train on mixed epochs (saved as
     ``<work>/checkpoint-joint``), refine the text branch (step 5b), save ``<work>/checkpoint``."""
-    from model import CoupledMambaConfig, CoupledMambaForSentiment, load_checkpoint, save_checkpoint
+    from model import CoupledMambaConfig, CoupledMambaForSentiment, load_checkpoint
     from model.checkpoints import pinned_hashes
 
     out, joint = work / "checkpoint", work / "checkpoint-joint"
@@ -359,15 +451,6 @@ def train_step(train: Mixer, valid: EvalSets, work: Path, layers: Path, face: Pa
     if refine_file.exists() and (out / "model.safetensors").exists():
         log(f"train: reusing {out}")
         return out
-    face_info = json.loads((work / "face_encoder.metrics.json").read_text()) if (
-        work / "face_encoder.metrics.json").exists() else {}  # fmt: skip
-
-    def save(model: Any, folder: Path, training: dict[str, Any]) -> None:
-        save_checkpoint(
-            model, folder, name=NAME, version=VERSION, training=training,
-            text_encoder=layers, text_encoder_info={"tuned_layers": [4, 5]},
-            face_encoder=face, face_encoder_info={"trained_on": "FER2013 Training", **face_info},
-        )  # fmt: skip
 
     if joint_file.exists() and (joint / "model.safetensors").exists():
         log(f"train: reusing {joint}")
@@ -386,40 +469,101 @@ def train_step(train: Mixer, valid: EvalSets, work: Path, layers: Path, face: Pa
         summary = {**result.summary(), "recipe": asdict(RECIPE), "warm_start": TEXT_ONLY.name}
         joint_file.write_text(json.dumps(summary, indent=1, default=float) + "\n")
         model = result.model
-        save(model, joint, {k: v for k, v in summary.items() if k != "history"})
+        save_model(model, joint, {k: v for k, v in summary.items() if k != "history"}, work)
     model.train()
     refined = refine_text(model, train, valid)
     refine_summary = {**refined.summary(), "recipe": asdict(TEXT_REFINE)}
     refine_file.write_text(json.dumps(refine_summary, indent=1, default=float) + "\n")
     training = {k: v for k, v in summary.items() if k != "history"}
     training["text_refine"] = {k: v for k, v in refine_summary.items() if k != "history"}
-    save(model, out, training)
+    save_model(model, out, training, work)
     return out
 
 
-def refine_text(model: Any, train: Mixer, valid: EvalSets) -> Any:
-    """Step 5b: train the text branch alone (input projection, norms, mixers) on text-only
-    epochs, every other parameter frozen; the epoch with the best mean per-source validation r
-    is kept (or none, when no epoch beats the start)."""
-    from model.training.multimodal import evaluate, selection_score
+def save_model(model: Any, folder: Path, training: dict[str, Any], work: Path) -> None:
+    """Save a checkpoint of this build with its encoders (``<work>``'s text layers and face
+    encoder) and the training summary."""
+    from model import save_checkpoint
 
-    texts_only = Mixer(train.texts, [], [], DIMS)
-    valid_text = EvalSets(**{**valid.__dict__, "voice_audio": [], "voice_words": [],
-                             "face": [], "paired": {}})  # fmt: skip
-    start = selection_score(evaluate(model, valid_text))
+    face_metrics = work / "face_encoder.metrics.json"
+    face_info = json.loads(face_metrics.read_text()) if face_metrics.exists() else {}
+    save_checkpoint(
+        model, folder, name=NAME, version=VERSION, training=training,
+        text_encoder=work / text_model.TUNING_FILE, text_encoder_info={"tuned_layers": [4, 5]},
+        face_encoder=work / "face_encoder.safetensors",
+        face_encoder_info={"trained_on": "FER2013 Training", **face_info},
+    )  # fmt: skip
+
+
+def refine_branch(
+    model: Any,
+    modality: str,
+    train: Mixer,
+    valid: EvalSets,
+    settings: MultimodalTrainSettings,
+    select: Any,
+) -> Any:
+    """Train ``modality``'s branch alone (input projection, norms, mixers) with every other
+    parameter frozen; the epoch with the best ``select`` score on ``valid`` is kept, or none
+    when no epoch beats the start."""
+    from model.training.multimodal import evaluate
+
+    start = select(evaluate(model, valid))
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for name, param in model.named_parameters():
-        param.requires_grad = in_branch(name, "text")
-    result = train_multimodal(model, texts_only, valid_text, TEXT_REFINE, log=log)
+        param.requires_grad = in_branch(name, modality)
+    result = train_multimodal(model, train, valid, settings, log=log, select=select)
     for param in model.parameters():
         param.requires_grad = True
     best = max((h["select"] for h in result.history), default=-1.0)
     if best <= start:
-        log(f"text refinement: no epoch beat the start ({start:.4f}); kept the start")
+        log(f"{modality} refinement: no epoch beat the start ({start:.4f}); kept the start")
         model.load_state_dict(state)
     else:
-        log(f"text refinement: valid mean r {start:.4f} -> {best:.4f}")
+        log(f"{modality} refinement: validation {start:.4f} -> {best:.4f}")
     return result
+
+
+def voice_selection(metrics: dict[str, Any]) -> float:
+    """Step 5c's epoch pick: the mean of the clean and shifted validation voice AUCs and the
+    paired voice+face and all-modalities AUCs."""
+    keys = ("voice", "voice_shifted", "paired:voice+face", "paired:all")
+    parts = [metrics[k]["AUC"] for k in keys if k in metrics]
+    return float(np.mean(parts)) if parts else -float("inf")
+
+
+def voice_step(train: Mixer, valid: EvalSets, work: Path, start: Path) -> Path:
+    """Step 5c on the checkpoint of step 5b; saves ``<work>/checkpoint-voice``."""
+    from model import load_checkpoint
+    from model.checkpoint import CONFIG_FILE
+
+    out, summary_file = work / "checkpoint-voice", work / "voice_refine.json"
+    if summary_file.exists() and (out / "model.safetensors").exists():
+        log(f"voice refinement: reusing {out}")
+        return out
+    model = load_checkpoint(start)
+    model.train()
+    voices = Mixer([], train.voices, train.faces, DIMS)
+    valid_voice = EvalSets(**{**valid.__dict__, "text": [], "face": []})
+    result = refine_branch(model, "audio", voices, valid_voice, VOICE_REFINE, voice_selection)
+    summary = {**result.summary(), "recipe": asdict(VOICE_REFINE),
+               "conditions": {"copies": AUGMENT_COPIES, "seed": AUGMENT_SEED}}  # fmt: skip
+    summary_file.write_text(json.dumps(summary, indent=1, default=float) + "\n")
+    training = json.loads((start / CONFIG_FILE).read_text()).get("training", {})
+    training["voice_refine"] = {k: v for k, v in summary.items() if k != "history"}
+    save_model(model, out, training, work)
+    return out
+
+
+def refine_text(model: Any, train: Mixer, valid: EvalSets) -> Any:
+    """Step 5b: the text branch alone on text-only epochs (``refine_branch``), the epoch picked
+    by the mean per-source validation r."""
+    from model.training.multimodal import selection_score
+
+    texts_only = Mixer(train.texts, [], [], DIMS)
+    valid_text = EvalSets(**{**valid.__dict__, "voice_audio": [], "voice_words": [],
+                             "face": [], "paired": {}, "voice_shifted": []})  # fmt: skip
+    return refine_branch(model, "text", texts_only, valid_text, TEXT_REFINE, selection_score)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -437,15 +581,22 @@ def main(argv: list[str] | None = None) -> int:
         "--variants", nargs="*", help="ablation variants to run (default: all); for parallel runs"
     )
     parser.add_argument(
-        "--step", choices=("all", "features", "ablation", "train", "report"), default="all"
+        "--step",
+        choices=("all", "conditions", "features", "ablation", "train", "report"),
+        default="all",
     )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)
     voices_raw, faces_raw = check_data(args.data, args.snippets)
+    if args.step == "conditions":
+        augment_voices(voices_raw, args.work)
+        return 0
     layers, _, cache = text_step(args.snippets, args.work, args.text_encoder)
     face = face_step(args.data, args.work, args.face_encoder)
+    conditions = augment_voices(voices_raw, args.work)
     voices = voice_features(voices_raw, args.work, layers, face)
+    attach_variants(voices, conditions)
     faces = face_features(faces_raw, args.data, args.work, face)
     train, valid, test = mixers(cache, voices, faces)
     log(
@@ -461,7 +612,9 @@ def main(argv: list[str] | None = None) -> int:
         print(table)
         if args.step == "ablation":
             return 0
-    checkpoint = train_step(train, eval_sets(valid, max_faces=VALID_FACES), args.work, layers, face)
+    valid_sets = eval_sets(valid, max_faces=VALID_FACES)
+    checkpoint = train_step(train, valid_sets, args.work)
+    checkpoint = voice_step(train, valid_sets, args.work, checkpoint)
     if args.step == "train":
         return 0
     from report_default_model import report

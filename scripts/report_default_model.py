@@ -31,13 +31,11 @@ def crema_d_check(checkpoint: Path) -> dict[str, dict[str, float]]:
     the real extractor, with the transcript held fixed, per modality subset."""
     import torch
 
-    from model import load_checkpoint
-    from service.core.engine import default_extractor
+    from model import load_checkpoint_with_info
+    from service.core.lifecycle import default_extractor
     from service.settings import ServiceSettings
 
-    model = load_checkpoint(checkpoint)
-    info = model.checkpoint_info
-    assert info is not None
+    model, info = load_checkpoint_with_info(checkpoint)
     extractor = default_extractor(
         ServiceSettings(), model.config.modalities, info.text_encoder, info.face_encoder
     )
@@ -118,6 +116,16 @@ def model_card(
     ]
     emotion_rows = [
         _row("voice alone (RAVDESS test actors 21-24)", metrics["voice"]),
+        *(
+            [
+                _row(
+                    "voice alone, test actors under drawn recording conditions",
+                    metrics["voice_shifted"],
+                )
+            ]
+            if "voice_shifted" in metrics
+            else []
+        ),
         _row("voice + its words", metrics["voice_words"]),
         _row("face alone (FER2013 PrivateTest)", metrics["face"]),
         _row("paired: voice", metrics["paired:voice"]),
@@ -137,6 +145,21 @@ def model_card(
     refine_recipe = refine.get("recipe", {})
     refine_mix = refine_recipe.get("mix", {})
     couplings = config.get("state_coupling")
+    voice = training.get("voice_refine", {})
+    voice_recipe = voice.get("recipe", {})
+    voice_text = (
+        f"""Last, the voice branch alone (the audio modality's projection, norms and mixers;
+everything else frozen) was refined for {voice_recipe.get("epochs")} epochs (lr
+{voice_recipe.get("lr")}) on the training clips, each epoch drawing every clip either as
+recorded or as its copy under a drawn recording condition (`preprocessing/voice_augment.py`:
+speed 0.9-1.1, a synthetic room of RT60 0.15-0.7 s, a band limit, white, pink or brown noise at
+10-30 dB SNR, a level change), alone, with its words and paired with a face; the epoch with the
+best mean of the clean and shifted validation voice AUCs and the paired voice + face and fused
+AUCs was kept (epoch {voice.get("best_epoch")}; none when no epoch beat the start). Text-only
+and face-only answers are unchanged by it."""
+        if voice
+        else ""
+    )
     return f"""# {config["checkpoint"]["name"]} (version {config["checkpoint"]["version"]})
 
 The default checkpoint served by `make run`: a Coupled Mamba network (arXiv 2405.18014) with
@@ -192,6 +215,7 @@ rated sentences for {refine_recipe.get("epochs")} epochs of {refine_mix.get("tex
 {refine_recipe.get("lr")}, loss weight boosts {refine_recipe.get("source_boost") or "none"}), the epoch with the best mean per-source validation r kept (epoch
 {refine.get("best_epoch")}): with no text in a request those parameters take no part, so
 voice-only and face-only answers are unchanged by it.
+{voice_text}
 Architecture: d_model {config["d_model"]}, d_state {config["d_state"]}, {config["n_layers"]}
 layers, expand {config["expand"]}, {config["pooling"]} pooling, gate fusion,
 {config["checkpoint"]["parameters"]:,} parameters. Rebuild: `make default-model`.

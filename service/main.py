@@ -22,9 +22,9 @@ from fastapi import FastAPI
 
 from service.api import docs, health, metrics, models, predict, timeline, webui
 from service.api.auth import declare_scheme
+from service.api.errors import install_handlers
 from service.core.engine import InferenceCore
 from service.core.extraction import FeatureExtractor
-from service.errors import install_handlers
 from service.metrics import ServiceMetrics
 from service.middleware import (
     RequestContextMiddleware,
@@ -35,7 +35,7 @@ from service.settings import ServiceSettings
 
 if TYPE_CHECKING:
     from model import CoupledMambaForSentiment
-    from service.backend import ForwardHook
+    from service.core.runner import ForwardHook
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,8 @@ from types import FrameType
 
 import uvicorn
 
-from service.core.engine import CoreState, InferenceCore
+from service.core.engine import InferenceCore
+from service.core.lifecycle import CoreState
 
 logger = logging.getLogger(__name__)
 

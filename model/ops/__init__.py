@@ -5,8 +5,9 @@
 - ``"ref"``: ``coupled_selective_scan_ref``, the per-step loop whose docstring is the specification;
 - ``"torch"``: ``coupled_selective_scan_torch``, the fast eager CPU path (hand-written backward);
 - ``"triton"``: ``coupled_selective_scan_triton``, the GPU kernel (interpreter on CPU tensors);
-- ``"auto"``: ``select_backend(u.device)``. A model calls ``select_backend`` once at load, reports
-  the answer and passes it explicitly from then on.
+- ``"auto"``: ``select_backend(u.device)``, for direct callers. A model never passes "auto": it
+  chooses its backend and kernels once, for its device (``model.ops.fast_path``), logs why, and
+  calls the chosen functions from then on.
 
 Importing this package imports neither triton nor CUDA.
 """
@@ -31,18 +32,27 @@ BACKENDS = ("ref", "torch", "triton")
 
 
 @functools.cache
-def _triton_usable() -> bool:
-    from model.ops.scan_triton import triton_available
+def _triton_unusable_reason() -> str | None:
+    from model.ops.scan_triton import triton_unusable_reason
 
-    return triton_available()
+    return triton_unusable_reason()
 
 
 def select_backend(device: torch.device | str) -> str:
     """The backend to use for tensors on ``device``: ``"triton"`` on CUDA when triton imports,
     else ``"torch"``. Cheap after the first call; call it once at model load and report it."""
-    if torch.device(device).type == "cuda" and _triton_usable():
-        return "triton"
-    return "torch"
+    return explain_backend(device)[0]
+
+
+def explain_backend(device: torch.device | str) -> tuple[str, str]:
+    """``select_backend(device)`` and a sentence saying why (what "auto" means on ``device``)."""
+    kind = torch.device(device).type
+    if kind != "cuda":
+        return "torch", f"auto on {kind}: the GPU kernel (triton) runs on CUDA only"
+    reason = _triton_unusable_reason()
+    if reason is None:
+        return "triton", "auto on cuda: triton imports"
+    return "torch", f"auto on cuda: triton is not usable ({reason})"
 
 
 def coupled_selective_scan(
@@ -111,6 +121,7 @@ __all__ = [
     "coupled_selective_scan",
     "coupled_selective_scan_ref",
     "coupled_selective_scan_torch",
+    "explain_backend",
     "select_backend",
     "validate_scan_inputs",
 ]

@@ -10,7 +10,8 @@ on a CPU. Where they import, the model uses them for what they can compute:
   so coupled layers and the chunks after the first of a chunked inference run our own kernel.
 
 Imports are lazy (first use), so importing ``model.ops`` never imports either package. The choice
-is made once, at model load (``select_kernels``), and reported by ``model.describe()``.
+is made once, at model load (``explain_kernels``, through ``model.ops.fast_path``), logged with
+its reasons, and reported by ``model.describe()``.
 """
 
 from __future__ import annotations
@@ -33,25 +34,31 @@ _CONV_SOURCE = ("causal_conv1d", "causal_conv1d_fn")
 _SCAN_SOURCE = ("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
 
 
-def _load(module: str, name: str) -> Callable[..., Any] | None:
-    # A successful import is a sys.modules lookup afterwards; a failed one is only attempted at
-    # selection time (model load). Any failure (missing package, CUDA extension that does not
-    # load on this machine, API change) means "not usable here".
+def probe(module: str, name: str) -> tuple[Callable[..., Any] | None, str | None]:
+    """``module.name`` and None when it imports and is callable, else None and why not.
+
+    A successful import is a sys.modules lookup afterwards; a failed one is only attempted at
+    selection time (model load). Any failure (missing package, CUDA extension that does not
+    load on this machine, API change) means "not usable here"; the reason is kept so that the
+    selection can report it.
+    """
     try:
         fn = getattr(importlib.import_module(module), name)
-    except Exception:
-        return None
-    return fn if callable(fn) else None
+    except Exception as exc:  # every failure means "not usable here", with its reason
+        return None, f"{module}.{name} does not import ({type(exc).__name__}: {exc})"
+    if not callable(fn):
+        return None, f"{module}.{name} is not callable"
+    return fn, None
 
 
 def load_causal_conv1d() -> Callable[..., Any] | None:
     """``causal_conv1d.causal_conv1d_fn``, or None when it does not import."""
-    return _load(*_CONV_SOURCE)
+    return probe(*_CONV_SOURCE)[0]
 
 
 def load_selective_scan() -> Callable[..., Any] | None:
     """``mamba_ssm``'s ``selective_scan_fn``, or None when it does not import."""
-    return _load(*_SCAN_SOURCE)
+    return probe(*_SCAN_SOURCE)[0]
 
 
 @dataclass(frozen=True)
@@ -80,7 +87,14 @@ class KernelChoice:
 def select_kernels(
     device: torch.device | str, state_coupling: str, scan_backend: str
 ) -> KernelChoice:
-    """The kernels to use on ``device``.
+    """The kernels to use on ``device`` (``explain_kernels`` without the reasons)."""
+    return explain_kernels(device, state_coupling, scan_backend)[0]
+
+
+def explain_kernels(
+    device: torch.device | str, state_coupling: str, scan_backend: str
+) -> tuple[KernelChoice, tuple[str, ...]]:
+    """The kernels to use on ``device``, and one sentence per kernel saying why.
 
     causal-conv1d's conv on CUDA when it imports; mamba-ssm's scan on CUDA when it imports, the
     layers are uncoupled (``state_coupling == "none"``) and the scan backend is our GPU kernel
@@ -88,35 +102,58 @@ def select_kernels(
     and our scan, always (neither package has a CPU path).
     """
     if torch.device(device).type != "cuda":
-        return KernelChoice()
-    conv = "causal_conv1d" if load_causal_conv1d() is not None else "torch"
+        return KernelChoice(), (
+            "conv torch (causal-conv1d runs on CUDA only)",
+            "uncoupled scan: ours (mamba-ssm runs on CUDA only)",
+        )
+    conv_fn, conv_why = probe(*_CONV_SOURCE)
+    conv = "causal_conv1d" if conv_fn is not None else "torch"
+    reasons = [
+        "conv causal_conv1d (imports on CUDA)" if conv_fn is not None else f"conv torch: {conv_why}"
+    ]
     scan = None
-    if state_coupling == "none" and scan_backend == "triton" and load_selective_scan() is not None:
-        scan = "mamba_ssm"
-    return KernelChoice(conv, scan)
+    if state_coupling != "none":
+        reasons.append(f"uncoupled scan: ours (layers are coupled: {state_coupling!r})")
+    elif scan_backend != "triton":
+        reasons.append(f"uncoupled scan: ours (scan backend {scan_backend!r} asked for)")
+    else:
+        scan_fn, scan_why = probe(*_SCAN_SOURCE)
+        if scan_fn is not None:
+            scan = "mamba_ssm"
+            reasons.append("uncoupled scan: mamba_ssm (W = I layers, first chunk; imports)")
+        else:
+            reasons.append(f"uncoupled scan: ours: {scan_why}")
+    return KernelChoice(conv, scan), tuple(reasons)
 
 
 def require(choice: KernelChoice) -> None:
     """Raise RuntimeError when a kernel of ``choice`` does not import here."""
-    if choice.conv == "causal_conv1d" and load_causal_conv1d() is None:
-        raise RuntimeError("causal_conv1d.causal_conv1d_fn does not import here")
-    if choice.uncoupled_scan == "mamba_ssm" and load_selective_scan() is None:
-        raise RuntimeError("mamba_ssm's selective_scan_fn does not import here")
+    if choice.conv == "causal_conv1d":
+        fn, why = probe(*_CONV_SOURCE)
+        if fn is None:
+            raise RuntimeError(why)
+    if choice.uncoupled_scan == "mamba_ssm":
+        fn, why = probe(*_SCAN_SOURCE)
+        if fn is None:
+            raise RuntimeError(why)
 
 
-def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def causal_conv1d_silu(
+    x: Tensor, weight: Tensor, bias: Tensor | None, fn: Callable[..., Any] | None = None
+) -> Tensor:
     """SiLU(causal depthwise conv) with causal-conv1d's kernel.
 
     Args:
         x: (b, D, L) inputs, zero before the first step (the kernel pads with zeros).
         weight: (D, width) taps, the last one applied to the current step.
         bias: (D,) or None.
+        fn: ``causal_conv1d_fn`` as loaded at selection time (None: import it now).
 
     Returns:
         (b, D, L), the same as ``silu(conv1d(x, weight[:, None], bias, padding=width-1,
         groups=D)[..., :L])``.
     """
-    fn = load_causal_conv1d()
+    fn = fn or load_causal_conv1d()
     if fn is None:
         raise RuntimeError("causal_conv1d.causal_conv1d_fn does not import here")
     # Channel-first contiguous (b, D, L): the layout every version of the kernel takes (a
@@ -135,6 +172,8 @@ def uncoupled_selective_scan(
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
+    *,
+    fn: Callable[..., Any] | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``coupled_selective_scan`` with W = I, computed by mamba-ssm's ``selective_scan_fn``.
 
@@ -145,7 +184,7 @@ def uncoupled_selective_scan(
     views, nothing is copied but the stacked outputs. Differentiable through mamba-ssm's
     backward (which ignores the gradient of the last state).
     """
-    fn = load_selective_scan()
+    fn = fn or load_selective_scan()
     if fn is None:
         raise RuntimeError("mamba_ssm's selective_scan_fn does not import here")
     outputs, lasts = [], []

@@ -17,8 +17,8 @@ that holds two states and a few per-step buffers whatever L is: the inputs are m
 chunk of steps at a time, the state is held state-major (M, batch, N, D) so that y = C · h is one
 batched product per step, an identity coupling skips the mixing product, and D, the gate z,
 delta_bias and softplus are applied per chunk, so the only L-sized allocation is the output.
-``coupled_selective_scan_rows`` is that path for callers whose activations are rows of time steps
-(M, batch, L, X), the model's layout: it needs no (D, L) <-> (L, D) transposes.
+``coupled_selective_scan_rows`` is the backend for callers whose activations are rows of time steps
+(M, batch, L, X), the model's layout: without gradients it needs no (D, L) <-> (L, D) transposes.
 """
 
 from __future__ import annotations
@@ -348,13 +348,15 @@ def coupled_selective_scan_rows(
     coupling: Tensor | None = None,
     initial_state: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Inference entry of the torch backend for inputs held as rows of time steps.
+    """The torch backend for inputs held as rows of time steps.
 
     The same scan as ``coupled_selective_scan_torch(u.mT, delta.mT, A, B.mT, C.mT, D, z.mT,
     coupling=coupling, return_last_state=True, initial_state=initial_state)`` (``.mT`` swaps
-    the last two axes), with delta used as given (no bias, no softplus), without autograd,
-    and laid out the way a model's activations are: no (D, L) <-> (L, D) transposes in or
-    out, which on a CPU cost more than the scan's element-wise steps at batch 16.
+    the last two axes), with delta used as given (no bias, no softplus), laid out the way a
+    model's activations are. Without gradients it runs ``_scan_rows``: no (D, L) <-> (L, D)
+    transposes in or out, which on a CPU cost more than the scan's element-wise steps at batch
+    16. When an input needs a gradient, it is exactly that call (the autograd path permutes its
+    inputs to time-major whatever their layout) and y is its output's transposed view.
 
     Args:
         u, delta, z: (M, b, L, D); B, C: (M, b, L, N); A: (M, D, N); D: (M, D);
@@ -370,6 +372,13 @@ def coupled_selective_scan_rows(
     check_finite(
         {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "coupling": coupling}
     )
+    tensors = (u, delta, A, B, C, D, z, coupling, initial_state)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        y_t, last = coupled_selective_scan_torch(
+            u.mT, delta.mT, A, B.mT, C.mT, D, z.mT if z is not None else None,
+            coupling=coupling, return_last_state=True, initial_state=initial_state,
+        )  # fmt: skip
+        return y_t.mT, last
     with torch.no_grad():
         y = torch.empty(u.shape, dtype=u.dtype, device=u.device)
         last = _scan_rows(u, delta, A, B, C, D, z, None, False, coupling, initial_state, y)

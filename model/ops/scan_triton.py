@@ -58,11 +58,16 @@ def _load(interpret: bool) -> ModuleType:
 
 def triton_available() -> bool:
     """True when triton imports and the kernel module builds (says nothing about a GPU)."""
+    return triton_unusable_reason() is None
+
+
+def triton_unusable_reason() -> str | None:
+    """None when triton imports and the kernel module builds, else why not (one line)."""
     try:
         kernel_module(interpret=False)
-    except Exception:  # any import or definition failure means: not usable here
-        return False
-    return True
+    except Exception as exc:  # any import or definition failure means: not usable here
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def default_block_d(batch: int, dim: int, device: torch.device) -> int:

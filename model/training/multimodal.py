@@ -58,6 +58,14 @@ class EmotionMedia:
     sentiment: float
     polarity: int  # +1 positive, -1 negative, 0 neither (AUC targets)
     sample: Sample
+    # The clip under drawn recording conditions (``preprocessing.voice_augment``): training
+    # draws one of ``sample`` and these for each item; evaluation reads ``sample`` only, and
+    # ``variants[0]`` for the shifted-condition check.
+    variants: tuple[Sample, ...] = ()
+
+    def draw(self, rng: random.Random) -> Sample:
+        """The clean sample or one of its variants, at random (no draw without variants)."""
+        return rng.choice((self.sample, *self.variants)) if self.variants else self.sample
 
 
 @dataclass
@@ -99,6 +107,18 @@ def face_sample(id: str, embedding: NDArray[Any]) -> Sample:
     """A face as a one-step visual Sample (``Mixer`` holds it for as many steps as needed)."""
     row = np.asarray(embedding, np.float16)[None, :]
     return Sample(id, 0.0, 1, {"visual": row}, {"visual": np.zeros(1, np.int32)})
+
+
+def with_audio(clip: Sample, features: NDArray[Any], mask: NDArray[np.bool_], id: str) -> Sample:
+    """``clip`` with its audio replaced by ``features`` (L', F) and ``mask`` (L',), e.g. the
+    same clip under another recording condition; its other modalities (the words) are
+    stretched or squeezed in time to the new length ``L'``."""
+    audio = Sample.from_dense(id, 0.0, {"audio": features}, {"audio": mask})
+    length = audio.length
+    source = np.minimum((np.arange(length) * clip.length) // max(length, 1), clip.length - 1)
+    rows, index = dict(clip.rows), {m: idx[source] for m, idx in clip.index.items()}
+    rows["audio"], index["audio"] = audio.rows["audio"], audio.index["audio"]
+    return Sample(id, clip.label, length, rows, index, clip.group)
 
 
 def _held_face(face: Sample, length: int) -> Sample:
@@ -155,8 +175,10 @@ class Mixer:
             for s in samples
         ]
 
-    def voice_item(self, voice: EmotionMedia, keep: Sequence[str]) -> MixedSample:
-        s = voice.sample
+    def voice_item(
+        self, voice: EmotionMedia, keep: Sequence[str], sample: Sample | None = None
+    ) -> MixedSample:
+        s = voice.sample if sample is None else sample
         return MixedSample(
             compose({"audio": s, "text": s}, keep, self.dims, s.length),
             voice.sentiment,
@@ -180,9 +202,13 @@ class Mixer:
         return rng.choice(faces) if faces else None
 
     def paired_item(
-        self, voice: EmotionMedia, face: EmotionMedia, keep: Sequence[str]
+        self,
+        voice: EmotionMedia,
+        face: EmotionMedia,
+        keep: Sequence[str],
+        sample: Sample | None = None,
     ) -> MixedSample:
-        s = voice.sample
+        s = voice.sample if sample is None else sample
         parts: dict[str, Sample | None] = {
             "audio": s,
             "text": s,
@@ -205,7 +231,7 @@ class Mixer:
         items += self.text_items(texts)
         with_text = [("audio",), ("text", "audio")]
         for _ in range(recipe.voice_repeats):
-            items += [self.voice_item(v, rng.choice(with_text)) for v in self.voices]
+            items += [self.voice_item(v, rng.choice(with_text), v.draw(rng)) for v in self.voices]
         faces = self.faces
         if recipe.faces_per_epoch is not None and recipe.faces_per_epoch < len(faces):
             faces = rng.sample(faces, recipe.faces_per_epoch)
@@ -215,7 +241,8 @@ class Mixer:
             for voice in self.voices:
                 face = self.partner(voice, rng)
                 if face is not None:
-                    items.append(self.paired_item(voice, face, rng.choice(subsets)))
+                    keep = rng.choice(subsets)
+                    items.append(self.paired_item(voice, face, keep, voice.draw(rng)))
         rng.shuffle(items)
         return items
 
@@ -301,6 +328,9 @@ class EvalSets:
     voice_polarity: list[int]
     face_polarity: list[int]
     paired_polarity: list[int]
+    # Each clip's first recording-condition variant, audio alone (empty without variants).
+    voice_shifted: list[MixedSample] = field(default_factory=list)
+    voice_shifted_polarity: list[int] = field(default_factory=list)
 
 
 PAIRED_SUBSETS = {
@@ -335,6 +365,10 @@ def eval_sets(
         voice_polarity=[v.polarity for v in mixer.voices],
         face_polarity=[f.polarity for f in faces],
         paired_polarity=[v.polarity for v, _ in pairs],
+        voice_shifted=[
+            mixer.voice_item(v, ("audio",), v.variants[0]) for v in mixer.voices if v.variants
+        ],
+        voice_shifted_polarity=[v.polarity for v in mixer.voices if v.variants],
     )
 
 
@@ -355,6 +389,13 @@ def evaluate(model: CoupledMambaForSentiment, sets: EvalSets) -> dict[str, Any]:
         )
         out["voice_words"] = emotion_metrics(
             sets.voice_words, sets.voice_polarity, predict(model, sets.voice_words), model.config
+        )
+    if sets.voice_shifted:
+        out["voice_shifted"] = emotion_metrics(
+            sets.voice_shifted,
+            sets.voice_shifted_polarity,
+            predict(model, sets.voice_shifted),
+            model.config,
         )
     if sets.face:
         out["face"] = emotion_metrics(
@@ -448,9 +489,11 @@ def train_multimodal(
     valid: EvalSets,
     settings: MultimodalTrainSettings,
     log: Callable[[str], None] = print,
+    select: Callable[[dict[str, Any]], float] = selection_score,
 ) -> MultimodalResult:
-    """Train ``model`` on epochs drawn from ``train``; the epoch with the best
-    ``selection_score`` on ``valid`` is kept (its weights are loaded back at the end)."""
+    """Train ``model`` on epochs drawn from ``train``; the epoch with the best ``select``
+    score (default ``selection_score``) on ``valid`` is kept (its weights are loaded back at
+    the end). Only parameters that require gradients are updated."""
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     config: CoupledMambaConfig = model.config
@@ -512,7 +555,7 @@ def train_multimodal(
             diverged = True
             log(f"epoch {epoch + 1}: validation inputs overflow the scan: the run diverged")
             break
-        score = selection_score(metrics)
+        score = select(metrics)
         history.append(
             {"epoch": epoch + 1, "loss": float(np.mean(losses)), "select": score, "valid": metrics}
         )
@@ -535,7 +578,8 @@ def _brief(metrics: dict[str, Any]) -> str:
         parts.append(
             "text r " + "/".join(f"{v['Pearson_r']:.3f}" for v in metrics["text"].values())
         )
-    for key in ("voice", "voice_words", "face", "paired:voice+face", "paired:all"):
+    keys = ("voice", "voice_shifted", "voice_words", "face", "paired:voice+face", "paired:all")
+    for key in keys:
         if key in metrics:
             parts.append(f"{key} AUC {metrics[key]['AUC']:.3f}")
     return ", ".join(parts)

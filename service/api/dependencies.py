@@ -42,7 +42,7 @@ MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
 CoreDep = Annotated[InferenceCore, Depends(get_core)]
 
 
-def app_parts(request: Request) -> tuple[InferenceCore, ServiceSettings, ServiceMetrics]:
-    """The app's core, settings and metrics, read without dependency resolution."""
+def app_parts(request: Request) -> tuple[InferenceCore, ServiceSettings]:
+    """The app's core and settings, read without dependency resolution."""
     app_state = request.app.state
-    return app_state.core, app_state.settings, app_state.metrics
+    return app_state.core, app_state.settings

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from service.api.dependencies import CoreDep
 from service.api.schemas import HealthResponse, error_responses
-from service.core.engine import CoreState
+from service.core.lifecycle import CoreState
 from service.errors import DrainingError, NotReadyError
 
 router = APIRouter(tags=["health"])

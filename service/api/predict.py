@@ -9,23 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
+from service.api.answers import timed_answer
 from service.api.auth import BearerRoute
 from service.api.dependencies import app_parts
 from service.api.disconnect import unless_disconnected
 from service.api.features_body import FeaturesBody, parse_features_body
 from service.api.schemas import FeaturesRequest, PredictResponse, error_responses
-from service.api.uploads import read_body, receive_upload_in_time
+from service.api.uploads import MEDIA_UPLOAD_BODY, read_body, receive_upload_in_time
 from service.core.engine import InferenceCore
 from service.core.types import ClipFeatures, Prediction
-from service.errors import ServiceError, UnsupportedMediaError
-from service.metrics import ServiceMetrics
+from service.errors import UnsupportedMediaError
 
 router = APIRouter(tags=["predict"], route_class=BearerRoute)
 
@@ -33,32 +31,6 @@ AttributionQuery = Annotated[
     bool,
     Query(description="also answer the per-modality attribution (one more model input each)"),
 ]
-
-_MEDIA_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "a video or audio file",
-                        },
-                        "transcript": {
-                            "type": "string",
-                            "description": "what is said, when known (skips speech recognition)",
-                        },
-                    },
-                },
-                "encoding": {"file": {"contentType": "video/*, audio/*"}},
-            }
-        },
-    },
-}
 
 _FEATURES_BODY: dict[str, Any] = {
     "requestBody": {
@@ -68,14 +40,9 @@ _FEATURES_BODY: dict[str, Any] = {
 }
 
 
-@contextmanager
-def _count_rejections(metrics: ServiceMetrics) -> Iterator[None]:
-    try:
-        yield
-    except ServiceError as exc:
-        if exc.reject_reason is not None:
-            metrics.rejected.labels(reason=exc.reject_reason).inc()
-        raise
+def _answer(prediction: Prediction, request: Request) -> JSONResponse:
+    body = PredictResponse.from_prediction(prediction, request.state.request_id)
+    return timed_answer(body, prediction.timings_ms)
 
 
 def _parse_large_body(core: InferenceCore, body: bytes) -> tuple[FeaturesBody, ClipFeatures]:
@@ -83,43 +50,34 @@ def _parse_large_body(core: InferenceCore, body: bytes) -> tuple[FeaturesBody, C
     return payload, core.clip_from_features(payload.profile, payload.features, payload.masks)
 
 
-def _answer(prediction: Prediction, request: Request) -> JSONResponse:
-    body = PredictResponse.from_prediction(prediction, request.state.request_id)
-    server_timing = ", ".join(
-        f"{stage};dur={ms:.3f}" for stage, ms in prediction.timings_ms.items()
-    )
-    return JSONResponse(body.model_dump(mode="json"), headers={"Server-Timing": server_timing})
-
-
 @router.post(
     "/v1/predict",
     response_model=PredictResponse,
     responses=error_responses(401, 413, 415, 422, 501, 503, 504),
-    openapi_extra=_MEDIA_BODY,
+    openapi_extra=MEDIA_UPLOAD_BODY,
 )
 async def predict_media(
     request: Request,
     attribution: AttributionQuery = False,
 ) -> JSONResponse:
     """Score a video or audio clip sent as multipart ``file`` (optional ``transcript``)."""
-    core, settings, metrics = app_parts(request)
-    with _count_rejections(metrics):
-        async with core.admit():
-            core.require_media()  # before reading the body
-            deadline = time.monotonic() + settings.request_timeout_s
-            upload = await receive_upload_in_time(request, settings)
-            prediction = await unless_disconnected(
-                request,
-                core.predict_media(
-                    upload.path,
-                    upload.transcript,
-                    started=request.state.start_time,
-                    deadline=deadline,
-                    remove_after=True,
-                    upload_ms=upload.receive_ms,
-                    attribution=attribution,
-                ),
-            )
+    core, settings = app_parts(request)
+    async with core.admit():
+        core.require_media()  # before reading the body
+        deadline = time.monotonic() + settings.request_timeout_s
+        upload = await receive_upload_in_time(request, settings)
+        prediction = await unless_disconnected(
+            request,
+            core.predict_media(
+                upload.path,
+                upload.transcript,
+                started=request.state.start_time,
+                deadline=deadline,
+                remove_after=True,
+                upload_ms=upload.receive_ms,
+                attribution=attribution,
+            ),
+        )
     return _answer(prediction, request)
 
 
@@ -138,26 +96,25 @@ async def predict_features(
     Features of another profile, modality set or size than the checkpoint's are refused with
     422 ``feature_mismatch``.
     """
-    core, settings, metrics = app_parts(request)
-    with _count_rejections(metrics):
-        async with core.admit():
-            deadline = time.monotonic() + settings.request_timeout_s
-            media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-            if media_type != "application/json":
-                raise UnsupportedMediaError("send the features as application/json")
-            body = await read_body(request, max_bytes=settings.max_upload_bytes)
-            if len(body) <= settings.offloop_body_bytes:
-                payload = parse_features_body(body)
-                clip = core.clip_from_features(payload.profile, payload.features, payload.masks)
-            else:  # one large body at a time, on the body thread, strict types only
-                payload, clip = await asyncio.get_running_loop().run_in_executor(
-                    request.app.state.body_executor, _parse_large_body, core, body
-                )
-            prediction = await core.predict_features(
-                clip,
-                started=request.state.start_time,
-                deadline=deadline,
-                transcript=payload.transcript,
-                attribution=attribution,
+    core, settings = app_parts(request)
+    async with core.admit():
+        deadline = time.monotonic() + settings.request_timeout_s
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise UnsupportedMediaError("send the features as application/json")
+        body = await read_body(request, max_bytes=settings.max_upload_bytes)
+        if len(body) <= settings.offloop_body_bytes:
+            payload = parse_features_body(body)
+            clip = core.clip_from_features(payload.profile, payload.features, payload.masks)
+        else:  # one large body at a time, on the body thread, strict types only
+            payload, clip = await asyncio.get_running_loop().run_in_executor(
+                request.app.state.body_executor, _parse_large_body, core, body
             )
+        prediction = await core.predict_features(
+            clip,
+            started=request.state.start_time,
+            deadline=deadline,
+            transcript=payload.transcript,
+            attribution=attribution,
+        )
     return _answer(prediction, request)

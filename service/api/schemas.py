@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from model.config import SentimentClass
-from service.core.types import Prediction
+from service.core.types import ModelIdentity, Prediction
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
@@ -48,6 +48,15 @@ class ModelInfo(BaseModel):
     device: str
     scan_backend: str
 
+    @classmethod
+    def from_identity(cls, identity: ModelIdentity) -> ModelInfo:
+        return cls(
+            name=identity.name,
+            version=identity.version,
+            device=identity.device,
+            scan_backend=identity.scan_backend,
+        )
+
 
 class BatchInfo(BaseModel):
     size: int = Field(description="clips in the model call that scored this request")
@@ -79,7 +88,6 @@ class PredictResponse(BaseModel):
     @classmethod
     def from_prediction(cls, prediction: Prediction, request_id: str) -> PredictResponse:
         memory = prediction.gpu_memory
-        identity = prediction.model
         return cls(
             sentiment=Sentiment(
                 score=prediction.score,
@@ -95,15 +103,10 @@ class PredictResponse(BaseModel):
                 peak_allocated_bytes=memory.peak_allocated_bytes,
                 total_bytes=memory.total_bytes,
             ),
-            model=ModelInfo(
-                name=identity.name,
-                version=identity.version,
-                device=identity.device,
-                scan_backend=identity.scan_backend,
-            ),
+            model=ModelInfo.from_identity(prediction.model),
             batch=BatchInfo(size=prediction.batch_size, padded_length=prediction.padded_length),
             request_id=request_id,
-            attribution=prediction.extra.get("attribution"),
+            attribution=prediction.attribution,
             emotions=prediction.emotions,
         )
 

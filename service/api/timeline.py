@@ -9,15 +9,13 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from service.api.answers import timed_answer
 from service.api.auth import BearerRoute
-from service.api.dependencies import CoreDep, MetricsDep, SettingsDep
+from service.api.dependencies import CoreDep, SettingsDep
 from service.api.disconnect import unless_disconnected
-from service.api.predict import _MEDIA_BODY, _count_rejections
 from service.api.schemas import ModelInfo, Sentiment, error_responses
-from service.api.uploads import receive_upload_in_time
-from service.core.engine import _summary_dict
-from service.core.timeline import Timeline, score_timeline
-from service.core.types import MEDIA_STAGES
+from service.api.uploads import MEDIA_UPLOAD_BODY, receive_upload_in_time
+from service.core.timeline import TimelinePrediction
 
 router = APIRouter(tags=["predict"], route_class=BearerRoute)
 
@@ -65,13 +63,8 @@ class TimelineResponse(BaseModel):
     )
 
 
-def _response(
-    timeline: Timeline,
-    summary: dict[str, Any],
-    timings: dict[str, float],
-    model: ModelInfo,
-    request_id: str,
-) -> TimelineResponse:
+def _response(answer: TimelinePrediction, request_id: str) -> TimelineResponse:
+    timeline = answer.timeline
     return TimelineResponse(
         sentiment=Sentiment(
             score=timeline.score,
@@ -95,11 +88,11 @@ def _response(
             )
             for s in timeline.segments
         ],
-        modalities=summary,
-        timings_ms={k: round(v, 3) for k, v in timings.items()},
+        modalities=answer.modalities,
+        timings_ms={k: round(v, 3) for k, v in answer.timings_ms.items()},
         clips_scored=timeline.clips_scored,
-        largest_batch=timeline.largest_batch,
-        model=model,
+        largest_batch=answer.largest_batch,
+        model=ModelInfo.from_identity(answer.model),
         request_id=request_id,
         emotions=timeline.emotions,
     )
@@ -109,13 +102,12 @@ def _response(
     "/v1/timeline",
     response_model=TimelineResponse,
     responses=error_responses(401, 413, 415, 422, 501, 503, 504),
-    openapi_extra=_MEDIA_BODY,
+    openapi_extra=MEDIA_UPLOAD_BODY,
 )
 async def predict_timeline(
     request: Request,
     core: CoreDep,
     settings: SettingsDep,
-    metrics: MetricsDep,
     window: Annotated[
         float, Query(ge=1.0, le=30.0, description="fixed window (s) where nobody speaks")
     ] = 5.0,
@@ -123,42 +115,20 @@ async def predict_timeline(
     """Sentiment over time of a video or audio clip (multipart ``file``, optional
     ``transcript``): one prediction per utterance of the ASR (fixed windows where nobody
     speaks), each with its per-modality attribution, and the whole clip's."""
-    with _count_rejections(metrics):
-        async with core.admit():
-            core.require_media()
-            started = request.state.start_time
-            deadline = time.monotonic() + settings.request_timeout_s
-            upload = await receive_upload_in_time(request, settings)
-            bundle, wait_ms = await unless_disconnected(
-                request,
-                core.extract_bundle(
-                    upload.path, upload.transcript, deadline=deadline, remove_after=True
-                ),
-            )
-            timeline = await unless_disconnected(
-                request, score_timeline(core, bundle, deadline, window_s=window)
-            )
-    timings = dict.fromkeys(MEDIA_STAGES, 0.0)
-    timings.update({stage: float(ms) for stage, ms in bundle.timings_ms.items()})
-    timings["upload"] = upload.receive_ms
-    timings["extract_wait"] = wait_ms
-    timings["queue"] = timeline.queue_ms
-    timings["model"] = timeline.model_ms
-    timings["total"] = (time.perf_counter() - started) * 1000.0
-    metrics.observe_stages(timings)
-    summary = _summary_dict(bundle.summary)
-    identity = core.identity
-    body = _response(
-        timeline,
-        summary,
-        timings,
-        ModelInfo(
-            name=identity.name,
-            version=identity.version,
-            device=identity.device,
-            scan_backend=identity.scan_backend,
-        ),
-        request.state.request_id,
-    )
-    server_timing = ", ".join(f"{stage};dur={ms:.3f}" for stage, ms in timings.items())
-    return JSONResponse(body.model_dump(mode="json"), headers={"Server-Timing": server_timing})
+    async with core.admit():
+        core.require_media()  # before reading the body
+        deadline = time.monotonic() + settings.request_timeout_s
+        upload = await receive_upload_in_time(request, settings)
+        answer = await unless_disconnected(
+            request,
+            core.predict_timeline(
+                upload.path,
+                upload.transcript,
+                started=request.state.start_time,
+                deadline=deadline,
+                remove_after=True,
+                upload_ms=upload.receive_ms,
+                window_s=window,
+            ),
+        )
+    return timed_answer(_response(answer, request.state.request_id), answer.timings_ms)

@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -38,6 +38,33 @@ MAX_FIELD_BYTES = 256 * 1024  # any non-file part
 MAX_FORM_PARTS = 8
 MAX_PART_HEADER_BYTES = 8 * 1024
 
+MEDIA_UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": [FILE_FIELD],
+                    "properties": {
+                        FILE_FIELD: {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "a video or audio file",
+                        },
+                        TRANSCRIPT_FIELD: {
+                            "type": "string",
+                            "description": "what is said, when known (skips speech recognition)",
+                        },
+                    },
+                },
+                "encoding": {FILE_FIELD: {"contentType": "video/*, audio/*"}},
+            }
+        },
+    },
+}
+"""The OpenAPI ``requestBody`` of the endpoints that take a media upload."""
+
 
 @dataclass
 class Upload:
@@ -49,9 +76,6 @@ class Upload:
     content_type: str
     transcript: str | None
     receive_ms: float
-
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
 
 
 @dataclass

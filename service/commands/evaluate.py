@@ -53,16 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from model import load_checkpoint
+    from model import load_checkpoint_with_info
+    from model.checkpoints import default_checkpoint_path, pinned_hashes
 
-    if args.checkpoint == "default":
-        from model.checkpoints import load_default_checkpoint
-
-        return load_default_checkpoint(device=args.device)
-    return load_checkpoint(args.checkpoint, device=args.device)
+    path = default_checkpoint_path() if args.checkpoint == "default" else args.checkpoint
+    return load_checkpoint_with_info(path, device=args.device, **pinned_hashes(path))
 
 
-def _texts(args: argparse.Namespace, model: Any) -> dict[str, Any]:
+def _texts(args: argparse.Namespace, model: Any, info: Any) -> dict[str, Any]:
     import numpy as np
 
     from model.checkpoint import TEXT_ENCODER_PROFILE
@@ -88,8 +86,7 @@ def _texts(args: argparse.Namespace, model: Any) -> dict[str, Any]:
         raise SystemExit(f"{args.texts}: no texts to score")
     scale = (float(args.rating_scale[0]), float(args.rating_scale[1]))
     labels = np.array([rescale(i.rating, scale, config.label_scale) for i in items])
-    info = model.checkpoint_info
-    tuning = info.text_encoder if info is not None else None
+    tuning = info.text_encoder
     encoder = TextEncoder(
         tuning=tuning["path"] if tuning else None,
         tuning_sha256=tuning["sha256"] if tuning else None,
@@ -147,13 +144,13 @@ def run(args: argparse.Namespace) -> int:
         print("error: give either DATA or --texts FILE", file=sys.stderr)
         return 2
     torch.set_num_threads(max(1, args.threads))
-    model = _load(args)
+    model, info = _load(args)
     print(
         f"checkpoint {args.checkpoint}: {model.describe()['parameters']:,} parameters, "
         f"modalities {list(model.config.modalities)}, scale {list(model.config.label_scale)}"
     )
     if args.texts is not None:
-        results = _texts(args, model)
+        results = _texts(args, model, info)
         print(
             f"{results['n']} texts from {args.texts}, ratings rescaled to {results['label_scale']}"
         )

@@ -72,6 +72,7 @@ def _predict_local(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     import time
     import uuid
 
+    from service.api.errors import http_status
     from service.api.schemas import PredictResponse
     from service.core.engine import InferenceCore
     from service.errors import ServiceError, StartupError, error_body
@@ -107,6 +108,6 @@ def _predict_local(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     try:
         return 200, asyncio.run(predict())
     except ServiceError as exc:
-        return exc.status_code, error_body(exc.error_type, exc.message)
+        return http_status(exc), error_body(exc.error_type, exc.message)
     finally:
         core.stop()

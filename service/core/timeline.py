@@ -1,38 +1,32 @@
-"""Sentiment over time: segmentation of a clip and per-modality attribution.
+"""Sentiment over time: a clip cut into segments, each scored with its attribution.
 
 A clip's feature grid is cut into **segments**: the ASR's utterances (``FeatureBundle.segments``),
 with the stretches between them longer than ``min_gap_s`` (and the whole clip when nobody speaks)
 covered by fixed windows of ``window_s``. Utterances longer than ``max_segment_s`` are cut into
 equal parts. Each segment is scored on its own slice of the grid.
 
-**Attribution** (occlusion by modality): for a clip ``x`` and a modality ``m`` of the checkpoint,
-
-    attribution[m] = score(x) - score(x with every step of m masked)
-
-i.e. how far the score moves because the model saw ``m``. Masking is the model's own notion of an
-absent modality (padding and absence never change an output), so the ablated clip is simply the
-clip without ``m``. It costs one extra clip per modality; all of them go through the micro-batcher
-together with the full clips, so they share model calls. A modality the segment has no valid step
-of gets exactly 0 (nothing to remove, nothing is run); one the checkpoint lacks gets None.
-Attributions need not add up to the score: the model is not additive.
+Each segment, and the whole clip when it fits one model call, comes with its per-modality
+attribution (:mod:`service.core.attribution`); every clip of a timeline goes through the
+micro-batcher together, so they share model calls.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from model.config import MODALITY_ORDER
-from service.core.types import CLASS_NAMES, ClipFeatures, ClipResult
-from service.errors import UndecodableMediaError
-
-if TYPE_CHECKING:
-    from service.core.engine import InferenceCore
-    from service.core.extraction import FeatureBundleLike
+from service.core.attribution import (
+    AttributionPlan,
+    attribution,
+    attribution_plan,
+    mean_attribution,
+    weighted_mean,
+)
+from service.core.types import CLASS_NAMES, Attribution, ClipFeatures, ClipResult, ModelIdentity
 
 
 @dataclass(frozen=True)
@@ -110,73 +104,9 @@ def slice_clip(clip: ClipFeatures, first: int, stop: int) -> ClipFeatures:
     )
 
 
-def without(clip: ClipFeatures, modality: str) -> ClipFeatures:
-    """The clip with ``modality`` absent (the model treats it as fully masked)."""
-    return ClipFeatures(
-        features={m: a for m, a in clip.features.items() if m != modality},
-        masks={m: a for m, a in clip.masks.items() if m != modality},
-        length=clip.length,
-    )
-
-
-@dataclass(frozen=True)
-class AttributionPlan:
-    """The clips to score for one prediction and its attribution: the full clip first, then
-    one clip per modality that has something to remove (``ablated`` names them in order)."""
-
-    clips: list[ClipFeatures]
-    ablated: list[str]
-    model_modalities: tuple[str, ...]
-
-
-def attribution_plan(clip: ClipFeatures, model_modalities: Sequence[str]) -> AttributionPlan:
-    """Which clips score ``clip`` and its per-modality attribution."""
-    ablated = [
-        m for m in model_modalities if m in clip.masks and bool(np.asarray(clip.masks[m]).any())
-    ]
-    clips = [clip, *(without(clip, m) for m in ablated)]
-    return AttributionPlan(clips=clips, ablated=ablated, model_modalities=tuple(model_modalities))
-
-
-def attribution(plan: AttributionPlan, results: Sequence[ClipResult]) -> dict[str, float | None]:
-    """``{text, audio, visual}``: score(all) - score(all but m); None for modalities the
-    checkpoint lacks, 0.0 for ones the clip has no valid step of. ``results`` match
-    ``plan.clips`` in order."""
-    full = results[0].score
-    moved = {m: full - r.score for m, r in zip(plan.ablated, results[1:], strict=True)}
-    return {
-        m: (float(moved.get(m, 0.0)) if m in plan.model_modalities else None)
-        for m in MODALITY_ORDER
-    }
-
-
 def label_of(probabilities: Sequence[float]) -> str:
     """The class with the highest probability."""
     return CLASS_NAMES[int(np.argmax(np.asarray(probabilities)))]
-
-
-def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
-    """Mean of ``values`` weighted by ``weights`` (plain mean when the weights sum to 0)."""
-    w = np.asarray(weights, dtype=np.float64)
-    v = np.asarray(values, dtype=np.float64)
-    if w.sum() <= 0:
-        return float(v.mean()) if len(v) else 0.0
-    return float((v * w).sum() / w.sum())
-
-
-def mean_attribution(
-    parts: Sequence[Mapping[str, float | None]], weights: Sequence[float]
-) -> dict[str, float | None]:
-    """Duration-weighted mean of segment attributions (None stays None)."""
-    out: dict[str, float | None] = {}
-    for m in MODALITY_ORDER:
-        values = [p[m] for p in parts]
-        out[m] = (
-            None
-            if not values or any(v is None for v in values)
-            else weighted_mean([float(v) for v in values if v is not None], weights)
-        )
-    return out
 
 
 # -- one request --------------------------------------------------------------------------------
@@ -190,7 +120,7 @@ class ScoredSegment:
     score: float
     label: str
     probabilities: dict[str, float]
-    attribution: dict[str, float | None]
+    attribution: Attribution
     emotions: dict[str, float] | None = None
 
 
@@ -207,58 +137,75 @@ class Timeline:
     score: float
     label: str
     probabilities: dict[str, float]
-    attribution: dict[str, float | None]
+    attribution: Attribution
     overall_method: str
     clips_scored: int
-    queue_ms: float
-    model_ms: float
-    largest_batch: int
     emotions: dict[str, float] | None = None
 
 
-def clip_from_bundle(
-    bundle_features: Mapping[str, np.ndarray],
-    bundle_masks: Mapping[str, np.ndarray],
-    length: int,
-    model_modalities: Sequence[str],
-) -> ClipFeatures:
-    """The model's modalities of a feature bundle as one (possibly long) clip."""
-    features = {
-        m: np.asarray(bundle_features[m], dtype=np.float32)
-        for m in model_modalities
-        if m in bundle_features
-    }
-    masks = {m: np.asarray(bundle_masks[m], dtype=np.bool_) for m in features}
-    return ClipFeatures(features=features, masks=masks, length=int(length))
+@dataclass(frozen=True)
+class TimelinePrediction:
+    """The answer to one timeline request: the timeline and the request's facts."""
+
+    timeline: Timeline
+    modalities: dict[str, Any]  # what the extractor found (see assembly.media_summary)
+    timings_ms: dict[str, float]
+    model: ModelIdentity
+    largest_batch: int
 
 
-def build_requests(
+@dataclass(frozen=True)
+class TimelinePlan:
+    """The segments of a clip and the attribution plans that score them: one per segment, and
+    one for the whole clip when it fits one model call (``whole``, else None)."""
+
+    duration_s: float
+    segments: list[Segment]
+    plans: list[AttributionPlan]
+    whole: AttributionPlan | None
+
+    @property
+    def clips(self) -> list[ClipFeatures]:
+        """Every clip to score, in the order :func:`assemble` reads their results."""
+        plans = [*self.plans, self.whole] if self.whole is not None else self.plans
+        return [clip for plan in plans for clip in plan.clips]
+
+
+def plan_timeline(
     clip: ClipFeatures,
-    segments: Sequence[Segment],
     rate_hz: float,
+    utterances: Sequence[tuple[float, float, str]],
     model_modalities: Sequence[str],
     max_sequence_length: int,
-) -> tuple[list[AttributionPlan], AttributionPlan | None]:
-    """The attribution plans of every segment and, when it fits, of the whole clip."""
+    *,
+    media_duration_s: float | None = None,
+    window_s: float = 5.0,
+) -> TimelinePlan:
+    """Cut a clip's grid into segments (utterances, and windows where nobody speaks) and plan
+    the scoring of each segment and, when it fits, of the whole clip."""
+    duration = clip.length / rate_hz
+    if media_duration_s:
+        duration = min(duration, float(media_duration_s))
+    segments = plan_segments(
+        utterances,
+        duration,
+        window_s=window_s,
+        max_segment_s=min(30.0, max_sequence_length / rate_hz),
+    )
     plans = []
     for segment in segments:
         first, stop = step_range(segment, rate_hz, clip.length)
         plans.append(attribution_plan(slice_clip(clip, first, stop), model_modalities))
     whole = attribution_plan(clip, model_modalities) if clip.length <= max_sequence_length else None
-    return plans, whole
+    return TimelinePlan(duration_s=duration, segments=segments, plans=plans, whole=whole)
 
 
-def assemble(
-    duration_s: float,
-    segments: Sequence[Segment],
-    plans: Sequence[AttributionPlan],
-    whole: AttributionPlan | None,
-    results: Sequence[ClipResult],
-) -> Timeline:
-    """Put the model's results (in the order of the plans' clips, the whole clip last) together."""
+def assemble(planned: TimelinePlan, results: Sequence[ClipResult]) -> Timeline:
+    """Put the model's results (in the order of ``planned.clips``) together."""
+    whole = planned.whole
     scored: list[ScoredSegment] = []
     cursor = 0
-    for segment, plan in zip(segments, plans, strict=True):
+    for segment, plan in zip(planned.segments, planned.plans, strict=True):
         part = results[cursor : cursor + len(plan.clips)]
         cursor += len(plan.clips)
         scored.append(
@@ -295,7 +242,7 @@ def assemble(
             }
         method = "segment_mean"
     return Timeline(
-        duration_s=duration_s,
+        duration_s=planned.duration_s,
         segments=scored,
         score=score,
         label=label_of([probabilities[n] for n in CLASS_NAMES]),
@@ -303,57 +250,9 @@ def assemble(
         attribution=overall_attribution,
         overall_method=method,
         clips_scored=len(results),
-        queue_ms=0.0,
-        model_ms=0.0,
-        largest_batch=0,
         emotions=emotions,
     )
 
 
 def _named(probabilities: Sequence[float]) -> dict[str, float]:
     return {name: float(p) for name, p in zip(CLASS_NAMES, probabilities, strict=True)}
-
-
-async def score_timeline(
-    core: InferenceCore,
-    bundle: FeatureBundleLike,
-    deadline: float,
-    *,
-    window_s: float = 5.0,
-) -> Timeline:
-    """Segment an extracted clip, and score every segment (and the whole clip when it fits one
-    model call) with its attribution, all through the core's micro-batcher."""
-    config = core.config
-    modalities = tuple(config.modalities)
-    clip = clip_from_bundle(bundle.features, bundle.masks, int(bundle.length), modalities)
-    if clip.length <= 0 or not any(bool(m.any()) for m in clip.masks.values()):
-        wanted = {"text": "speech", "audio": "audio", "visual": "a face"}
-        raise UndecodableMediaError(
-            f"the model uses {', '.join(modalities)}, and the media holds no "
-            + " or ".join(wanted[m] for m in modalities)
-        )
-    rate = float(getattr(bundle, "rate_hz", 10.0))
-    duration = clip.length / rate
-    summary_duration = getattr(bundle.summary, "duration_s", None)
-    if summary_duration:
-        duration = min(duration, float(summary_duration))
-    segments = plan_segments(
-        list(getattr(bundle, "segments", []) or []),
-        duration,
-        window_s=window_s,
-        max_segment_s=min(30.0, core.settings.max_sequence_length / rate),
-    )
-    plans, whole = build_requests(
-        clip, segments, rate, modalities, core.settings.max_sequence_length
-    )
-    clips = [c for plan in plans for c in plan.clips] + (whole.clips if whole else [])
-    outcomes = await core.run_clips(clips, deadline)
-    results = [o.result for o in outcomes]
-    assert all(r is not None for r in results)
-    timeline = assemble(duration, segments, plans, whole, results)  # type: ignore[arg-type]
-    return replace(
-        timeline,
-        queue_ms=max((o.queue_ms for o in outcomes), default=0.0),
-        model_ms=sum(o.model_ms / max(1, o.batch_size) for o in outcomes),
-        largest_batch=max((o.batch_size for o in outcomes), default=0),
-    )

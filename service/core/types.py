@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -12,6 +12,10 @@ from model.config import CLASS_NAMES as CLASS_NAMES  # the model's class order, 
 
 MEDIA_STAGES: tuple[str, ...] = ("decode", "asr", "text", "audio", "visual")
 """Feature extraction stages, as reported by the extractor."""
+
+Attribution = dict[str, float | None]
+"""``{text, audio, visual}``: how far masking each modality moves the score; None for a
+modality the checkpoint lacks (:mod:`service.core.attribution`)."""
 
 
 @dataclass(frozen=True)
@@ -84,5 +88,5 @@ class Prediction:
     model: ModelIdentity
     batch_size: int
     padded_length: int
-    extra: dict[str, Any] = field(default_factory=dict)
+    attribution: Attribution | None = None  # when asked for
     emotions: dict[str, float] | None = None

@@ -104,7 +104,7 @@ def test_layer_floor_counts_the_tensors_a_layer_holds_at_its_scan() -> None:
         for i, m in enumerate(config.modalities):
             mixer = layer.mixers[m]
             assert isinstance(mixer, MambaMixer)
-            u, dt, B, C, z = mixer.scan_inputs(hidden[i], torch.ones(batch, length))
+            u, dt, B, C, z, _ = mixer.scan_inputs(hidden[i], torch.ones(batch, length))
             y = torch.empty_like(u)  # the scan output has u's shape
             total += sum(t.numel() for t in (u, dt, B, C, z, y))
     floor = measure.layer_activation_floor(config)

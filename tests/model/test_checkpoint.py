@@ -15,6 +15,7 @@ from model import (
     CheckpointError,
     CoupledMambaForSentiment,
     load_checkpoint,
+    load_checkpoint_with_info,
     read_checkpoint_config,
     save_checkpoint,
 )
@@ -49,7 +50,7 @@ def test_round_trip_is_bitwise_exact(trained, batch_of, tmp_path: Path) -> None:
         "model.safetensors",
         "MODEL_CARD.md",
     }
-    loaded = load_checkpoint(folder, scan_backend=trained.scan_backend)  # same arithmetic
+    loaded, info = load_checkpoint_with_info(folder, scan_backend=trained.scan_backend)
     assert not loaded.training and loaded.scan_backend == trained.scan_backend
     assert loaded.config == trained.config
     for key, value in trained.state_dict().items():
@@ -60,8 +61,6 @@ def test_round_trip_is_bitwise_exact(trained, batch_of, tmp_path: Path) -> None:
     for name in ("score", "logits", "probabilities", "modality_weights", "emotion_logits"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
 
-    info = loaded.checkpoint_info
-    assert info is not None
     assert (info.name, info.version) == ("tiny", "2024.1")
     assert info.metrics == {"mae": 0.71, "acc2": 0.80}
     assert info.training == {"dataset": "synthetic", "epochs": 3}
@@ -218,8 +217,8 @@ def test_text_encoder_ships_in_the_folder_and_is_checked(make_model, tmp_path: P
     assert section["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
     assert section["tuned_layers"] == [5] and section["file"] == shipped.name
 
-    info = load_checkpoint(folder).checkpoint_info
-    assert info is not None and info.text_encoder is not None
+    info = load_checkpoint_with_info(folder).info
+    assert info.text_encoder is not None
     assert Path(info.text_encoder["path"]) == shipped.resolve()
     assert info.text_encoder["sha256"] == section["sha256"]
 
@@ -236,7 +235,7 @@ def test_text_encoder_ships_in_the_folder_and_is_checked(make_model, tmp_path: P
     plain = make_model()
     save_checkpoint(plain, folder)
     assert not shipped.exists()
-    assert load_checkpoint(folder).checkpoint_info.text_encoder is None
+    assert load_checkpoint_with_info(folder).info.text_encoder is None
 
 
 def test_text_encoder_and_profile_must_agree(make_model, tmp_path: Path) -> None:
@@ -274,8 +273,8 @@ def test_multimodal_checkpoint_ships_both_encoders_and_pins_them(
         face_encoder_info={"embed_dim": 64},
     )  # fmt: skip
     digest = hashlib.sha256(face.read_bytes()).hexdigest()
-    info = load_checkpoint(folder, expected_face_encoder_sha256=digest).checkpoint_info
-    assert info is not None and info.face_encoder is not None and info.text_encoder is not None
+    info = load_checkpoint_with_info(folder, expected_face_encoder_sha256=digest).info
+    assert info.face_encoder is not None and info.text_encoder is not None
     assert info.face_encoder["embed_dim"] == 64 and info.face_encoder["sha256"] == digest
     assert Path(info.face_encoder["path"]).read_bytes() == face.read_bytes()
     with pytest.raises(CheckpointError, match="face encoder sha256"):

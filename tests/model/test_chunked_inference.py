@@ -87,17 +87,18 @@ def test_carried_state_is_what_makes_chunks_agree(make_model) -> None:
     hidden = torch.randn(3, 1, 12, 16, generator=torch.Generator().manual_seed(2))
     mask = torch.ones(3, 1, 12)
     with torch.no_grad():
-        whole = layer(hidden, mask, "torch")
-        first, state = layer.forward_carried(hidden[:, :, :6], mask[:, :, :6], "torch", carry=True)
+        path = model.fast_path
+        whole, _ = layer(hidden, mask, path)
+        first, state = layer(hidden[:, :, :6], mask[:, :, :6], path, carry=True)
         assert state is not None
         assert state.conv.shape == (3, 1, 32, 3) and state.ssm.shape == (3, 1, 32, 8)
-        second, _ = layer.forward_carried(hidden[:, :, 6:], mask[:, :, 6:], "torch", state)
+        second, _ = layer(hidden[:, :, 6:], mask[:, :, 6:], path, state)
         torch.testing.assert_close(torch.cat([first, second], 2), whole, rtol=1e-5, atol=1e-6)
         for broken in (
             type(state)(conv=torch.zeros_like(state.conv), ssm=state.ssm),
             type(state)(conv=state.conv, ssm=torch.zeros_like(state.ssm)),
         ):
-            wrong, _ = layer.forward_carried(hidden[:, :, 6:], mask[:, :, 6:], "torch", broken)
+            wrong, _ = layer(hidden[:, :, 6:], mask[:, :, 6:], path, broken)
             assert (wrong - whole[:, :, 6:]).abs().max() > 2e-5  # vs the 1e-6 above
 
 

@@ -91,7 +91,7 @@ def test_layer_matches_literal_equations(make_model, modalities, coupling) -> No
     hidden = torch.randn(len(modalities), 1, 6, 16, generator=g, dtype=torch.float64)
     mask = torch.ones(len(modalities), 1, 6, dtype=torch.float64)
     with torch.no_grad():
-        got = layer(hidden, mask, model.scan_backend)[:, 0]
+        got = layer(hidden, mask, model.fast_path)[0][:, 0]
         want = literal_coupled_layer(layer, hidden[:, 0])
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
@@ -231,11 +231,12 @@ def test_masked_steps_neither_decay_nor_write_the_state(make_model) -> None:
     mask[0, 3:6] = 0
     mask[1, 7:] = 0
     with torch.no_grad():
-        u, dt, B, C, z = mixer.scan_inputs(x, mask)
-    off = mask[:, None, :].expand_as(u) == 0
+        u, dt, B, C, z, conv_state = mixer.scan_inputs(x, mask)
+    assert conv_state is None  # nothing asked to carry
+    off = mask[..., None].expand_as(u) == 0
     assert (u[off] == 0).all() and (dt[off] == 0).all()
     assert (dt[~off] > 0).all() and (u[~off] != 0).all()
-    assert B.shape == C.shape == (2, 8, 9) and z.shape == u.shape == (2, 32, 9)
+    assert B.shape == C.shape == (2, 9, 8) and z.shape == u.shape == (2, 9, 32)  # rows (b, L, X)
 
 
 def test_absent_modality_equals_fully_masked_modality(make_model, batch_of) -> None:
@@ -371,9 +372,9 @@ def test_backends_give_the_same_model(make_model, batch_of) -> None:
 def test_inference_path_equals_training_path(
     make_model, batch_of, modalities: tuple[str, ...], coupling: str, chunk: int | None
 ) -> None:
-    """Without gradients the torch backend takes its own path (the conv on (b, L, D) rows,
-    the rows scan, no stacking copy for one modality); it answers what the path that
-    training takes answers (nn.Conv1d, the autograd scan)."""
+    """Without gradients the torch backend's scan takes its own loop (``_scan_rows``: the
+    state held (N, D), one batched product per step for y); it answers what the autograd
+    scan that training takes answers, through the same layer code."""
     dims = {m: d for m, d in {"text": 7, "audio": 5, "visual": 6}.items() if m in modalities}
     features, masks = batch_of([12, 7], dims=dims)
     masks["text"][0, 3:5] = False

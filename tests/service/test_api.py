@@ -285,7 +285,7 @@ def test_queue_full_is_503_with_retry_after(
     assert gate.entered.wait(10)  # the first clip is in the model
     queued = threading.Thread(target=post, args=(2,))
     queued.start()
-    wait_until(lambda: core._batcher.depth == 1)  # the second waits in the queue
+    wait_until(lambda: core.queue_depth == 1)  # the second waits in the queue
     assert_error(client.post("/v1/predict/features", json=payload(8, 3)), 503, "over_capacity")
     gate.release.set()
     running.join(30)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from model import CheckpointError, load_checkpoint
+from model import CheckpointError, load_checkpoint, load_checkpoint_with_info
 from model.checkpoints import (
     DEFAULT_CHECKPOINT_SHA256,
     DEFAULT_FACE_ENCODER_SHA256,
@@ -73,11 +73,10 @@ def test_text_only_checkpoint_stays_available_and_orders_clear_sentiment() -> No
 
     folder = text_only_checkpoint_path()
     assert ServiceSettings(model_path="text-only").model_path == folder
-    model = load_checkpoint(folder, **pinned_hashes(folder))
+    model, info = load_checkpoint_with_info(folder, **pinned_hashes(folder))
     assert model.config.modalities == ("text",)
-    assert model.checkpoint_info is not None
-    assert model.checkpoint_info.sha256 == TEXT_ONLY_CHECKPOINT_SHA256
-    tuning = model.checkpoint_info.text_encoder
+    assert info.sha256 == TEXT_ONLY_CHECKPOINT_SHA256
+    tuning = info.text_encoder
     assert tuning is not None
     encoder = TextEncoder(tuning=tuning["path"], tuning_sha256=tuning["sha256"])
     texts = [
@@ -182,9 +181,10 @@ def test_removing_a_modality_changes_the_answer_and_absent_ones_are_handled(
     from preprocessing import Extractor, ExtractorSettings
 
     client, _ = served
-    model = load_default_checkpoint()
-    info = model.checkpoint_info
-    assert info is not None and info.text_encoder and info.face_encoder
+    model, info = load_checkpoint_with_info(
+        default_checkpoint_path(), **pinned_hashes(default_checkpoint_path())
+    )
+    assert info.text_encoder and info.face_encoder
     settings = ExtractorSettings(
         audio_features="whisper",
         text_tuning_path=Path(info.text_encoder["path"]),

@@ -21,6 +21,7 @@ from model.training.multimodal import (
     face_sample,
     train_multimodal,
     warm_start,
+    with_audio,
 )
 
 DIMS = {"text": 6, "audio": 5, "visual": 4}
@@ -161,3 +162,37 @@ def test_warm_start_keeps_the_text_answers_of_an_uncoupled_text_model() -> None:
     masks = {"text": torch.ones(2, 7, dtype=torch.bool)}
     with torch.no_grad():
         torch.testing.assert_close(target(feats, masks).score, source.eval()(feats, masks).score)
+
+
+def test_with_audio_swaps_the_audio_and_stretches_the_words_to_the_new_length() -> None:
+    clip = _voice(np.random.default_rng(3), 0, happy=True).sample
+    words, words_mask = clip.dense("text")
+    faster = np.full((clip.length // 2, DIMS["audio"]), 0.25, np.float32)
+    variant = with_audio(clip, faster, np.ones(len(faster), bool), "v0~0")
+    assert variant.length == len(faster)
+    audio, audio_mask = variant.dense("audio")
+    assert audio_mask.all() and np.allclose(audio, 0.25)
+    stretched, stretched_mask = variant.dense("text")
+    # Step t of the variant reads step floor(t * L / L') of the clean clip.
+    source = (np.arange(variant.length) * clip.length) // variant.length
+    assert np.array_equal(stretched_mask, words_mask[source])
+    assert np.allclose(stretched, words[source])
+
+
+def test_epochs_draw_condition_variants_and_evaluation_reads_the_clean_clip() -> None:
+    mixer = _mixer(4, 6)
+    for v in mixer.voices:
+        shifted = np.full((v.sample.length, DIMS["audio"]), 7.0, np.float32)
+        v.variants = (with_audio(v.sample, shifted, np.ones(v.sample.length, bool), v.id + "~0"),)
+    items = mixer.epoch(MixRecipe(voice_repeats=4, paired_repeats=4), random.Random(0))
+    audio_rows = [
+        it.sample.rows["audio"] for it in items if it.kind in ("voice", "paired")
+        and len(it.sample.rows["audio"])
+    ]  # fmt: skip
+    shifted = [bool(np.all(rows == 7.0)) for rows in audio_rows]
+    assert any(shifted) and not all(shifted)  # both the clean clips and their variants
+    sets = eval_sets(mixer)
+    assert not any(np.all(it.sample.rows["audio"] == 7.0) for it in sets.voice_audio)
+    assert all(np.all(it.sample.rows["audio"] == 7.0) for it in sets.voice_shifted)
+    model = _model()
+    assert "voice_shifted" in evaluate(model, sets)

@@ -1,4 +1,4 @@
-"""The model backend: tensors, padding, device memory and out-of-memory recovery.
+"""The model runner: tensors, padding, device memory and out-of-memory recovery.
 
 Only this module (and the model package) touches torch tensors. It runs on the single model
 worker thread; nothing here is called from the event loop.
@@ -32,7 +32,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class ModelBackend:
+class ModelRunner:
     """Runs padded batches of clips through the model and recovers from GPU out-of-memory.
 
     Args:
