@@ -1,11 +1,14 @@
-"""Fixtures shared by every test folder."""
+"""Fixtures shared by every test folder; the plain functions behind several of them are in
+tests/helpers.py (``from helpers import ...``)."""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import helpers
 import numpy as np
 import pytest
 
@@ -129,3 +132,25 @@ def _mutate(data: bytes, rng: np.random.Generator) -> bytes:
 def mutate() -> Callable[[bytes, np.random.Generator], bytes]:
     """``mutate(data, rng)``: seeded random edits of a file's bytes (fuzzing)."""
     return _mutate
+
+
+@pytest.fixture
+def unused_port() -> int:
+    """A free loopback port."""
+    return helpers.free_port()
+
+
+@pytest.fixture(scope="session")
+def features_payload() -> Callable[..., dict[str, Any]]:
+    """``features_payload(length, seed, modalities=...)``: a random /v1/predict/features body
+    (default-v1)."""
+    return helpers.features_payload
+
+
+@pytest.fixture
+def stand_ins(monkeypatch: pytest.MonkeyPatch) -> Iterator[helpers.KernelStandIns]:
+    """Stand-in ``causal_conv1d`` and ``mamba_ssm`` modules in ``sys.modules`` for one test;
+    they record their calls."""
+    fakes = helpers.KernelStandIns()
+    fakes.install(monkeypatch)
+    yield fakes
