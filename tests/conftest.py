@@ -15,6 +15,31 @@ import pytest
 # The shared folder beside the repository (CI clones the repo with shared/ next to it).
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
+# Fixtures that start a real process (``cmamba serve``, Ray, Prometheus, a deployment tool) or
+# a server on a port. A test that uses one, directly or through another fixture, is marked
+# ``integration``; tests that start processes themselves carry the mark in their file.
+PROCESS_FIXTURES = frozenset(
+    {
+        "spawn_server",  # tests/service: `cmamba serve` subprocesses
+        "media_server",
+        "features_server",
+        "unused_port",  # an app served by uvicorn on a real socket
+        "live_service",  # tests/deploy: the service, Prometheus, Ray Serve, tool binaries
+        "prometheus",
+        "ray_stack",
+        "ray_prometheus",
+        "tool",
+        "ray_service",  # tests/ray: Ray Serve behind HAProxy
+    }
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if PROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
 
 @pytest.fixture(scope="session")
 def shared_media() -> Path:

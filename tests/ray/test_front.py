@@ -28,7 +28,7 @@ from helpers import free_port
 
 from service.ray_front import CONFIG_PATH, FrontError, HAProxyFront, find_config, find_haproxy
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 
 def _debian_haproxy() -> str:

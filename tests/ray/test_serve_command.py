@@ -18,7 +18,7 @@ from service.ray_serve import REPLICA_HEADER
 
 pytest.importorskip("ray.serve")
 
-pytestmark = pytest.mark.timeout(150)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 
 
 def test_serve_engine_ray_answers_and_stops_on_sigterm(

@@ -11,9 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from helpers import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.integration
 
 
 def test_sigterm_drains_in_flight_requests_then_exits(
