@@ -22,8 +22,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Without the slow tests and the integration tests (real processes and servers: cmamba serve,
+# Ray, HAProxy, Prometheus, a browser, deployment tools); see the markers in pyproject.toml.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not integration"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

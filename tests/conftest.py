@@ -1,16 +1,44 @@
-"""Fixtures shared by every test folder."""
+"""Fixtures shared by every test folder; the plain functions behind several of them are in
+tests/helpers.py (``from helpers import ...``)."""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import helpers
 import numpy as np
 import pytest
 
 # The shared folder beside the repository (CI clones the repo with shared/ next to it).
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+# Fixtures that start a real process (``cmamba serve``, Ray, Prometheus, a deployment tool) or
+# a server on a port. A test that uses one, directly or through another fixture, is marked
+# ``integration``; tests that start processes themselves carry the mark in their file.
+PROCESS_FIXTURES = frozenset(
+    {
+        "spawn_server",  # tests/service: `cmamba serve` subprocesses
+        "media_server",
+        "features_server",
+        "unused_port",  # an app served by uvicorn on a real socket
+        "live_service",  # tests/deploy: the service, Prometheus, Ray Serve, tool binaries
+        "prometheus",
+        "ray_stack",
+        "ray_prometheus",
+        "tool",
+        "ray_service",  # tests/ray: Ray Serve behind HAProxy
+    }
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if PROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")
@@ -129,3 +157,25 @@ def _mutate(data: bytes, rng: np.random.Generator) -> bytes:
 def mutate() -> Callable[[bytes, np.random.Generator], bytes]:
     """``mutate(data, rng)``: seeded random edits of a file's bytes (fuzzing)."""
     return _mutate
+
+
+@pytest.fixture
+def unused_port() -> int:
+    """A free loopback port."""
+    return helpers.free_port()
+
+
+@pytest.fixture(scope="session")
+def features_payload() -> Callable[..., dict[str, Any]]:
+    """``features_payload(length, seed, modalities=...)``: a random /v1/predict/features body
+    (default-v1)."""
+    return helpers.features_payload
+
+
+@pytest.fixture
+def stand_ins(monkeypatch: pytest.MonkeyPatch) -> Iterator[helpers.KernelStandIns]:
+    """Stand-in ``causal_conv1d`` and ``mamba_ssm`` modules in ``sys.modules`` for one test;
+    they record their calls."""
+    fakes = helpers.KernelStandIns()
+    fakes.install(monkeypatch)
+    yield fakes

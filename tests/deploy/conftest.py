@@ -12,11 +12,9 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -27,6 +25,8 @@ from typing import Any
 
 import pytest
 import yaml
+from helpers import LoggedProcess, free_port, wait_until
+from helpers import tiny_checkpoint as tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -165,12 +165,6 @@ def as_grafana_sends() -> Callable[[str, str], str]:
 # --- processes ---------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def http_json(url: str, data: bytes | None = None, timeout: float = 10.0) -> tuple[int, Any]:
     """GET (or POST JSON) ``url``; returns (status, parsed JSON body or text)."""
     headers = {"content-type": "application/json"} if data is not None else {}
@@ -186,56 +180,15 @@ def http_json(url: str, data: bytes | None = None, timeout: float = 10.0) -> tup
         return status, body.decode("utf-8", "replace")
 
 
-def wait_until(
-    check: Callable[[], Any], what: str, timeout: float, process: Process | None = None
-) -> Any:
-    """Poll ``check`` until it returns a truthy value; fail with ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    delay = 0.05
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        if process is not None and process.popen.poll() is not None:
-            pytest.fail(
-                f"{process.name} exited ({process.popen.returncode}) while waiting for "
-                f"{what}:\n{process.log_tail()}"
-            )
-        try:
-            result = check()
-            if result:
-                return result
-        except (OSError, ValueError) as exc:
-            last_error = exc
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.5)
-    detail = f" (last error: {last_error})" if last_error else ""
-    tail = f"\n{process.log_tail()}" if process is not None else ""
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}{detail}{tail}")
-
-
 @dataclass
-class Process:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
+class Process(LoggedProcess):
     url: str
-
-    def log_tail(self, chars: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
 
     def get(self, path: str) -> tuple[int, Any]:
         return http_json(self.url + path)
 
     def post_json(self, path: str, body: Any) -> tuple[int, Any]:
         return http_json(self.url + path, data=json.dumps(body).encode())
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout=10)
 
 
 def start_process(name: str, args: list[str], log_path: Path, url: str, env=None) -> Process:
@@ -253,16 +206,8 @@ def start_process(name: str, args: list[str], log_path: Path, url: str, env=None
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small random checkpoint in the default feature profile (all three modalities)."""
-    import torch
-
-    from model import CoupledMambaConfig, CoupledMambaForSentiment, save_checkpoint
-
-    torch.manual_seed(0)
-    config = CoupledMambaConfig(d_model=16, d_state=8, n_layers=1, dropout=0.0)
-    net = CoupledMambaForSentiment(config).eval()
-    path = tmp_path_factory.mktemp("deploy") / "tiny-deploy"
-    save_checkpoint(net, path, name="tiny-deploy", version="test-1")
-    return path
+    folder = tmp_path_factory.mktemp("deploy") / "tiny-deploy"
+    return tiny_model(folder, n_layers=1, name="tiny-deploy", version="test-1")
 
 
 MAX_UPLOAD_BYTES = 64 * 1024
@@ -340,11 +285,11 @@ class PrometheusServer:
             result = self.query(expr)
             return result if accept(result) else None
 
-        return wait_until(check, what, timeout, self.process)
+        return wait_until(check, what, timeout, process=self.process, interval=0.25)
 
     def poll(self, check: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
         """Call ``check`` until it returns something truthy (Prometheus must stay up)."""
-        return wait_until(check, what, timeout, self.process)
+        return wait_until(check, what, timeout, process=self.process, interval=0.25)
 
     def api(self, path: str, **params: str) -> Any:
         url = self.process.url + path + ("?" + urllib.parse.urlencode(params) if params else "")

@@ -250,6 +250,7 @@ def image_check(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
     )
 
 
+@pytest.mark.integration  # runs docker/image_check.py in a subprocess
 def test_image_constraints_keep_the_installed_torch() -> None:
     import torch
 
@@ -263,6 +264,7 @@ def test_image_constraints_keep_the_installed_torch() -> None:
     assert [line for line in lines if line in others] == others
 
 
+@pytest.mark.integration  # runs docker/image_check.py in a subprocess
 def test_base_check_accepts_this_interpreter_and_refuses_a_cpu_torch_for_the_gpu_image() -> None:
     import torch
 
@@ -276,6 +278,7 @@ def test_base_check_accepts_this_interpreter_and_refuses_a_cpu_torch_for_the_gpu
         assert cpu.returncode == 1 and "not a CUDA build" in cpu.stderr
 
 
+@pytest.mark.integration  # runs docker/image_check.py in a subprocess
 def test_final_check_finds_every_model_offline(tiny_checkpoint: Path) -> None:
     import torch
 
@@ -289,6 +292,7 @@ def test_final_check_finds_every_model_offline(tiny_checkpoint: Path) -> None:
     assert missing.returncode == 1 and "nonexistent" in missing.stderr
 
 
+@pytest.mark.integration  # runs docker/image_check.py in a subprocess
 def test_final_check_demands_the_cuda_kernels(tiny_checkpoint: Path) -> None:
     import importlib.util
 
@@ -303,6 +307,7 @@ def test_final_check_demands_the_cuda_kernels(tiny_checkpoint: Path) -> None:
     assert result.returncode == 1 and "selective_scan_cuda" in result.stderr
 
 
+@pytest.mark.integration  # runs pip wheel in a subprocess
 def test_project_wheel_carries_the_checkpoints(tmp_path: Path, tiny_checkpoint: Path) -> None:
     """The wheel the build stage makes holds every checkpoint file (the image's weights).
 
@@ -371,6 +376,7 @@ def test_files_used_through_bind_mounts_are_in_the_build_context(dockerfile: dic
     assert checked >= 4
 
 
+@pytest.mark.integration  # runs docker/image_check.py in a subprocess
 def test_final_check_accepts_the_embedded_default_checkpoint() -> None:
     import torch
 

@@ -6,14 +6,13 @@ second with the shipped configuration and alert rules (addresses changed to loop
 
 from __future__ import annotations
 
-import json
 import math
-import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import features_payload
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,17 +32,10 @@ def dcgm_counters() -> set[str]:
     return {line.split(",")[0].strip() for line in lines if line.startswith("DCGM_")}
 
 
-def send_traffic(service: Any, checkpoint: Path, n_ok: int, seed: int = 0) -> None:
+def send_traffic(service: Any, n_ok: int, seed: int = 0) -> None:
     """``n_ok`` valid feature requests, one too large (413) and one in the wrong profile (422)."""
-    config = json.loads((checkpoint / "config.json").read_text())
-    rng = random.Random(seed)
     for i in range(n_ok):
-        steps = 3 + i % 5
-        features = {
-            modality: [[rng.gauss(0, 1) for _ in range(dim)] for _ in range(steps)]
-            for modality, dim in config["feature_dims"].items()
-        }
-        status, body = service.post_json(FEATURES, {"profile": "default-v1", "features": features})
+        status, body = service.post_json(FEATURES, features_payload(3 + i % 5, 1000 * seed + i))
         assert status == 200, body
     status, _ = service.post_json(FEATURES, {"profile": "x", "features": {"t": [[0.0] * 40000]}})
     assert status == 413
@@ -74,12 +66,11 @@ def test_metric_name_parser(metric_names: Callable[[str], set[str]]) -> None:
 
 def test_every_queried_metric_is_exported_by_the_service(
     live_service: Any,
-    tiny_checkpoint: Path,
     dashboard_queries: list[Any],
     alert_rules: list[dict[str, Any]],
     metric_names: Callable[[str], set[str]],
 ) -> None:
-    send_traffic(live_service, tiny_checkpoint, n_ok=3)
+    send_traffic(live_service, n_ok=3)
     exported = exported_samples(live_service)
     dcgm = dcgm_counters()
     queries = [(f"panel {q.panel!r} {q.ref_id}", q.expr) for q in dashboard_queries]
@@ -97,10 +88,8 @@ def test_every_queried_metric_is_exported_by_the_service(
                 assert name in exported, f"{where}: {name} is not on the service's /metrics"
 
 
-def test_prometheus_scrapes_requests_and_latency(
-    prometheus: Any, live_service: Any, tiny_checkpoint: Path
-) -> None:
-    send_traffic(live_service, tiny_checkpoint, n_ok=12, seed=1)
+def test_prometheus_scrapes_requests_and_latency(prometheus: Any, live_service: Any) -> None:
+    send_traffic(live_service, n_ok=12, seed=1)
     ok = f'sum(cmamba_requests_total{{job="cmamba", endpoint="{FEATURES}", status="200"}})'
     result = prometheus.wait_for(
         ok, lambda r: r and float(r[0]["value"][1]) >= 12, "the requests to be scraped"
@@ -120,11 +109,10 @@ def test_prometheus_scrapes_requests_and_latency(
 def test_every_dashboard_query_runs_and_service_panels_have_data(
     prometheus: Any,
     live_service: Any,
-    tiny_checkpoint: Path,
     dashboard_queries: list[Any],
     as_grafana_sends: Callable[[str, str], str],
 ) -> None:
-    send_traffic(live_service, tiny_checkpoint, n_ok=4, seed=2)
+    send_traffic(live_service, n_ok=4, seed=2)
     prometheus.wait_for(
         'sum(cmamba_rejected_requests_total{reason="too_large"})',
         lambda r: bool(r),

@@ -9,35 +9,22 @@ dashboard's queries and the alert rules then run against it as they do on one ho
 
 from __future__ import annotations
 
-import json
-import random
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import features_payload
 
 FEATURES = "/v1/predict/features"
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
-def send_traffic(stack: Any, checkpoint: Path, n_ok: int, seed: int = 0) -> None:
+def send_traffic(stack: Any, n_ok: int, seed: int = 0) -> None:
     """``n_ok`` valid feature requests, 8 at a time (so both replicas take some), one too
     large (413) and one in the wrong profile (422)."""
-    config = json.loads((checkpoint / "config.json").read_text())
-    rng = random.Random(seed)
-    bodies = [
-        {
-            "profile": "default-v1",
-            "features": {
-                modality: [[rng.gauss(0, 1) for _ in range(dim)] for _ in range(3 + i % 5)]
-                for modality, dim in config["feature_dims"].items()
-            },
-        }
-        for i in range(n_ok)
-    ]
+    bodies = [features_payload(3 + i % 5, 1000 * seed + i) for i in range(n_ok)]
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda body: stack.process.post_json(FEATURES, body), bodies))
     assert [status for status, _ in answers] == [200] * n_ok, answers
@@ -54,7 +41,7 @@ def value(result: list[dict[str, Any]]) -> float:
 
 
 def test_prometheus_sees_every_replica_and_rays_own_metrics(
-    ray_stack: Any, ray_prometheus: Any, tiny_checkpoint: Path
+    ray_stack: Any, ray_prometheus: Any
 ) -> None:
     # Our metrics: both replicas, each through its own discovered target. Ray's router may
     # send a whole burst to one replica when its queue-length probes time out on a loaded
@@ -62,7 +49,7 @@ def test_prometheus_sees_every_replica_and_rays_own_metrics(
     requests = f'cmamba_requests_total{{job="cmamba", endpoint="{FEATURES}"}}'
     both = f"sum by (replica, instance) ({requests})"
     for burst in range(4):
-        send_traffic(ray_stack, tiny_checkpoint, n_ok=32, seed=burst)
+        send_traffic(ray_stack, n_ok=32, seed=burst)
         sent = 32 * (burst + 1)
         counted = ray_prometheus.wait_for(both, lambda r, n=sent: value(r) >= n, "the requests")
         if len(counted) == 2:
@@ -109,11 +96,10 @@ def test_prometheus_sees_every_replica_and_rays_own_metrics(
 def test_every_dashboard_query_has_data_on_ray(
     ray_stack: Any,
     ray_prometheus: Any,
-    tiny_checkpoint: Path,
     dashboard_queries: list[Any],
     as_grafana_sends: Callable[[str, str], str],
 ) -> None:
-    send_traffic(ray_stack, tiny_checkpoint, n_ok=16, seed=1)
+    send_traffic(ray_stack, n_ok=16, seed=1)
     ray_prometheus.wait_for(
         'sum(cmamba_rejected_requests_total{reason="too_large"})',
         bool,

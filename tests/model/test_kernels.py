@@ -11,75 +11,13 @@ from __future__ import annotations
 
 import json
 import sys
-import types
-from collections.abc import Iterator
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 from model.ops.mamba_kernels import KernelChoice
 
 FIELDS = ("score", "logits", "probabilities", "modality_weights")
-
-
-class Calls:
-    def __init__(self) -> None:
-        self.scan = 0
-        self.conv = 0
-
-
-@pytest.fixture
-def stand_ins(monkeypatch: pytest.MonkeyPatch) -> Iterator[Calls]:
-    calls = Calls()
-
-    def causal_conv1d_fn(
-        x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None
-    ) -> Tensor:
-        calls.conv += 1
-        dim, width = weight.shape
-        out = F.conv1d(x, weight[:, None, :], bias, padding=width - 1, groups=dim)
-        out = out[..., : x.shape[-1]]
-        return F.silu(out) if activation == "silu" else out
-
-    def selective_scan_fn(
-        u: Tensor,
-        delta: Tensor,
-        A: Tensor,
-        B: Tensor,
-        C: Tensor,
-        D: Tensor | None = None,
-        z: Tensor | None = None,
-        delta_bias: Tensor | None = None,
-        delta_softplus: bool = False,
-        return_last_state: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        calls.scan += 1
-        assert u.dim() == 3 and A.dim() == 2 and B.dim() == 3  # mamba-ssm's layout, no M axis
-        x = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
-        ys = []
-        dt = F.softplus(delta) if delta_softplus else delta
-        for t in range(u.shape[-1]):
-            x = (
-                torch.exp(dt[..., t, None] * A) * x
-                + (dt[..., t] * u[..., t])[..., None] * B[:, None, :, t]
-            )
-            ys.append((x * C[:, None, :, t]).sum(-1))
-        y = torch.stack(ys, -1)
-        y = y + D[:, None] * u if D is not None else y
-        y = y * F.silu(z) if z is not None else y
-        return (y, x) if return_last_state else y
-
-    conv_module = types.ModuleType("causal_conv1d")
-    conv_module.causal_conv1d_fn = causal_conv1d_fn  # type: ignore[attr-defined]
-    scan_module = types.ModuleType("mamba_ssm.ops.selective_scan_interface")
-    scan_module.selective_scan_fn = selective_scan_fn  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "causal_conv1d", conv_module)
-    monkeypatch.setitem(sys.modules, "mamba_ssm", types.ModuleType("mamba_ssm"))
-    monkeypatch.setitem(sys.modules, "mamba_ssm.ops", types.ModuleType("mamba_ssm.ops"))
-    monkeypatch.setitem(sys.modules, "mamba_ssm.ops.selective_scan_interface", scan_module)
-    yield calls
 
 
 def test_cpu_model_reports_torch_kernels(make_model) -> None:

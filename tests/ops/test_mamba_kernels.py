@@ -13,104 +13,18 @@ The real kernels exist only in the GPU image (compiled CUDA extensions; no CPU p
 from __future__ import annotations
 
 import sys
-import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from helpers import KernelStandIns
 
 from model.ops import coupled_selective_scan, mamba_kernels
 from model.ops.mamba_kernels import KernelChoice, select_kernels
 
 Factory = Callable[..., dict[str, Any]]
-
-
-class StandIns:
-    """Plain-PyTorch stand-ins for the two packages' functions, recording every call."""
-
-    def __init__(self) -> None:
-        self.scan_calls: list[dict[str, Any]] = []
-        self.conv_calls: list[dict[str, Any]] = []
-
-    def selective_scan_fn(
-        self,
-        u: Tensor,
-        delta: Tensor,
-        A: Tensor,
-        B: Tensor,
-        C: Tensor,
-        D: Tensor | None = None,
-        z: Tensor | None = None,
-        delta_bias: Tensor | None = None,
-        delta_softplus: bool = False,
-        return_last_state: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        batch, dim, length = u.shape
-        n = A.shape[1]
-        assert delta.shape == u.shape and A.shape == (dim, n)
-        assert B.shape == C.shape == (batch, n, length)
-        assert D is None or D.shape == (dim,)
-        assert delta_bias is None or delta_bias.shape == (dim,)
-        assert z is None or z.shape == u.shape
-        self.scan_calls.append({"u": u, "A": A, "B": B})
-        dt = delta + delta_bias[:, None] if delta_bias is not None else delta
-        dt = F.softplus(dt) if delta_softplus else dt
-        x = u.new_zeros(batch, dim, n)
-        ys = []
-        for t in range(length):
-            x = (
-                torch.exp(dt[:, :, t, None] * A) * x
-                + (dt[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]
-            )
-            ys.append((x * C[:, None, :, t]).sum(-1))
-        y = torch.stack(ys, dim=-1)
-        if D is not None:
-            y = y + D[:, None] * u
-        if z is not None:
-            y = y * F.silu(z)
-        return (y, x) if return_last_state else y
-
-    def causal_conv1d_fn(
-        self,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None = None,
-        seq_idx: Tensor | None = None,
-        initial_states: Tensor | None = None,
-        return_final_states: bool = False,
-        final_states_out: Tensor | None = None,
-        activation: str | None = None,
-    ) -> Tensor:
-        _, dim, length = x.shape
-        assert weight.dim() == 2 and weight.shape[0] == dim
-        assert seq_idx is None and initial_states is None and not return_final_states
-        self.conv_calls.append({"x": x, "activation": activation})
-        width = weight.shape[1]
-        out = (bias[None, :, None] if bias is not None else 0) + torch.zeros_like(x)
-        for j in range(width):  # tap j looks back width - 1 - j steps
-            shift = width - 1 - j
-            shifted = F.pad(x, (shift, 0))[..., :length]
-            out = out + weight[None, :, j, None] * shifted
-        return F.silu(out) if activation in ("silu", "swish") else out
-
-
-@pytest.fixture
-def stand_ins(monkeypatch: pytest.MonkeyPatch) -> Iterator[StandIns]:
-    """Put stand-in ``causal_conv1d`` and ``mamba_ssm`` modules into sys.modules (undone after
-    the test)."""
-    fakes = StandIns()
-    conv = types.ModuleType("causal_conv1d")
-    conv.causal_conv1d_fn = fakes.causal_conv1d_fn  # type: ignore[attr-defined]
-    interface = types.ModuleType("mamba_ssm.ops.selective_scan_interface")
-    interface.selective_scan_fn = fakes.selective_scan_fn  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "causal_conv1d", conv)
-    monkeypatch.setitem(sys.modules, "mamba_ssm", types.ModuleType("mamba_ssm"))
-    monkeypatch.setitem(sys.modules, "mamba_ssm.ops", types.ModuleType("mamba_ssm.ops"))
-    monkeypatch.setitem(sys.modules, "mamba_ssm.ops.selective_scan_interface", interface)
-    yield fakes
 
 
 def test_without_the_packages_everything_falls_back() -> None:
@@ -134,7 +48,7 @@ def test_importing_ops_imports_neither_package() -> None:
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
-def test_selection_with_the_packages(stand_ins: StandIns) -> None:
+def test_selection_with_the_packages(stand_ins: KernelStandIns) -> None:
     """CUDA: causal-conv1d's conv always; mamba-ssm's scan only for W = I layers on the GPU
     kernel. CPU: never (neither package runs there)."""
     assert select_kernels("cuda", "none", "triton") == KernelChoice("causal_conv1d", "mamba_ssm")
@@ -155,7 +69,7 @@ def test_kernel_choice_rejects_unknown_names() -> None:
 @pytest.mark.parametrize("options", [True, False], ids=["all-options", "plain"])
 @pytest.mark.parametrize("last", [True, False], ids=["last-state", "y-only"])
 def test_uncoupled_adapter_equals_identity_coupled_scan(
-    stand_ins: StandIns, scan_inputs: Factory, options: bool, last: bool
+    stand_ins: KernelStandIns, scan_inputs: Factory, options: bool, last: bool
 ) -> None:
     """One selective_scan_fn call per modality on the modality's (b, D, L) slices equals our
     coupled scan with W = I."""
@@ -176,7 +90,7 @@ def test_uncoupled_adapter_equals_identity_coupled_scan(
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_conv_adapter_equals_torch_causal_conv(stand_ins: StandIns) -> None:
+def test_conv_adapter_equals_torch_causal_conv(stand_ins: KernelStandIns) -> None:
     g = torch.Generator().manual_seed(0)
     conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3).double()
     x = torch.randn(2, 6, 9, generator=g, dtype=torch.float64)

@@ -7,63 +7,27 @@ real binary) in front of Ray Serve's proxy.
 from __future__ import annotations
 
 import os
-import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
-import torch
-
-from model import CoupledMambaConfig, CoupledMambaForSentiment, save_checkpoint
-from preprocessing import PROFILES
+from helpers import free_port, tiny_checkpoint, wait_until
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
 REPO = Path(__file__).resolve().parents[2]
-PROFILE = "default-v1"
-DIMS: dict[str, int] = dict(PROFILES[PROFILE].dims)
 APP_NAME = "cmamba-test"
 # HAProxy's wait for an answer before replaying: above the replicas' request_timeout_s.
 FRONT_TIMEOUT_S = 8.0
 
 
-def _features_payload(length: int, seed: int) -> dict[str, Any]:
-    rng = np.random.default_rng(seed)
-    return {
-        "profile": PROFILE,
-        "features": {
-            m: rng.standard_normal((length, DIMS[m])).round(4).tolist()
-            for m in ("text", "audio", "visual")
-        },
-    }
-
-
-@pytest.fixture(scope="session")
-def features_payload() -> Callable[..., dict[str, Any]]:
-    """``features_payload(length, seed)``: a random /v1/predict/features body (default-v1)."""
-    return _features_payload
-
-
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    config = CoupledMambaConfig(
-        modalities=("text", "audio", "visual"),
-        feature_dims=dict(DIMS),
-        feature_profile=PROFILE,
-        d_model=16,
-        d_state=8,
-        n_layers=2,
-        dropout=0.0,
-    )
-    folder = tmp_path_factory.mktemp("ckpt") / "tiny"
-    return save_checkpoint(CoupledMambaForSentiment(config), folder, name="tiny", version="7")
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 @pytest.fixture(scope="session")
@@ -76,12 +40,6 @@ def service_settings(checkpoint: Path) -> dict[str, Any]:
         "drain_timeout_s": 2.0,
         "request_timeout_s": 5.0,  # HAProxy replays what Ray's proxy loses after FRONT_TIMEOUT_S
     }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -102,7 +60,7 @@ def ray_service(
     from service.ray_serve import build_deployment
 
     work = tmp_path_factory.mktemp("ray-stack")
-    proxy_port, front_port, metrics_port = _free_port(), _free_port(), _free_port()
+    proxy_port, front_port, metrics_port = free_port(), free_port(), free_port()
     pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     ray.init(
         num_cpus=2,
@@ -148,15 +106,10 @@ def ray_service(
 
 
 def _wait_ready(base: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    with httpx.Client(timeout=5.0) as client:
-        while time.monotonic() < deadline:
-            status = serve.status().applications.get(APP_NAME)
-            if status is not None and status.status == "RUNNING":
-                try:
-                    if client.get(f"{base}/v2/health/ready").status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-            time.sleep(0.2)
-    raise TimeoutError(f"the Ray Serve app did not become ready in {timeout_s} s")
+    def ready() -> bool:
+        status = serve.status().applications.get(APP_NAME)
+        if status is None or status.status != "RUNNING":
+            return False
+        return httpx.get(f"{base}/v2/health/ready", timeout=5.0).status_code == 200
+
+    wait_until(ready, "the Ray Serve app to be ready", timeout_s, interval=0.2)

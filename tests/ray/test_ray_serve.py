@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 CLIENT_TIMEOUT_S = 20.0
 

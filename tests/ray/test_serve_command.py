@@ -4,39 +4,27 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from helpers import LoggedProcess, free_port, http_ready, listening, wait_until
 
 from service.ray_serve import REPLICA_HEADER
 
 pytest.importorskip("ray.serve")
 
-pytestmark = pytest.mark.timeout(150)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 
 
 def test_serve_engine_ray_answers_and_stops_on_sigterm(
     checkpoint: Path, features_payload: Callable[..., dict[str, Any]], tmp_path: Path
 ) -> None:
-    port, haproxy_metrics = _free_port(), _free_port()
+    port, haproxy_metrics = free_port(), free_port()
     command = [
         *(sys.executable, "-m", "service.cli", "serve", "--engine", "ray"),
         *("--replicas", "1", "--num-cpus", "0.5", "--features-only"),
@@ -49,23 +37,12 @@ def test_serve_engine_ray_answers_and_stops_on_sigterm(
         command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
     )
     try:
-        deadline = time.monotonic() + 90.0
-        ready = False
-        with httpx.Client(timeout=5.0) as client:
-            while time.monotonic() < deadline and process.poll() is None:
-                try:
-                    ready = client.get(f"http://127.0.0.1:{port}/v2/health/ready").is_success
-                except httpx.HTTPError:
-                    ready = False
-                if ready:
-                    break
-                time.sleep(0.5)
-            assert ready, (tmp_path / "serve.log").read_text()[-3000:]
-            answer = client.post(
-                f"http://127.0.0.1:{port}/v1/predict/features",
-                json=features_payload(16, 3),
-                timeout=20.0,
-            )
+        watched = LoggedProcess("cmamba serve --engine ray", process, tmp_path / "serve.log")
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: http_ready(url, timeout=5.0), "the replicas", 90.0, process=watched)
+        answer = httpx.post(
+            f"{url}/v1/predict/features", json=features_payload(16, 3), timeout=20.0
+        )
         assert answer.status_code == 200, answer.text
         assert answer.headers[REPLICA_HEADER].startswith("SERVE_REPLICA::")
         assert answer.json()["model"]["name"] == "tiny"
@@ -75,7 +52,7 @@ def test_serve_engine_ray_answers_and_stops_on_sigterm(
         assert len(list(tmp_path.glob("*.json"))) == 1  # the replica's metrics endpoint
         process.send_signal(signal.SIGTERM)  # docker stop, systemd
         assert process.wait(timeout=45) == 0, (tmp_path / "serve.log").read_text()[-3000:]
-        assert not _listening(port) and not _listening(haproxy_metrics)
+        assert not listening(port) and not listening(haproxy_metrics)
         assert list(tmp_path.glob("*.json")) == []
     finally:
         if process.poll() is None:

@@ -2,64 +2,32 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
-import numpy as np
 import pytest
-import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from helpers import ServerProcess, features_payload, profile_dims, tiny_checkpoint
 
-from model import CoupledMambaConfig, CoupledMambaForSentiment, save_checkpoint
-from preprocessing import PROFILES
 from service.main import create_app
 from service.settings import ServiceSettings
 
-REPO = Path(__file__).resolve().parents[2]
-PROFILE = "default-v1"
-DIMS: dict[str, int] = dict(PROFILES[PROFILE].dims)
-MODEL_NAME = "tiny"
-
-
-def _tiny_checkpoint(
-    folder: Path,
-    modalities: tuple[str, ...] = ("text", "audio", "visual"),
-    emotion_classes: tuple[str, ...] = (),
-) -> Path:
-    torch.manual_seed(0)
-    config = CoupledMambaConfig(
-        modalities=modalities,
-        feature_dims={m: DIMS[m] for m in modalities},
-        feature_profile=PROFILE,
-        d_model=16,
-        d_state=8,
-        n_layers=2,
-        dropout=0.0,
-        emotion_classes=emotion_classes,
-    )
-    return save_checkpoint(CoupledMambaForSentiment(config), folder, name=MODEL_NAME, version="7")
+DIMS: dict[str, int] = profile_dims()
 
 
 @pytest.fixture(scope="session")
 def make_checkpoint() -> Callable[..., Path]:
     """``make_checkpoint(folder, modalities, emotion_classes)``: a small real model with random
     weights."""
-    return _tiny_checkpoint
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny checkpoint (text, audio, visual; default-v1) most tests serve."""
-    return _tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 @pytest.fixture(scope="session")
@@ -72,22 +40,10 @@ def real_extractor() -> Any:
     return extractor
 
 
-def _features_payload(
-    length: int, seed: int, modalities: tuple[str, ...] = ("text", "audio", "visual")
-) -> dict[str, Any]:
-    rng = np.random.default_rng(seed)
-    return {
-        "profile": PROFILE,
-        "features": {
-            m: rng.standard_normal((length, DIMS[m])).round(4).tolist() for m in modalities
-        },
-    }
-
-
 @pytest.fixture(scope="session")
 def payload() -> Callable[..., dict[str, Any]]:
     """``payload(length, seed, modalities=...)``: a random /v1/predict/features body."""
-    return _features_payload
+    return features_payload
 
 
 @pytest.fixture(scope="session")
@@ -146,65 +102,6 @@ def features_app(
 
 
 # -- real servers --------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-def unused_port() -> int:
-    """A free loopback port."""
-    return free_port()
-
-
-class ServerProcess:
-    """``cmamba serve`` in a subprocess on a free port."""
-
-    def __init__(self, env: dict[str, str], args: list[str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        full_env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
-        # A file, not a pipe: a pipe nobody reads would block a chatty server once full.
-        self.log = tempfile.TemporaryFile()  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port),
-             "--log-level", "warning", *(args or [])],
-            cwd=REPO,
-            env=full_env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")
-
-    def wait_ready(self, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                out = self.output()
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{out[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("server did not become ready")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log.close()
 
 
 @pytest.fixture

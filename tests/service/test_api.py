@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from helpers import wait_until
 
 from service.main import create_app
 
@@ -53,13 +53,6 @@ class Gate:
     def __call__(self, features: Any, masks: Any) -> None:
         self.entered.set()
         assert self.release.wait(30)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.005)
 
 
 # -- health, metadata, metrics, docs ---------------------------------------------------------

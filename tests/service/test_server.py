@@ -6,14 +6,17 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+from helpers import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.integration
 
 
 def test_sigterm_drains_in_flight_requests_then_exits(
@@ -40,16 +43,19 @@ def test_sigterm_drains_in_flight_requests_then_exits(
         )
     )
     in_flight.start()
-    deadline = time.monotonic() + 10
-    while metric(httpx.get(f"{server.url}/metrics").text, "cmamba_inflight_requests") != 1.0:
-        assert time.monotonic() < deadline, "the request never got in flight"
-        time.sleep(0.02)
+    wait_until(
+        lambda: metric(httpx.get(f"{server.url}/metrics").text, "cmamba_inflight_requests") == 1,
+        "the request to get in flight",
+        10,
+        interval=0.02,
+    )
+
+    def not_ready() -> httpx.Response | None:
+        answer = httpx.get(f"{server.url}/v2/health/ready")
+        return answer if answer.status_code != 200 else None
 
     server.proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 5
-    while (ready := httpx.get(f"{server.url}/v2/health/ready")).status_code == 200:
-        assert time.monotonic() < deadline, "readiness never went 503"
-        time.sleep(0.02)
+    ready = wait_until(not_ready, "readiness to go 503", 5, interval=0.02)
     assert ready.status_code == 503
     assert ready.json()["error"]["type"] == "draining"
     refused = httpx.post(f"{server.url}/v1/predict/features", json=payload(8, 1))

@@ -9,18 +9,12 @@ page with its answer is saved under ``artifacts/webui/`` (git-ignored) for peopl
 from __future__ import annotations
 
 import base64
-import os
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import torch
+from helpers import ServerProcess, tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -36,67 +30,19 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 
-pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real server on a free port serving a tiny random checkpoint with the real extractor."""
-    from model import CoupledMambaConfig, CoupledMambaForSentiment, save_checkpoint
-    from preprocessing import PROFILES
-
-    torch.manual_seed(0)
-    dims = dict(PROFILES["default-v1"].dims)
-    config = CoupledMambaConfig(
-        modalities=("text", "audio", "visual"),
-        feature_dims=dims,
-        feature_profile="default-v1",
-        d_model=16,
-        d_state=8,
-        n_layers=2,
-        dropout=0.0,
-    )
-    ckpt = save_checkpoint(
-        CoupledMambaForSentiment(config), tmp_path_factory.mktemp("webui") / "tiny", name="tiny"
-    )
-    port = _free_port()
-    log = tempfile.TemporaryFile()  # noqa: SIM115  (a file, never an unread pipe)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CMAMBA_MODEL_PATH": str(ckpt)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--log-level",
-         "warning"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    ckpt = tiny_checkpoint(tmp_path_factory.mktemp("webui") / "tiny")
+    server = ServerProcess({"CMAMBA_MODEL_PATH": str(ckpt)})
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"server exited:\n{log.read().decode()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("server did not become ready")
-            time.sleep(0.2)
-        yield url
+        server.wait_ready()
+        yield server.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        log.close()
+        server.stop()
 
 
 @pytest.fixture(scope="module")
