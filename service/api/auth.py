@@ -4,8 +4,8 @@ Routers whose routes need the token are built with ``route_class=BearerRoute``; 
 and the web page's files are not. A bearer route checks the ``Authorization`` header before
 FastAPI resolves anything else of the request (path and query parameters, dependencies, the
 body), so a request without the token gets 401 whatever else is wrong with it, and the check
-costs no dependency resolution: on the features endpoint, resolving an ``HTTPBearer``
-dependency per request cost about 0.1 ms of event-loop CPU, work that batching cannot share.
+costs no dependency resolution (event-loop CPU that batching cannot share; docs/PERFORMANCE.md,
+"Notes from the code").
 
 Each bearer route declares the scheme in its OpenAPI operation (``security``), and
 :func:`declare_scheme` adds the scheme to the app's schema components.

@@ -3,9 +3,8 @@ class, :mod:`service.api.auth`).
 
 All are ``async def``: FastAPI runs a plain ``def`` dependency in its thread pool, a thread hop
 per dependency per request for what is an attribute read. The prediction endpoints take none:
-they read :func:`app_parts` themselves, since resolving dependencies cost FastAPI about 0.1 ms
-of event-loop CPU per request there (measured at concurrency 32 on the features endpoint), work
-that batching cannot share.
+they read :func:`app_parts` themselves: resolving dependencies costs event-loop CPU per
+request that batching cannot share (docs/PERFORMANCE.md, "Notes from the code").
 """
 
 from __future__ import annotations

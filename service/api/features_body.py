@@ -2,9 +2,8 @@
 
 A features body is mostly numbers (50 steps of 384 text features are 157 kB of JSON). The fast
 path parses it with simdjson and copies each modality's numbers straight into one numpy array,
-without making a Python float per number: 0.36 ms for that body, against 1.2 ms to validate it
-through the pydantic model and convert its lists (0.9 ms with orjson and ``np.array``), all of
-it on the event loop.
+without making a Python float per number (a third of the event-loop time of validating through
+the pydantic model; docs/PERFORMANCE.md, "Notes from the code").
 
 The fast path only takes bodies whose every value already has the schema's exact JSON type
 (numbers in rectangular lists of steps, booleans for masks, strings, no repeated keys): for
@@ -29,7 +28,7 @@ from service.errors import MAX_ECHO_CHARS, InvalidInputError
 
 _FIELDS = frozenset(FeaturesRequest.model_fields)
 _QUOTE = ord('"')
-_OPEN_BRACKET = ord("[")  # counted with numpy: 16 us for a 157 kB body, bytes.count 79 us
+_OPEN_BRACKET = ord("[")  # counted with numpy, faster than bytes.count
 _TRANSCRIPT_MAX: int = next(
     m.max_length
     for m in FeaturesRequest.model_fields["transcript"].metadata
