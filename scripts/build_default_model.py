@@ -187,9 +187,17 @@ def face_step(data: Path, work: Path, reuse: Path | None) -> Path:
     if reuse is not None:
         if not target.exists() or target.read_bytes() != reuse.read_bytes():
             shutil.copyfile(reuse, target)
-        metrics = reuse.with_name(reuse.stem + ".metrics.json")
-        if metrics.exists() and not (work / "face_encoder.metrics.json").exists():
-            shutil.copyfile(metrics, work / "face_encoder.metrics.json")
+        metrics, kept = (
+            reuse.with_name(reuse.stem + ".metrics.json"),
+            work / "face_encoder.metrics.json",
+        )
+        config = reuse.parent / "config.json"  # an encoder shipped in a checkpoint folder
+        if metrics.exists() and not kept.exists():
+            shutil.copyfile(metrics, kept)
+        elif config.exists() and not kept.exists():
+            facts = json.loads(config.read_text()).get("face_encoder", {})
+            facts = {k: v for k, v in facts.items() if k not in ("file", "sha256", "trained_on")}
+            kept.write_text(json.dumps(facts, indent=1) + "\n")
         log(f"face encoder: reusing {reuse}")
         return target
     if target.exists():

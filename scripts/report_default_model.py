@@ -148,15 +148,15 @@ def model_card(
     voice = training.get("voice_refine", {})
     voice_recipe = voice.get("recipe", {})
     voice_text = (
-        f"""Last, the voice branch alone (the audio modality's projection, norms and mixers;
-everything else frozen) was refined for {voice_recipe.get("epochs")} epochs (lr
-{voice_recipe.get("lr")}) on the training clips, each epoch drawing every clip either as
-recorded or as its copy under a drawn recording condition (`preprocessing/voice_augment.py`:
-speed 0.9-1.1, a synthetic room of RT60 0.15-0.7 s, a band limit, white, pink or brown noise at
-10-30 dB SNR, a level change), alone, with its words and paired with a face; the epoch with the
-best mean of the clean and shifted validation voice AUCs and the paired voice + face and fused
-AUCs was kept (epoch {voice.get("best_epoch")}; none when no epoch beat the start). Text-only
-and face-only answers are unchanged by it."""
+        "Last, the voice branch alone (the audio modality's projection, norms and mixers; "
+        f"everything else frozen) was refined for {voice_recipe.get('epochs')} epochs "
+        f"(lr {voice_recipe.get('lr')}) on the training clips, each epoch drawing every clip "
+        "either as recorded or as its copy under a drawn recording condition "
+        "(`preprocessing/voice_augment.py`: speed 0.9-1.1, a synthetic room of RT60 0.15-0.7 s, "
+        "a band limit, white, pink or brown noise at 10-30 dB SNR, a level change), alone, with "
+        "its words and paired with a face; the epoch with the best mean of the clean and shifted "
+        "validation voice AUCs and the paired voice + face and fused AUCs was kept (epoch "
+        f"{voice.get('best_epoch')}). Text-only and face-only answers are unchanged by it."
         if voice
         else ""
     )

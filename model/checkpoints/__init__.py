@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from model.mamba import CoupledMambaForSentiment
 
-DEFAULT_CHECKPOINT_SHA256 = "aaad364918683680db7b350cb34e125208f2a2ee1f39baf0054e02fa3ff64437"
+DEFAULT_CHECKPOINT_SHA256 = "faa3b36f620d50538ca0df30b02008603a449c7b22e2dbd8ebd7c6e958f3da97"
 """sha256 (hex) of ``default/model.safetensors``; written by scripts/build_default_model.py."""
 
 DEFAULT_TEXT_ENCODER_SHA256 = "a51bf4769e389ad02163fab8d79765c1abe6d3a0cd3ef4603f45399309c14fdc"
