@@ -74,7 +74,8 @@ ENV PIP_NO_CACHE_DIR=1 \
     TRANSFORMERS_OFFLINE=1 \
     HF_HUB_DISABLE_TELEMETRY=1 \
     NUMBA_CACHE_DIR=/tmp/numba-cache \
-    MPLCONFIGDIR=/tmp/matplotlib
+    MPLCONFIGDIR=/tmp/matplotlib \
+    CMAMBA_LOG_FORMAT=json
 
 # tini reaps children and forwards SIGTERM so the service can drain; libGL and GLib are what
 # OpenCV and MediaPipe load. Versions follow the base image's Ubuntu release.
@@ -103,6 +104,10 @@ RUN groupadd --gid "${APP_UID}" cmamba \
 USER ${APP_UID}:${APP_UID}
 WORKDIR /home/cmamba
 
+# The commit the image is built from, for cmamba_build_info (docker build --build-arg
+# GIT_SHA=$(git rev-parse HEAD)); last, so a new commit rebuilds nothing above.
+ARG GIT_SHA=""
+ENV CMAMBA_GIT_SHA=${GIT_SHA}
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/live', timeout=4)"]

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else "")
     args = parser.parse_args(argv)
+    importlib.import_module("service.logging_setup").configure_cli_logging()
     sys.exit(_command_module(args.command).run(args))
 
 

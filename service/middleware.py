@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from service.logging_setup import request_id_var
 from service.metrics import ServiceMetrics
 
 Scope = MutableMapping[str, Any]
@@ -23,7 +24,10 @@ class RequestContextMiddleware:
     """Gives every HTTP request a start time and an id (``X-Request-ID``, echoed back).
 
     A client-sent ``X-Request-ID`` is kept when it is short and plain, else a new one is made.
-    Handlers read both from ``request.state``.
+    Handlers read both from ``request.state``; log records read the id from
+    :data:`~service.logging_setup.request_id_var`. The variable is not reset on the way out:
+    the server logs the answer (access log) and any error after the app returns, in the
+    request's own task, whose context dies with it.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -42,6 +46,7 @@ class RequestContextMiddleware:
                 break
         state = scope.setdefault("state", {})
         state["request_id"] = request_id or uuid.uuid4().hex
+        request_id_var.set(state["request_id"])
         state["start_time"] = time.perf_counter()
         header = (b"x-request-id", state["request_id"].encode("latin-1"))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, StringConstraints, field_validator
+from pydantic import BeforeValidator, Field, SecretStr, StringConstraints, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ScanBackendName = Literal["auto", "ref", "torch", "triton"]
@@ -17,6 +17,16 @@ CudaOrdinal = Annotated[str, StringConstraints(pattern=r"^cuda:[0-9]+$")]
 
 DeviceName = Literal["auto", "cpu", "cuda"] | CudaOrdinal
 """Where the model runs: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"."""
+
+
+LogFormat = Literal["json", "text"]
+"""How log lines look: ``text`` for a terminal, ``json`` (one object per line) for containers."""
+
+LogLevel = Annotated[
+    Literal["critical", "error", "warning", "info", "debug", "trace"],
+    BeforeValidator(lambda value: value.lower() if isinstance(value, str) else value),
+]
+"""A log level name, in any case; ``trace`` is uvicorn's, below ``debug``."""
 
 
 def default_model_path() -> Path:
@@ -112,6 +122,17 @@ class ServiceSettings(BaseSettings):
     )
     public_docs: bool = Field(default=False, description="serve /docs without the token")
     drain_timeout_s: float = Field(default=30.0, ge=0.0, description="SIGTERM drain limit")
+
+    # Logs and metrics ---------------------------------------------------------------------
+    log_format: LogFormat = Field(
+        default="text", description='"text" (a terminal) or "json" (one object per line)'
+    )
+    log_level: LogLevel = Field(default="info", description="critical ... debug, trace")
+    git_sha: str | None = Field(
+        default=None,
+        description="commit the image was built from (cmamba_build_info); default: asked of "
+        "git when the source is a checkout",
+    )
 
     # Slow clients (cmamba serve) ----------------------------------------------------------
     header_timeout_s: float = Field(

@@ -10,7 +10,10 @@ from typing import Any
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="interface (default %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
-    parser.add_argument("--log-level", default="info", help="uvicorn log level")
+    parser.add_argument(
+        "--log-level", help="critical, error, warning, info (default), debug or trace; "
+        "overrides CMAMBA_LOG_LEVEL (CMAMBA_LOG_FORMAT: text or json)"
+    )  # fmt: skip
     parser.add_argument(
         "--workers",
         type=int,
@@ -101,6 +104,7 @@ _SETTING_FLAGS = (
     "request_timeout_s",
     "max_upload_bytes",
     "extract_workers",
+    "log_level",
 )
 
 
@@ -204,17 +208,19 @@ def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from service.errors import StartupError
+    from service.logging_setup import configure_logging
     from service.main import create_app
     from service.protocol import slow_client_guard
     from service.server import DrainingServer
     from service.settings import ServiceSettings
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         settings = ServiceSettings(**settings_overrides(args))
     except ValidationError as exc:
         print(f"cmamba serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
+    key = settings.api_key.get_secret_value() if settings.api_key is not None else None
+    configure_logging(settings.log_format, settings.log_level, secrets=[key] if key else [])
     if getattr(args, "engine", "uvicorn") == "ray":
         return run_ray(args, settings_overrides(args))
     app = create_app(settings)
@@ -227,7 +233,8 @@ def run(args: argparse.Namespace) -> int:
         app,
         host=args.host,
         port=args.port,
-        log_level=args.log_level,
+        log_config=None,  # configure_logging's handler formats uvicorn's lines too
+        log_level=settings.log_level,
         workers=1,
         server_header=False,  # no "server: uvicorn"
         http=slow_client_guard(settings.header_timeout_s, settings.body_timeout_s),

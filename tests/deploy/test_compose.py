@@ -92,6 +92,12 @@ def test_settings_come_from_the_environment(v2: str) -> None:
     assert service["environment"]["CMAMBA_API_KEY"] == "k"
 
 
+def test_the_service_logs_json_lines(v2: str) -> None:
+    environment = rendered(v2, BASE)["services"]["cmamba"]["environment"]
+    assert environment["CMAMBA_LOG_FORMAT"] == "json"
+    assert environment["CMAMBA_LOG_LEVEL"] == "info"
+
+
 def test_every_service_setting_passed_by_compose_exists() -> None:
     from service.settings import ServiceSettings
 

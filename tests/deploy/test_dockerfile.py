@@ -139,6 +139,8 @@ def test_runtime_installs_around_the_base_torch_and_checks_the_result(dockerfile
     assert "image_check.py final" in run and "--kernels" in run
     env = " ".join(a for kw, a in dockerfile["runtime"] if kw == "ENV")
     assert "HF_HUB_OFFLINE=1" in env  # every model ships in the image
+    assert "CMAMBA_LOG_FORMAT=json" in env  # one JSON object per log line
+    assert "CMAMBA_GIT_SHA=${GIT_SHA}" in env  # cmamba_build_info names the commit
 
 
 # --- the build context -----------------------------------------------------------------------
