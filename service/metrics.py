@@ -1,14 +1,20 @@
 """Prometheus metrics of the service (names are a contract: docs/DEPLOY.md, Monitoring), on the
-app's registry."""
+app's registry, with the process's own (``process_*``, ``python_gc_*``, ``python_info``)."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+UPLOAD_BUCKETS = tuple(float(2**p) for p in range(10, 31, 2))  # 1 KiB ... 1 GiB, x4
+CLIP_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 180.0, 300.0, 600.0)
+MEMORY_BUCKETS = tuple(float(2**p) for p in range(20, 38))  # 1 MiB ... 128 GiB, x2
 
 
 class ServiceMetrics:
@@ -17,6 +23,12 @@ class ServiceMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # The process: CPU seconds, resident memory, open files, start time; the collector
+        # generations and collections; the Python version. Not on the default registry (a
+        # registry can hold one copy of each): every app has its own.
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
+        PlatformCollector(registry=r)
         self.requests = Counter(
             "cmamba_requests_total", "HTTP requests answered", ["endpoint", "status"], registry=r
         )
@@ -49,15 +61,24 @@ class ServiceMetrics:
             ["reason"],
             registry=r,
         )
+        # GPU figures: registered by enable_gpu() when the model runs on CUDA, so a CPU host
+        # exports none rather than zeros that read as "no memory used".
         self.gpu_allocated = Gauge(
-            "cmamba_gpu_memory_allocated_bytes", "torch allocated GPU memory", registry=r
+            "cmamba_gpu_memory_allocated_bytes", "torch allocated GPU memory", registry=None
         )
         self.gpu_reserved = Gauge(
-            "cmamba_gpu_memory_reserved_bytes", "torch reserved GPU memory", registry=r
+            "cmamba_gpu_memory_reserved_bytes", "torch reserved GPU memory", registry=None
         )
         self.gpu_peak = Gauge(
-            "cmamba_gpu_memory_peak_bytes", "Peak GPU memory of the last batch", registry=r
+            "cmamba_gpu_memory_peak_bytes", "Peak GPU memory of the last batch", registry=None
         )
+        self.gpu_batch_peak = Histogram(
+            "cmamba_gpu_batch_peak_memory_bytes",
+            "Peak torch allocated GPU memory of each model call",
+            buckets=MEMORY_BUCKETS,
+            registry=None,
+        )
+        self._gpu_enabled = False
         self.model_info = Gauge(
             "cmamba_model_info",
             "The served model (value 1)",
@@ -68,6 +89,72 @@ class ServiceMetrics:
         self.gpu_oom = Counter(
             "cmamba_gpu_oom_total", "Model calls that ran out of GPU memory", registry=r
         )
+
+        # Build and start-up.
+        self.build_info = Gauge(
+            "cmamba_build_info",
+            "The running build (value 1)",
+            ["version", "git_sha", "torch", "cuda", "scan_backend"],
+            registry=r,
+        )
+        self.model_load_seconds = Gauge(
+            "cmamba_model_load_seconds", "Time to load the model onto its device", registry=r
+        )
+        self.model_warmup_seconds = Gauge(
+            "cmamba_model_warmup_seconds", "Time of the model's warm-up batches", registry=r
+        )
+        self.extractor_warmup_seconds = Gauge(
+            "cmamba_extractor_warmup_seconds",
+            "Time to load and warm up the media feature extractors",
+            registry=r,
+        )
+
+        # The extraction pool (media requests), and what it is given.
+        self.extraction_workers = Gauge(
+            "cmamba_extraction_workers", "Extraction threads (0: features only)", registry=r
+        )
+        self.extraction_queue_depth = Gauge(
+            "cmamba_extraction_queue_depth",
+            "Media files waiting for an extraction thread",
+            registry=r,
+        )
+        self.extraction_busy_workers = Gauge(
+            "cmamba_extraction_busy_workers", "Extraction threads at work", registry=r
+        )
+        self.extraction_wait = Histogram(
+            "cmamba_extraction_wait_seconds",
+            "Time a media file waited for an extraction thread",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage_cpu = Counter(
+            "cmamba_stage_cpu_seconds_total",
+            "CPU time of the thread running each stage (extraction, model); work a library "
+            "hands to threads of its own counts only in process_cpu_seconds_total",
+            ["stage"],
+            registry=r,
+        )
+        self.upload_bytes = Histogram(
+            "cmamba_upload_bytes",
+            "Size of each uploaded media file",
+            buckets=UPLOAD_BUCKETS,
+            registry=r,
+        )
+        self.clip_seconds = Histogram(
+            "cmamba_clip_seconds",
+            "Duration of each extracted media clip",
+            buckets=CLIP_BUCKETS,
+            registry=r,
+        )
+
+    def enable_gpu(self) -> None:
+        """Export the GPU memory figures (the model runs on CUDA). Idempotent."""
+        if not self._gpu_enabled:
+            self._gpu_enabled = True
+            for collector in (
+                self.gpu_allocated, self.gpu_reserved, self.gpu_peak, self.gpu_batch_peak,
+            ):  # fmt: skip
+                self.registry.register(collector)
 
     def observe_stages(self, timings_ms: dict[str, float]) -> None:
         """Record each stage that ran (a positive time) in ``stage_duration_seconds``."""

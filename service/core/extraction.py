@@ -6,6 +6,7 @@ or sit behind locks), so the pool holds one instance and ``workers`` threads.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import threading
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from service.errors import DeadlineExceededError
+from service.metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +69,20 @@ class ExtractionPool:
     Args:
         extractor: a thread-safe extractor.
         workers: extraction threads (clips extracted at the same time).
+        metrics: where to record the queue, the busy threads, the wait, the CPU time, the file
+            sizes and the clip durations (nothing when None).
     """
 
-    def __init__(self, extractor: FeatureExtractor, workers: int) -> None:
+    def __init__(
+        self, extractor: FeatureExtractor, workers: int, metrics: ServiceMetrics | None = None
+    ) -> None:
         if workers < 1:
             raise ValueError("the extraction pool needs at least one worker")
         self.extractor = extractor
         self.workers = workers
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.extraction_workers.set(workers)
         self._executor = ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="cmamba-extract"
         )
@@ -82,7 +91,10 @@ class ExtractionPool:
 
     def warmup(self) -> None:
         """Load the extractor's models and compile its JIT paths (on a pool thread)."""
+        started = time.perf_counter()
         self._executor.submit(self.extractor.warmup).result()
+        if self.metrics is not None:
+            self.metrics.extractor_warmup_seconds.set(time.perf_counter() - started)
 
     def submit(
         self,
@@ -101,13 +113,23 @@ class ExtractionPool:
         nobody waits for its answer then.
         """
         submitted = time.monotonic()
+        metrics = self.metrics
+        if metrics is not None:
+            with contextlib.suppress(OSError):  # the extraction says what is wrong with it
+                metrics.upload_bytes.observe(path.stat().st_size)
+            metrics.extraction_queue_depth.inc()
 
         def should_stop() -> bool:
             return time.monotonic() > deadline or (stop is not None and stop.is_set())
 
         def job() -> ExtractionJobResult:
+            started = time.monotonic()
+            cpu_started = time.thread_time()
+            if metrics is not None:
+                metrics.extraction_queue_depth.dec()
+                metrics.extraction_busy_workers.inc()
+                metrics.extraction_wait.observe(started - submitted)
             try:
-                started = time.monotonic()
                 if should_stop():
                     raise DeadlineExceededError("the request deadline passed before extraction")
                 if self._stoppable:
@@ -115,6 +137,8 @@ class ExtractionPool:
                     bundle = stoppable.extract(path, transcript=transcript, should_stop=should_stop)
                 else:
                     bundle = self.extractor.extract(path, transcript=transcript)
+                if metrics is not None:
+                    _observe_clip(metrics, bundle)
                 return ExtractionJobResult(bundle, (started - submitted) * 1000.0)
             except BaseException as exc:
                 release_frames(exc)
@@ -122,9 +146,28 @@ class ExtractionPool:
             finally:
                 if remove_after:
                     path.unlink(missing_ok=True)
+                if metrics is not None:
+                    metrics.extraction_busy_workers.dec()
+                    cpu = time.thread_time() - cpu_started
+                    metrics.stage_cpu.labels(stage="extraction").inc(cpu)
 
-        return self._executor.submit(job)
+        future = self._executor.submit(job)
+        if metrics is not None:
+
+            def left_unstarted(done: Future[ExtractionJobResult]) -> None:
+                if done.cancelled():  # it left the queue without running
+                    metrics.extraction_queue_depth.dec()
+
+            future.add_done_callback(left_unstarted)
+        return future
 
     def shutdown(self) -> None:
         """Finish queued jobs and stop the threads."""
         self._executor.shutdown(wait=True)
+
+
+def _observe_clip(metrics: ServiceMetrics, bundle: FeatureBundleLike) -> None:
+    """Record the duration of the extracted clip (``summary.duration_s``, when it has one)."""
+    duration = getattr(bundle.summary, "duration_s", None)
+    if isinstance(duration, int | float) and duration > 0:
+        metrics.clip_seconds.observe(float(duration))

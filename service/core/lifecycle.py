@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import enum
 import logging
+import subprocess
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from service.settings import ServiceSettings
 if TYPE_CHECKING:
     from model import CheckpointInfo, CoupledMambaConfig, CoupledMambaForSentiment
     from service.core.runner import ForwardHook, ModelRunner
+    from service.core.types import ClipFeatures, ClipOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +129,7 @@ def start_serving(
     torch.set_num_threads(threads)
     device = resolve_device(s.device)
     info: CheckpointInfo | None = None
+    load_started = time.perf_counter()
     if model is None:
         check_checkpoint(s.model_path)
         from model import load_checkpoint_with_info
@@ -140,7 +144,10 @@ def start_serving(
     else:
         model = model.to(device).eval()
         model.set_scan_backend(s.scan_backend)  # "auto" is decided for the new device
+    metrics.model_load_seconds.set(time.perf_counter() - load_started)
     runner = ModelRunner(model, before_forward=before_forward, on_oom=metrics.gpu_oom.inc)
+    if runner.device.type == "cuda":
+        metrics.enable_gpu()
     batcher: MicroBatcher | None = None
 
     def upstream() -> int:
@@ -149,7 +156,7 @@ def start_serving(
         return inflight() - (batcher.depth if batcher is not None else 0)
 
     batcher = MicroBatcher(
-        runner.run_batch,
+        measured_batches(runner, metrics),
         max_batch_size=s.max_batch_size,
         max_batch_delay_s=s.max_batch_delay_ms / 1000.0,
         max_queue_size=s.max_queue_size,
@@ -165,7 +172,9 @@ def start_serving(
         if s.warmup:
             first = batcher.bucket_length(1)
             sizes = sorted({1, s.max_batch_size})
+            warmup_started = time.perf_counter()
             batcher.call(lambda: runner.warmup(sizes, [first])).result()
+            metrics.model_warmup_seconds.set(time.perf_counter() - warmup_started)
             publish_memory(metrics, runner.memory_snapshot())
 
         identity = ModelIdentity(
@@ -177,7 +186,7 @@ def start_serving(
         metadata = model_metadata(identity, model.config, description, info)
         pool, media_unavailable = None, FEATURES_ONLY
         if s.enable_media:
-            pool, media_unavailable = _build_pool(s, model.config, info, extractor)
+            pool, media_unavailable = _build_pool(s, model.config, info, extractor, metrics)
     except BaseException:
         batcher.stop(timeout=s.drain_timeout_s)
         raise
@@ -188,6 +197,7 @@ def start_serving(
         device=identity.device,
         scan_backend=identity.scan_backend,
     ).set(1)
+    metrics.build_info.labels(**build_labels(s, runner.scan_backend)).set(1)
     logger.info(
         "ready: model %s v%s on %s, scan backend %s", identity.name, identity.version,
         identity.device, identity.scan_backend,
@@ -204,11 +214,72 @@ def start_serving(
     )
 
 
+def measured_batches(
+    runner: ModelRunner, metrics: ServiceMetrics
+) -> Callable[[Sequence[ClipFeatures], int], list[ClipOutcome]]:
+    """``runner.run_batch`` that records the model worker's CPU seconds and, on CUDA, the
+    batch's peak memory (the runner resets the peak when each model call starts)."""
+    cpu_seconds = metrics.stage_cpu.labels(stage="model")
+
+    def run_batch(clips: Sequence[ClipFeatures], padded_length: int) -> list[ClipOutcome]:
+        cpu_started = time.thread_time()
+        try:
+            outcomes = runner.run_batch(clips, padded_length)
+        finally:
+            cpu_seconds.inc(time.thread_time() - cpu_started)
+        peaks = [o.memory.peak_allocated_bytes for o in outcomes]
+        peak = max((p for p in peaks if p is not None), default=None)
+        if peak is not None:
+            metrics.gpu_batch_peak.observe(peak)
+        return outcomes
+
+    return run_batch
+
+
+def git_sha(settings: ServiceSettings) -> str:
+    """The commit being served: ``CMAMBA_GIT_SHA`` (set in the image), else asked of git when
+    the source is a checkout, else "unknown"."""
+    if settings.git_sha:
+        return settings.git_sha
+    source = Path(__file__).resolve().parents[2]
+    if not (source / ".git").exists():
+        return "unknown"
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.strip() or "unknown"
+
+
+def build_labels(settings: ServiceSettings, scan_backend: str) -> dict[str, str]:
+    """The labels of ``cmamba_build_info``: package version, commit, torch, CUDA (torch's build;
+    "none" for a CPU build) and the scan backend chosen at load."""
+    import importlib.metadata
+
+    import torch
+
+    try:
+        version = importlib.metadata.version("coupled-mamba-service")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return {
+        "version": version,
+        "git_sha": git_sha(settings),
+        "torch": str(torch.__version__),
+        "cuda": str(torch.version.cuda or "none"),
+        "scan_backend": scan_backend,
+    }
+
+
 def _build_pool(
     settings: ServiceSettings,
     config: CoupledMambaConfig,
     info: CheckpointInfo | None,
     extractor: FeatureExtractor | None,
+    metrics: ServiceMetrics,
 ) -> tuple[ExtractionPool | None, str]:
     """The extraction pool (None when no extractor makes the checkpoint's features) and the
     reason media requests are refused without one."""
@@ -242,6 +313,6 @@ def _build_pool(
             info.text_encoder if info else None,
             info.face_encoder if info else None,
         )
-    pool = ExtractionPool(extractor, settings.extract_workers)
+    pool = ExtractionPool(extractor, settings.extract_workers, metrics)
     pool.warmup()
     return pool, FEATURES_ONLY

@@ -25,6 +25,16 @@ NOT_FROM_THE_SERVICE = {"up"}
 # Series of a Ray Serve deployment only (Ray's metrics agents, HAProxy in front of Ray's
 # proxy): they run here and answer nothing; test_ray_monitoring.py checks them on Ray.
 RAY_ONLY_PREFIXES = ("ray_serve_", "haproxy_")
+# The service exports its GPU figures only when the model runs on CUDA; the live service here
+# runs on the CPU, so they must be absent (not zeros).
+GPU_ONLY = {
+    "cmamba_gpu_memory_allocated_bytes",
+    "cmamba_gpu_memory_reserved_bytes",
+    "cmamba_gpu_memory_peak_bytes",
+    "cmamba_gpu_batch_peak_memory_bytes_bucket",
+    "cmamba_gpu_batch_peak_memory_bytes_sum",
+    "cmamba_gpu_batch_peak_memory_bytes_count",
+}
 
 
 def dcgm_counters() -> set[str]:
@@ -84,6 +94,8 @@ def test_every_queried_metric_is_exported_by_the_service(
                 continue
             if name.startswith("DCGM_"):
                 assert name in dcgm, f"{where}: {name} is not in dcgm-exporter's collectors"
+            elif name in GPU_ONLY:
+                assert name not in exported, f"{where}: {name} on a CPU host"
             else:
                 assert name in exported, f"{where}: {name} is not on the service's /metrics"
 
@@ -120,8 +132,9 @@ def test_every_dashboard_query_runs_and_service_panels_have_data(
     )
     for query in dashboard_queries:
         expr = as_grafana_sends(query.expr, "15s")
-        if "DCGM_" in expr or any(prefix in expr for prefix in RAY_ONLY_PREFIXES):
-            assert prometheus.query(expr) == []  # runs; no dcgm-exporter or Ray here
+        gpu_only = any(name in expr for name in GPU_ONLY)
+        if gpu_only or "DCGM_" in expr or any(prefix in expr for prefix in RAY_ONLY_PREFIXES):
+            assert prometheus.query(expr) == []  # runs; no GPU, dcgm-exporter or Ray here
             continue
         prometheus.wait_for(
             expr, lambda r: len(r) > 0, f"data for panel {query.panel!r} {query.ref_id}: {expr}"

@@ -23,11 +23,15 @@ CONTRACT_METRICS = (
     "cmamba_queue_depth",
     "cmamba_inflight_requests",
     "cmamba_rejected_requests_total",
+    "cmamba_model_info",
+    "cmamba_ready",
+)
+# Exported when the model runs on CUDA only: a CPU host has no such series (not zeros).
+GPU_METRICS = (
     "cmamba_gpu_memory_allocated_bytes",
     "cmamba_gpu_memory_reserved_bytes",
     "cmamba_gpu_memory_peak_bytes",
-    "cmamba_model_info",
-    "cmamba_ready",
+    "cmamba_gpu_batch_peak_memory_bytes",
 )
 TIMING_KEYS = ("decode", "asr", "text", "audio", "visual", "queue", "model", "total")
 
@@ -88,6 +92,8 @@ def test_metrics_exposes_every_contract_name(
     text = response.text
     for name in CONTRACT_METRICS:
         assert f"# TYPE {name.removesuffix('_total')}" in text, name
+    for name in GPU_METRICS:
+        assert name not in text, f"{name} on a CPU host"
     assert metric(text, "cmamba_ready") == 1.0
     assert metric(text, "cmamba_model_info", name="tiny", version="7", device="cpu") == 1.0
     assert metric(text, "cmamba_requests_total", endpoint="/v1/predict/features", status="200")
@@ -526,8 +532,12 @@ def test_gpu_memory_figures_on_cuda(
     assert 0 < memory["allocated_bytes"] <= memory["reserved_bytes"] <= memory["total_bytes"]
     assert memory["allocated_bytes"] <= memory["peak_allocated_bytes"] <= memory["total_bytes"]
     text = client.get("/metrics").text
+    for name in GPU_METRICS:
+        assert f"# TYPE {name}" in text, name
     assert metric(text, "cmamba_gpu_memory_allocated_bytes") > 0
     assert metric(text, "cmamba_gpu_memory_peak_bytes") > 0
+    assert metric(text, "cmamba_gpu_batch_peak_memory_bytes_count") >= 1
+    assert metric(text, "cmamba_gpu_batch_peak_memory_bytes_sum") > 0
 
 
 def test_clip_without_the_models_inputs_is_422(
