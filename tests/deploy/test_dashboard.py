@@ -72,6 +72,15 @@ def test_every_variable_used_is_defined(dashboard: dict[str, Any]) -> None:
             assert used <= defined, f"{panel['title']}: undefined {used - defined}"
 
 
+def test_process_panels_select_the_service_job(dashboard: dict[str, Any]) -> None:
+    """process_* and python_gc_* come from Prometheus itself too: panels keep to the service."""
+    for panel in non_row_panels(dashboard):
+        for expr in exprs_of(panel):
+            for labels in re.findall(r"\b(?:process|python_gc)_\w+(\{[^}]*\})?", expr):
+                assert 'job="cmamba"' in labels, f"{panel['title']}: {expr}"
+                assert 'instance=~"$instance"' in labels and 'replica=~"$replica"' in labels
+
+
 def test_dashboard_shows_what_operators_need(
     dashboard: dict[str, Any], metric_names: Callable[[str], set[str]]
 ) -> None:
@@ -101,6 +110,20 @@ def test_dashboard_shows_what_operators_need(
         "Ray Serve latency": uses("ray_serve_http_request_latency_ms_bucket"),
         "Ray Serve healthy replicas": uses("ray_serve_deployment_replica_healthy"),
         "failover replays": uses("haproxy_backend_retry_warnings_total"),
+        "extraction threads": uses("cmamba_extraction_workers"),
+        "busy extraction threads": uses("cmamba_extraction_busy_workers"),
+        "extraction queue": uses("cmamba_extraction_queue_depth"),
+        "extraction wait": uses("cmamba_extraction_wait_seconds_bucket"),
+        "CPU per stage": lambda e: "cmamba_stage_cpu_seconds_total" in e and "stage" in e,
+        "process CPU": uses("process_cpu_seconds_total"),
+        "process memory": uses("process_resident_memory_bytes"),
+        "garbage collections": uses("python_gc_collections_total"),
+        "build info": uses("cmamba_build_info"),
+        "model load time": uses("cmamba_model_load_seconds"),
+        "model warm-up time": uses("cmamba_model_warmup_seconds"),
+        "upload sizes": uses("cmamba_upload_bytes_bucket"),
+        "clip durations": uses("cmamba_clip_seconds_bucket"),
+        "GPU peak memory per batch": uses("cmamba_gpu_batch_peak_memory_bytes_bucket"),
     }
     missing = [need for need, predicate in needs.items() if not panels_with(predicate)]
     assert not missing, f"no panel shows: {missing}"
