@@ -37,6 +37,9 @@ _HEADER_CREDENTIAL = re.compile(
     r"(?!(?:bearer|basic)\s|(?-i:b)[\"'])[^\s\"',)\]]+"
 )
 _HANDLER_NAME = "cmamba"
+# Record attributes written out when set: the request id (RequestContextFilter), and the trace
+# and span ids a tracing setup may add the same way.
+_CONTEXT_FIELDS = ("request_id", "trace_id", "span_id")
 # uvicorn's access log passes these as the record's args (uvicorn.protocols.*).
 _ACCESS_FIELDS = ("client", "method", "path", "http_version", "status")
 
@@ -101,8 +104,11 @@ class TextFormatter(_Formatter):
     """``<timestamp> <LEVEL> <logger> [request_id=<id>] <message>`` and the traceback."""
 
     def render(self, record: logging.LogRecord) -> str:
-        request_id = getattr(record, "request_id", None)
-        context = f" request_id={request_id}" if request_id else ""
+        context = "".join(
+            f" {key}={getattr(record, key)}"
+            for key in _CONTEXT_FIELDS
+            if getattr(record, key, None)
+        )
         line = f"{_timestamp(record)} {record.levelname} {record.name}{context}: "
         line += record.getMessage()
         if record.exc_info:
@@ -114,7 +120,8 @@ class TextFormatter(_Formatter):
 
 class JsonFormatter(_Formatter):
     """One JSON object per line: ``ts``, ``level``, ``logger``, ``message``, ``request_id``
-    when serving a request, ``exception`` with the traceback, and the access log's fields
+    when serving a request (``trace_id`` and ``span_id`` when a record has them),
+    ``exception`` with the traceback, and the access log's fields
     (``client``, ``method``, ``path``, ``http_version``, ``status``)."""
 
     def render(self, record: logging.LogRecord) -> str:
@@ -124,9 +131,10 @@ class JsonFormatter(_Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        request_id = getattr(record, "request_id", None)
-        if request_id:
-            entry["request_id"] = request_id
+        for key in _CONTEXT_FIELDS:
+            value = getattr(record, key, None)
+            if value:
+                entry[key] = value
         access = _access_fields(record)
         if access is not None:
             entry.update(access)
@@ -164,15 +172,19 @@ def configure_logging(
     *,
     secrets: Iterable[str] = (),
     stream: TextIO | None = None,
+    default_level: LogLevel | None = None,
 ) -> LoggingSettings:
     """Send every log record (the root logger, uvicorn's included) to one handler on stderr.
 
     ``log_format`` and ``level`` override ``CMAMBA_LOG_FORMAT`` and ``CMAMBA_LOG_LEVEL``;
+    ``default_level`` replaces the level's default (``info``) when neither sets one;
     ``secrets`` are masked in every line. Calling it again replaces the handler. Returns the
     settings in force.
     """
     overrides: dict[str, Any] = {"log_format": log_format, "log_level": level}
     settings = LoggingSettings(**{k: v for k, v in overrides.items() if v is not None})
+    if default_level is not None and "log_level" not in settings.model_fields_set:
+        settings = LoggingSettings(log_format=settings.log_format, log_level=default_level)
     logging.addLevelName(TRACE, "TRACE")
     redact = Redactor(secrets)
     formatter: logging.Formatter = (
@@ -200,12 +212,14 @@ def configure_logging(
 
 
 def configure_cli_logging() -> None:
-    """:func:`configure_logging` from the environment for a ``cmamba`` command; an invalid
-    ``CMAMBA_LOG_*`` value stops the command (exit status 2) with the reason."""
+    """:func:`configure_logging` from the environment for a ``cmamba`` command, at ``warning``
+    unless ``CMAMBA_LOG_LEVEL`` says otherwise (a command's answer is its output; ``cmamba
+    serve`` sets its own level); an invalid ``CMAMBA_LOG_*`` value stops the command (exit
+    status 2) with the reason."""
     from pydantic import ValidationError
 
     try:
-        configure_logging()
+        configure_logging(default_level="warning")
     except ValidationError as exc:
         print(f"cmamba: invalid logging settings:\n{exc}", file=sys.stderr)
         raise SystemExit(2) from None

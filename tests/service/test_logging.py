@@ -67,6 +67,28 @@ def test_an_invalid_environment_stops_the_cli(monkeypatch: pytest.MonkeyPatch) -
     assert stopped.value.code == 2
 
 
+def test_commands_log_warnings_unless_the_environment_asks_for_more(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root = logging.getLogger()
+    before = list(root.handlers), root.level
+    try:
+        monkeypatch.delenv("CMAMBA_LOG_LEVEL", raising=False)
+        assert configure_logging(default_level="warning").log_level == "warning"
+        assert root.level == logging.WARNING
+        monkeypatch.setenv("CMAMBA_LOG_LEVEL", "DEBUG")
+        assert configure_logging(default_level="warning").log_level == "debug"
+        assert root.level == logging.DEBUG
+        assert configure_logging("json", "error").log_level == "error"
+        handlers = [h for h in root.handlers if h not in before[0]]
+        assert len(handlers) == 1  # each call replaces its handler
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in before[0]:
+                root.removeHandler(handler)
+        root.setLevel(before[1])
+
+
 def test_redactor_masks_secrets_and_bearer_credentials() -> None:
     redact = Redactor([KEY])
     assert KEY not in redact(f"path /v1/x?token={KEY}")
@@ -90,14 +112,16 @@ def test_json_lines_carry_time_level_logger_and_request_id(
             raise RuntimeError("boom")
         except RuntimeError:
             log.exception("failed")
+        log.info("traced", extra={"trace_id": "ab" * 16, "span_id": "cd" * 8})
     finally:
         request_id_var.reset(token)
-    outside, inside, failed = (json.loads(line) for line in buffer.getvalue().splitlines())
+    outside, inside, failed, traced = (json.loads(line) for line in buffer.getvalue().splitlines())
     assert TIMESTAMP.match(outside["ts"]) and outside["level"] == "INFO"
     assert outside["logger"] == "cmamba.test" and outside["message"] == "outside 1"
     assert "request_id" not in outside
     assert inside["request_id"] == "req-42" and inside["message"] == f"inside, key {REDACTED}"
     assert failed["request_id"] == "req-42" and "RuntimeError: boom" in failed["exception"]
+    assert traced["trace_id"] == "ab" * 16 and traced["span_id"] == "cd" * 8
 
 
 def test_text_lines_start_with_a_timestamp(log_stream: Callable[[str], io.StringIO]) -> None:
