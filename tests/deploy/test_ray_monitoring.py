@@ -17,6 +17,8 @@ import pytest
 from helpers import features_payload
 
 FEATURES = "/v1/predict/features"
+# Series a replica exports only when its model runs on CUDA (these replicas run on the CPU).
+GPU_ONLY_PREFIXES = ("cmamba_gpu_memory_", "cmamba_gpu_batch_")
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -108,8 +110,8 @@ def test_every_dashboard_query_has_data_on_ray(
     )
     for query in dashboard_queries:
         expr = as_grafana_sends(query.expr, "15s")
-        if "DCGM_" in expr:
-            assert ray_prometheus.query(expr) == []  # runs; no dcgm-exporter here
+        if "DCGM_" in expr or any(prefix in expr for prefix in GPU_ONLY_PREFIXES):
+            assert ray_prometheus.query(expr) == []  # runs; no GPU or dcgm-exporter here
             continue
         ray_prometheus.wait_for(
             expr,
