@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
-from service.api import docs, health, metrics, models, predict, timeline, webui
+from service.api import docs, health, inference_protocol, metrics, predict, timeline, webui
 from service.api.auth import declare_scheme
 from service.api.errors import install_handlers
 from service.core.engine import InferenceCore
@@ -146,8 +146,8 @@ def create_app(
     app.include_router(predict.router)  # first: the hot path is matched before the others
     app.include_router(health.router)
     app.include_router(metrics.router)
-    app.include_router(models.router)
     app.include_router(timeline.router)
+    inference_protocol.install(app)  # /v2 models and inference; /v2 errors in its shape
     app.include_router(webui.router)
     app.include_router(docs.build_router(public=settings.public_docs))
     declare_scheme(app)
