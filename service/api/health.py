@@ -13,7 +13,12 @@ router = APIRouter(tags=["health"])
 # async: answered on the event loop itself, without a hop to the thread pool.
 
 
-@router.get("/v2/health/live", response_model=HealthResponse, responses=protocol_errors(503))
+@router.get(
+    "/v2/health/live",
+    response_model=HealthResponse,
+    responses=protocol_errors(503),
+    operation_id="server_live",
+)
 async def live(core: CoreDep) -> HealthResponse:
     """200 while the process can serve or is getting there; 503 once startup failed or the
     model worker died (restart the process)."""
@@ -24,7 +29,12 @@ async def live(core: CoreDep) -> HealthResponse:
     return HealthResponse(status="live")
 
 
-@router.get("/v2/health/ready", response_model=HealthResponse, responses=protocol_errors(503))
+@router.get(
+    "/v2/health/ready",
+    response_model=HealthResponse,
+    responses=protocol_errors(503),
+    operation_id="server_ready",
+)
 async def ready(core: CoreDep) -> HealthResponse:
     """200 once the model is loaded and warmed; 503 before that and while draining."""
     if core.ready:

@@ -455,3 +455,59 @@ def test_v2_errors_are_never_500(client: TestClient) -> None:
     for path in ("/v2/models/tiny/versions", "/v2/models", "/v2/models/tiny/infer/x"):
         assert_protocol_error(client.get(path), 404)
     assert_protocol_error(client.get("/v2/models/tiny/infer"), 405)
+
+
+# -- the OpenAPI schema --------------------------------------------------------------------------
+
+OPERATIONS = {
+    ("post", "/v1/predict"): "predict_media",
+    ("post", "/v1/predict/features"): "predict_features",
+    ("post", "/v1/timeline"): "predict_timeline",
+    ("get", "/metrics"): "metrics",
+    ("get", "/v2/health/live"): "server_live",
+    ("get", "/v2/health/ready"): "server_ready",
+    ("get", "/v2"): "server_metadata",
+    ("get", "/v2/models/{name}"): "model_metadata",
+    ("get", "/v2/models/{name}/versions/{version}"): "model_version_metadata",
+    ("get", "/v2/models/{name}/ready"): "model_ready",
+    ("get", "/v2/models/{name}/versions/{version}/ready"): "model_version_ready",
+    ("post", "/v2/models/{name}/infer"): "model_infer",
+    ("post", "/v2/models/{name}/versions/{version}/infer"): "model_version_infer",
+}
+
+
+def openapi_schema() -> dict[str, Any]:
+    from service.main import create_app
+    from service.settings import ServiceSettings
+
+    schema: dict[str, Any] = create_app(ServiceSettings(model_path=Path("unused"))).openapi()
+    return schema
+
+
+def test_openapi_operation_ids_are_stable_and_readable() -> None:
+    paths = openapi_schema()["paths"]
+    found = {(m, p): o["operationId"] for p, ops in paths.items() for m, o in ops.items()}
+    assert found == OPERATIONS
+
+
+def test_openapi_documents_the_headers_and_protocol_errors() -> None:
+    paths = openapi_schema()["paths"]
+    for path, operations in paths.items():
+        for operation in operations.values():
+            assert any(p["name"] == "X-Request-ID" for p in operation["parameters"])
+            for status, response in operation["responses"].items():
+                assert "X-Request-ID" in response["headers"], (path, status)
+                if status == "503":
+                    assert "Retry-After" in response["headers"], path
+            if path.startswith("/v2"):
+                assert "422" not in operation["responses"], path  # the protocol says 400
+                for status, response in operation["responses"].items():
+                    if status != "200":
+                        schema = response["content"]["application/json"]["schema"]
+                        assert schema["$ref"].endswith("/ProtocolError"), (path, status)
+    for path in ("/v1/predict/features", "/v2/models/{name}/infer"):
+        assert "Server-Timing" in paths[path]["post"]["responses"]["200"]["headers"]
+    infer = paths["/v2/models/{name}/infer"]["post"]
+    assert set(infer["requestBody"]["content"]) == {"application/json", "application/octet-stream"}
+    assert infer["requestBody"]["content"]["application/json"]["schema"]["examples"]
+    assert "Inference-Header-Content-Length" in infer["responses"]["200"]["headers"]
