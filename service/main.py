@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
-from service.api import docs, health, metrics, models, predict, timeline, webui
+from service.api import docs, health, inference_protocol, metrics, openapi, predict, timeline, webui
 from service.api.auth import declare_scheme
 from service.api.errors import install_handlers
 from service.core.engine import InferenceCore
@@ -135,6 +135,7 @@ def create_app(
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        generate_unique_id_function=openapi.operation_id,
     )
     app.state.settings = settings
     app.state.metrics = service_metrics
@@ -146,11 +147,12 @@ def create_app(
     app.include_router(predict.router)  # first: the hot path is matched before the others
     app.include_router(health.router)
     app.include_router(metrics.router)
-    app.include_router(models.router)
     app.include_router(timeline.router)
+    inference_protocol.install(app)  # /v2 models and inference; /v2 errors in its shape
     app.include_router(webui.router)
     app.include_router(docs.build_router(public=settings.public_docs))
     declare_scheme(app)
+    openapi.document_headers(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=service_metrics)
     app.add_middleware(RequestContextMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)  # outermost: every answer gets the headers
