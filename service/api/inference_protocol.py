@@ -7,7 +7,8 @@ modalities as FP32 ``[batch, steps, features]`` tensors and their optional BOOL 
 the batch goes through the same admission, micro-batcher, limits and metrics as
 ``/v1/predict/features``, through the core's ``clip_from_features`` and ``predict_features``.
 
-Errors on ``/v2`` are the protocol's ``{"error": "<message>"}``: 400 for a bad request (bad
+Errors on ``/v2`` and its model routes are the protocol's ``{"error": "<message>"}`` (health keeps
+the service's shape; the protocol asks only its status codes): 400 for a bad request (bad
 tensors included, where ``/v1`` says 422), 404 for an unknown model or version, 503 with
 ``Retry-After`` when not ready, draining or over capacity; the other statuses are ``/v1``'s.
 
@@ -747,7 +748,10 @@ _PROTOCOL_STATUS = {422: 400, 415: 400}
 
 
 def is_protocol_path(path: str) -> bool:
-    return path == "/v2" or path.startswith("/v2/")
+    """Whether errors on ``path`` take the protocol's shape: ``/v2`` and its model routes. The
+    health routes keep the service's error shape (docs: DESIGN's error contract); the protocol
+    asks only their status codes of them."""
+    return path == "/v2" or (path.startswith("/v2/") and not path.startswith("/v2/health/"))
 
 
 def protocol_error(message: str, status: int, headers: Mapping[str, str] | None = None) -> Response:

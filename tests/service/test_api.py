@@ -33,11 +33,13 @@ TIMING_KEYS = ("decode", "asr", "text", "audio", "visual", "queue", "model", "to
 
 
 def assert_error(response: Any, status: int, error_type: str) -> dict[str, Any]:
-    """The service's error answer; on /v2, the Open Inference Protocol's (a message only)."""
+    """The service's error answer; on /v2's protocol routes (not health), the Open Inference
+    Protocol's (a message only)."""
     assert response.status_code == status, response.text
     body = response.json()
     assert set(body) == {"error"}
-    if response.request.url.path.startswith("/v2"):
+    path = response.request.url.path
+    if path.startswith("/v2") and not path.startswith("/v2/health/"):
         assert isinstance(body["error"], str) and body["error"]
     else:
         assert body["error"]["type"] == error_type
