@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PORT ?= 8000
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: run test test-fast lint format typecheck bench default-model clean
+.PHONY: run test test-fast system-deps lint format typecheck bench default-model clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -19,7 +19,13 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/cmamba serve --host 0.0.0.0 --port $(PORT)
 
-test: $(STAMP)
+# The Debian tools the integration tests use (Prometheus, Compose v1, HAProxy, Chromium):
+# installed when missing as root; otherwise this stops first, printing the apt-get line.
+system-deps:
+	@bash scripts/system_deps.sh
+
+test: system-deps
+	@$(MAKE) --no-print-directory $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # Without the slow tests and the integration tests (real processes and servers: cmamba serve,
