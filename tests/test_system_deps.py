@@ -148,3 +148,25 @@ def test_ci_runs_make_test_and_nothing_of_its_own() -> None:
     ]
     assert commands[-1] == "exec make test"
     assert not any("apt-get" in line for line in commands)
+
+
+def _make_dry_run(target: str) -> list[str]:
+    result = subprocess.run(
+        ["make", "-n", "-B", target],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "MAKEFLAGS": ""},
+    )
+    assert result.returncode == 0, result.stderr
+    return [line for line in result.stdout.splitlines() if "pip install" in line]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_run_installs_what_serving_needs_and_make_test_the_dev_extra() -> None:
+    (run_install,) = [line for line in _make_dry_run("run") if "-e " in line]
+    assert run_install.rstrip().endswith("-e .")  # no extras: not Ray, Playwright, schemathesis
+    test_installs = [line for line in _make_dry_run("test") if "-e " in line]
+    assert test_installs and all("'.[dev]'" in line for line in test_installs)
