@@ -183,3 +183,23 @@ def test_an_http_date_retry_after_is_understood(
     code = _predict(server, clip)
     assert code == 0
     assert len(state.arrivals) == 2
+
+
+def test_a_transcript_alone_is_sent_as_a_form_field(
+    busy_server: tuple[ThreadingHTTPServer, _Busy], capsys: pytest.CaptureFixture[str]
+) -> None:
+    server, state = busy_server
+    host, port = server.server_address[:2]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--transcript", "I loved it", "--url", f"http://{host!s}:{port}"])
+    assert exit_info.value.code == 0
+    (body,) = state.bodies
+    assert b'name="transcript"\r\n\r\nI loved it\r\n' in body
+    assert b'name="file"' not in body and b"filename=" not in body
+
+
+def test_no_file_and_no_transcript_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--url", "http://127.0.0.1:9"])
+    assert exit_info.value.code == 2
+    assert "give a FILE, or --transcript TEXT" in capsys.readouterr().err

@@ -112,3 +112,22 @@ def test_the_schema_takes_a_transcript_alone(media_server: Any) -> None:
     assert set(form["properties"]) == {"file", "transcript"}
     timeline = schema["paths"]["/v1/timeline"]["post"]["requestBody"]["content"]
     assert timeline["multipart/form-data"]["schema"]["required"] == ["file"]
+
+
+def test_cmamba_predict_scores_a_transcript_alone(media_server: Any) -> None:
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "predict", "--transcript", TEXT, "--url",
+         media_server.url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    body = json.loads(result.stdout)
+    assert body["modalities"]["used"] == ["text"]
+    assert body["modalities"]["transcript"] == TEXT
