@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
+from service import __version__
 from service.api import docs, health, inference_protocol, metrics, openapi, predict, timeline, webui
 from service.api.auth import declare_scheme
 from service.api.errors import install_handlers
@@ -38,9 +39,6 @@ if TYPE_CHECKING:
     from service.core.runner import ForwardHook
 
 logger = logging.getLogger(__name__)
-
-API_VERSION = "1.0.0"
-
 
 UPLOAD_DIR_PREFIX = "cmamba-uploads-"
 """A server's own upload folder is ``<tmp>/cmamba-uploads-<pid>-<random>``."""
@@ -128,7 +126,7 @@ def create_app(
     )
     app = FastAPI(
         title="Coupled Mamba sentiment service",
-        version=API_VERSION,
+        version=__version__,
         description="Multimodal sentiment analysis (text, audio, visual) with a Coupled Mamba "
         "fusion model.",
         lifespan=_lifespan,
