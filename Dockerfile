@@ -52,7 +52,7 @@ RUN python3 -m pip wheel --no-deps --no-build-isolation --no-binary causal-conv1
         "causal-conv1d==${CAUSAL_CONV1D_VERSION}" \
         "mamba-ssm==${MAMBA_SSM_VERSION}"
 
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE NOTICE ./
 COPY model model
 COPY preprocessing preprocessing
 COPY service service

@@ -271,6 +271,20 @@ class Extractor:
 
     # -- extraction ---------------------------------------------------------------------------
 
+    def text_features(self, transcript: str) -> tuple[np.ndarray, np.ndarray]:
+        """Text features of a transcript with no media: its words at the nominal speaking rate
+        (as :meth:`extract` places a caller's transcript), on a grid as long as the words.
+
+        Returns ``features`` (L, 384) float32 and ``mask`` (L,) bool (all False without words).
+        Raises ValueError when this extractor does not make text features.
+        """
+        if "text" not in self.modalities:
+            raise ValueError(f"this extractor makes {self.modalities} features, not text")
+        tokens = self.text_encoder.encode(transcript)
+        return align_text(
+            tokens, None, None, self.settings.rate_hz, words_per_s=self.settings.words_per_s
+        )
+
     def probe(self, path: Path | str) -> MediaInfo:
         """Recognise the container and check the limits from its header, decoding nothing."""
         return probe_media(path, self.settings)

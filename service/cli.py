@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from service import __version__
+
 COMMANDS: dict[str, str] = {
     "serve": "serve the REST API (uvicorn)",
     "predict": "predict the sentiment of a media file, locally or against a running server",
@@ -21,16 +23,34 @@ COMMANDS: dict[str, str] = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every optional argument's help ends with its default (``none`` when it has none), unless
+    the help already says it; required ones have no default to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or "default" in (action.help or "").lower():
+            return action.help
+        help_text = super()._get_help_string(action)
+        if help_text is not None and action.default is None:
+            help_text = help_text.replace("%(default)s)", "none)")
+        return help_text
+
+
 def _command_module(name: str):  # type: ignore[no-untyped-def]
     return importlib.import_module(f"service.commands.{name}")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """Build the parser; only ``command``'s module is imported (all of them when None)."""
-    parser = argparse.ArgumentParser(prog="cmamba", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="cmamba", description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        sub_parser = sub.add_parser(
+            name, help=help_text, description=help_text, formatter_class=HelpFormatter
+        )
         if command is None or command == name:
             _command_module(name).add_arguments(sub_parser)
     return parser

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
-from service.api import docs, health, metrics, models, predict, timeline, webui
+from service import __version__
+from service.api import docs, health, inference_protocol, metrics, openapi, predict, timeline, webui
 from service.api.auth import declare_scheme
 from service.api.errors import install_handlers
 from service.core.engine import InferenceCore
@@ -38,9 +39,6 @@ if TYPE_CHECKING:
     from service.core.runner import ForwardHook
 
 logger = logging.getLogger(__name__)
-
-API_VERSION = "1.0.0"
-
 
 UPLOAD_DIR_PREFIX = "cmamba-uploads-"
 """A server's own upload folder is ``<tmp>/cmamba-uploads-<pid>-<random>``."""
@@ -128,13 +126,14 @@ def create_app(
     )
     app = FastAPI(
         title="Coupled Mamba sentiment service",
-        version=API_VERSION,
+        version=__version__,
         description="Multimodal sentiment analysis (text, audio, visual) with a Coupled Mamba "
         "fusion model.",
         lifespan=_lifespan,
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        generate_unique_id_function=openapi.operation_id,
     )
     app.state.settings = settings
     app.state.metrics = service_metrics
@@ -146,11 +145,12 @@ def create_app(
     app.include_router(predict.router)  # first: the hot path is matched before the others
     app.include_router(health.router)
     app.include_router(metrics.router)
-    app.include_router(models.router)
     app.include_router(timeline.router)
+    inference_protocol.install(app)  # /v2 models and inference; /v2 errors in its shape
     app.include_router(webui.router)
     app.include_router(docs.build_router(public=settings.public_docs))
     declare_scheme(app)
+    openapi.document_headers(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=service_metrics)
     app.add_middleware(RequestContextMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)  # outermost: every answer gets the headers

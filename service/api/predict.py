@@ -20,7 +20,12 @@ from service.api.dependencies import app_parts
 from service.api.disconnect import unless_disconnected
 from service.api.features_body import FeaturesBody, parse_features_body
 from service.api.schemas import FeaturesRequest, PredictResponse, error_responses
-from service.api.uploads import MEDIA_UPLOAD_BODY, read_body, receive_upload_in_time
+from service.api.uploads import (
+    MEDIA_OR_TRANSCRIPT_BODY,
+    TranscriptForm,
+    read_body,
+    receive_upload_or_transcript_in_time,
+)
 from service.core.engine import InferenceCore
 from service.core.types import ClipFeatures, Prediction
 from service.errors import UnsupportedMediaError
@@ -54,21 +59,29 @@ def _parse_large_body(core: InferenceCore, body: bytes) -> tuple[FeaturesBody, C
     "/v1/predict",
     response_model=PredictResponse,
     responses=error_responses(401, 413, 415, 422, 501, 503, 504),
-    openapi_extra=MEDIA_UPLOAD_BODY,
+    openapi_extra=MEDIA_OR_TRANSCRIPT_BODY,
 )
 async def predict_media(
     request: Request,
     attribution: AttributionQuery = False,
 ) -> JSONResponse:
-    """Score a video or audio clip sent as multipart ``file`` (optional ``transcript``)."""
+    """Score a video or audio clip sent as multipart ``file`` (optional ``transcript``), or a
+    ``transcript`` alone (its text only)."""
     core, settings = app_parts(request)
     async with core.admit():
         core.require_media()  # before reading the body
         deadline = time.monotonic() + settings.request_timeout_s
-        upload = await receive_upload_in_time(request, settings)
-        prediction = await unless_disconnected(
-            request,
-            core.predict_media(
+        upload = await receive_upload_or_transcript_in_time(request, settings)
+        if isinstance(upload, TranscriptForm):
+            scoring = core.predict_text(
+                upload.transcript,
+                started=request.state.start_time,
+                deadline=deadline,
+                upload_ms=upload.receive_ms,
+                attribution=attribution,
+            )
+        else:
+            scoring = core.predict_media(
                 upload.path,
                 upload.transcript,
                 started=request.state.start_time,
@@ -76,8 +89,8 @@ async def predict_media(
                 remove_after=True,
                 upload_ms=upload.receive_ms,
                 attribution=attribution,
-            ),
-        )
+            )
+        prediction = await unless_disconnected(request, scoring)
     return _answer(prediction, request)
 
 

@@ -193,3 +193,31 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         status: {"model": ErrorResponse, "description": descriptions.get(status, "error")}
         for status in statuses
     }
+
+
+class ProtocolError(BaseModel):
+    """The Open Inference Protocol's error answer (every error on ``/v2``)."""
+
+    error: str = Field(examples=["input 'text' must be FP32, got 'INT64'"])
+
+
+def protocol_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries of ``/v2`` error statuses."""
+    descriptions = {
+        400: "a bad request: bad JSON, or tensors of the wrong name, datatype, shape, size or "
+        "values",
+        401: "bearer token missing or wrong",
+        404: "no such model or version",
+        413: "request body over the upload limit",
+        503: "not ready, draining, over capacity, or out of GPU memory (see Retry-After)",
+        504: "request deadline passed",
+    }
+    retry_after = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
+    return {
+        status: {
+            "model": ProtocolError,
+            "description": descriptions[status],
+            **({"headers": retry_after} if status == 503 else {}),
+        }
+        for status in statuses
+    }

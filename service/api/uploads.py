@@ -9,6 +9,7 @@ so an oversized upload costs at most one chunk beyond the limit.
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import tempfile
 import time
@@ -65,6 +66,15 @@ MEDIA_UPLOAD_BODY: dict[str, Any] = {
 }
 """The OpenAPI ``requestBody`` of the endpoints that take a media upload."""
 
+MEDIA_OR_TRANSCRIPT_BODY: dict[str, Any] = copy.deepcopy(MEDIA_UPLOAD_BODY)
+"""The ``requestBody`` of ``POST /v1/predict``: a media upload, or a ``transcript`` alone."""
+_form_schema = MEDIA_OR_TRANSCRIPT_BODY["requestBody"]["content"]["multipart/form-data"]["schema"]
+del _form_schema["required"]
+_form_schema["minProperties"] = 1
+_form_schema["description"] = (
+    "a `file` (with an optional `transcript`), or a `transcript` alone to score the text"
+)
+
 
 @dataclass
 class Upload:
@@ -75,6 +85,14 @@ class Upload:
     filename: str | None
     content_type: str
     transcript: str | None
+    receive_ms: float
+
+
+@dataclass
+class TranscriptForm:
+    """A received form with a ``transcript`` and no ``file`` part (a text to score alone)."""
+
+    transcript: str
     receive_ms: float
 
 
@@ -215,14 +233,20 @@ async def receive_upload(
     max_transcript_chars: int,
     max_parts: int = MAX_FORM_PARTS,
     max_header_bytes: int = MAX_PART_HEADER_BYTES,
-) -> Upload:
+    transcript_alone: bool = False,
+) -> Upload | TranscriptForm:
     """Stream the request's multipart body to a temp file in ``upload_dir``.
+
+    With ``transcript_alone``, a form with a ``transcript`` and no ``file`` part is taken: it
+    answers a :class:`TranscriptForm` (and keeps no file). Otherwise it answers an
+    :class:`Upload`.
 
     Raises:
         UnsupportedMediaError: not multipart/form-data, or a ``file`` part that is neither
             audio nor video.
         PayloadTooLargeError: the body is (or is declared) over ``max_bytes``.
-        InvalidInputError: malformed form, no ``file`` part, empty file, bad transcript.
+        InvalidInputError: malformed form, no ``file`` part (nor a transcript, when one alone
+            is taken), empty file, bad transcript.
     """
     started = time.perf_counter()
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
@@ -272,15 +296,23 @@ async def receive_upload(
                 "the multipart body ends inside a part, without its closing boundary "
                 "(--BOUNDARY--): the upload is incomplete"
             )
-        if file_part is None:
-            raise InvalidInputError("the form has no `file` part")
-        if file_part.size == 0:
-            raise InvalidInputError("the uploaded file is empty")
         transcript = form.fields.get(TRANSCRIPT_FIELD)
         if transcript is not None:
             transcript = transcript.strip() or None
         if transcript is not None and len(transcript) > max_transcript_chars:
             raise InvalidInputError(f"the transcript is over {max_transcript_chars} characters")
+        if file_part is None:
+            if not transcript_alone:
+                raise InvalidInputError("the form has no `file` part")
+            if transcript is None:
+                raise InvalidInputError(
+                    "the form has neither a `file` part nor a `transcript`: send a video or "
+                    "audio `file`, or a `transcript` to score the text alone"
+                )
+            path.unlink(missing_ok=True)
+            return TranscriptForm(transcript, (time.perf_counter() - started) * 1000.0)
+        if file_part.size == 0:
+            raise InvalidInputError("the uploaded file is empty")
         return Upload(
             path=path,
             size=file_part.size,
@@ -303,6 +335,21 @@ async def receive_upload_in_time(request: Request, settings: ServiceSettings) ->
     Raises:
         DeadlineExceededError: the body did not arrive within ``request_timeout_s``.
     """
+    upload = await _receive_in_time(request, settings, transcript_alone=False)
+    assert isinstance(upload, Upload)  # a form without a file is refused
+    return upload
+
+
+async def receive_upload_or_transcript_in_time(
+    request: Request, settings: ServiceSettings
+) -> Upload | TranscriptForm:
+    """:func:`receive_upload_in_time` that also takes a ``transcript`` alone."""
+    return await _receive_in_time(request, settings, transcript_alone=True)
+
+
+async def _receive_in_time(
+    request: Request, settings: ServiceSettings, *, transcript_alone: bool
+) -> Upload | TranscriptForm:
     upload_dir: Path = request.app.state.upload_dir
     try:
         return await asyncio.wait_for(
@@ -313,6 +360,7 @@ async def receive_upload_in_time(request: Request, settings: ServiceSettings) ->
                 max_transcript_chars=settings.max_transcript_chars,
                 max_parts=settings.max_form_parts,
                 max_header_bytes=settings.max_part_header_bytes,
+                transcript_alone=transcript_alone,
             ),
             settings.request_timeout_s,
         )

@@ -14,21 +14,29 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     and its choices."""
     base = CoupledMambaConfig()
     group = parser.add_argument_group("model (defaults: the paper's)")
-    group.add_argument("--d-model", type=int, default=base.d_model)
-    group.add_argument("--d-state", type=int, default=base.d_state)
-    group.add_argument("--d-conv", type=int, default=base.d_conv)
-    group.add_argument("--expand", type=int, default=base.expand)
-    group.add_argument("--layers", type=int, default=base.n_layers)
-    group.add_argument("--coupling", choices=STATE_COUPLINGS, default=base.state_coupling)
+    group.add_argument("--d-model", type=int, default=base.d_model, help="model width")
+    group.add_argument("--d-state", type=int, default=base.d_state, help="SSM state size")
+    group.add_argument("--d-conv", type=int, default=base.d_conv, help="causal conv width")
+    group.add_argument("--expand", type=int, default=base.expand, help="inner width factor")
+    group.add_argument("--layers", type=int, default=base.n_layers, help="Mamba layers")
+    group.add_argument(
+        "--coupling",
+        choices=STATE_COUPLINGS,
+        default=base.state_coupling,
+        help="how the modalities' states are mixed in the scan (W)",
+    )
     group.add_argument(
         "--feature-mixing",
         action=argparse.BooleanOptionalAction,
         default=base.feature_mixing,
+        help="also mix the layer outputs with a Linear layer (the paper's released code)",
     )
-    group.add_argument("--pooling", choices=POOLINGS, default=base.pooling)
-    group.add_argument("--fusion", choices=FUSIONS, default=base.fusion)
-    group.add_argument("--norm", choices=NORMS, default=base.norm)
-    group.add_argument("--dropout", type=float, default=base.dropout)
+    group.add_argument("--pooling", choices=POOLINGS, default=base.pooling, help="over time")
+    group.add_argument(
+        "--fusion", choices=FUSIONS, default=base.fusion, help="how pooled modalities combine"
+    )
+    group.add_argument("--norm", choices=NORMS, default=base.norm, help="normalisation layer")
+    group.add_argument("--dropout", type=float, default=base.dropout, help="dropout rate")
 
 
 def model_config_overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -22,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         choices=MODALITIES,
         default=list(MODALITIES),
+        help="modalities to extract",
     )
     parser.add_argument("--workers", type=int, default=1, help="parallel extraction processes")
     parser.add_argument(

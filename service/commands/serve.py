@@ -72,23 +72,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default /tmp/ray/cmamba_metrics)",
     )
     settings = parser.add_argument_group("settings (override CMAMBA_* environment variables)")
-    settings.add_argument("--model-path", type=Path, help="checkpoint folder to serve")
-    settings.add_argument("--model-name", help="name served under /v2/models/{name}")
-    settings.add_argument("--device", help='"auto", "cpu" or "cuda[:N]"')
-    settings.add_argument("--scan-backend", help="coupled scan backend (default auto)")
-    settings.add_argument("--torch-threads", type=int, help="torch intra-op threads")
-    settings.add_argument("--max-batch-size", type=int, help="clips per model call (1 = off)")
-    settings.add_argument("--max-batch-delay-ms", type=float, help="longest wait for a batch")
-    settings.add_argument("--max-queue-size", type=int, help="clips waiting for the model")
-    settings.add_argument("--max-inflight", type=int, help="requests inside the service")
-    settings.add_argument("--request-timeout-s", type=float, help="request deadline (504)")
-    settings.add_argument("--max-upload-bytes", type=int, help="request body limit (413)")
-    settings.add_argument("--extract-workers", type=int, help="feature extraction threads")
+    for flag, kind, text in (
+        ("--model-path", Path, "checkpoint folder to serve"),
+        ("--model-name", str, "name served under /v2/models/{name}"),
+        ("--device", str, '"auto", "cpu" or "cuda[:N]"'),
+        ("--scan-backend", str, "coupled scan backend"),
+        ("--torch-threads", int, "torch intra-op threads"),
+        ("--max-batch-size", int, "clips per model call (1 = off)"),
+        ("--max-batch-delay-ms", float, "longest wait for a batch"),
+        ("--max-queue-size", int, "clips waiting for the model"),
+        ("--max-inflight", int, "requests inside the service"),
+        ("--request-timeout-s", float, "request deadline (504)"),
+        ("--max-upload-bytes", int, "request body limit (413)"),
+        ("--extract-workers", int, "feature extraction threads"),
+    ):
+        name = flag[2:].replace("-", "_")
+        settings.add_argument(flag, type=kind, help=f"{text} {_setting_default(name)}")
     settings.add_argument(
         "--features-only",
         action="store_true",
         help="serve /v1/predict/features only (no media extractors are loaded)",
     )
+
+
+_SETTING_FALLBACKS = {
+    "model_path": "the embedded default checkpoint",
+    "model_name": "the checkpoint's name",
+}
+
+
+def _setting_default(name: str) -> str:
+    """``(default: $CMAMBA_NAME, else VALUE)`` for a settings flag, VALUE from the settings."""
+    from service.settings import ServiceSettings
+
+    value = _SETTING_FALLBACKS.get(name, ServiceSettings.model_fields[name].default)
+    return f"(default: $CMAMBA_{name.upper()}, else {value})"
 
 
 _SETTING_FLAGS = (

@@ -49,20 +49,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_model_arguments(parser)
     group = parser.add_argument_group("training (defaults: the paper's recipe)")
-    group.add_argument("--epochs", type=int, default=30)
-    group.add_argument("--batch-size", type=int, default=32)
-    group.add_argument("--lr", type=float, default=5e-4)
-    group.add_argument("--weight-decay", type=float, default=5e-4)
-    group.add_argument("--loss", choices=("l1", "mse", "smooth_l1"), default="l1")
+    group.add_argument("--epochs", type=int, default=30, help="passes over the data")
+    group.add_argument("--batch-size", type=int, default=32, help="clips per step")
+    group.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate")
+    group.add_argument("--weight-decay", type=float, default=5e-4, help="AdamW weight decay")
+    group.add_argument(
+        "--loss", choices=("l1", "mse", "smooth_l1"), default="l1", help="regression loss"
+    )
     group.add_argument(
         "--class-loss-weight",
         type=float,
         default=0.0,
         help="weight of cross-entropy on the 3-class head (0 = off)",
     )
-    group.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
-    group.add_argument("--warmup-steps", type=int, default=0)
-    group.add_argument("--grad-clip", type=float, default=1.0)
+    group.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        default="constant",
+        help="learning rate over the run",
+    )
+    group.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps")
+    group.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm limit")
     group.add_argument(
         "--select",
         choices=("mae", "corr", "group_corr"),
@@ -78,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="std: weigh the loss per data source by the spread of its labels",
     )
     group.add_argument("--max-length", type=int, default=0, help="cut training sequences")
-    group.add_argument("--seed", type=int, default=1111)
+    group.add_argument("--seed", type=int, default=1111, help="random seed")
     group.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

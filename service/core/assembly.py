@@ -127,6 +127,39 @@ def prediction(
     )
 
 
+MASK_SUFFIX = "_mask"
+"""A modality's mask input is named ``<modality>_mask`` (``text_mask``...)."""
+
+
+def tensor_inputs(config: CoupledMambaConfig) -> list[dict[str, Any]]:
+    """The model's inputs as Open Inference Protocol tensors: each modality FP32
+    ``[batch, steps, features]``, then each modality's optional BOOL mask ``[batch, steps]``
+    (True = valid step; all valid when left out). A modality may be left out too."""
+    features = [
+        {"name": m, "datatype": "FP32", "shape": [-1, -1, config.feature_dims[m]]}
+        for m in config.modalities
+    ]
+    masks = [
+        {"name": m + MASK_SUFFIX, "datatype": "BOOL", "shape": [-1, -1]} for m in config.modalities
+    ]
+    return features + masks
+
+
+def tensor_outputs(config: CoupledMambaConfig) -> list[dict[str, Any]]:
+    """The model's outputs as Open Inference Protocol tensors: ``score`` FP32 ``[batch]``,
+    ``probabilities`` FP32 ``[batch, classes]`` (``CLASS_NAMES`` order), and ``emotions`` FP32
+    ``[batch, emotion classes]`` where the checkpoint has an emotion head."""
+    outputs: list[dict[str, Any]] = [
+        {"name": "score", "datatype": "FP32", "shape": [-1]},
+        {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(CLASS_NAMES)]},
+    ]
+    if config.emotion_classes:
+        outputs.append(
+            {"name": "emotions", "datatype": "FP32", "shape": [-1, len(config.emotion_classes)]}
+        )
+    return outputs
+
+
 def model_metadata(
     identity: ModelIdentity,
     config: CoupledMambaConfig,
@@ -134,14 +167,6 @@ def model_metadata(
     info: CheckpointInfo | None,
 ) -> dict[str, Any]:
     """The served model's metadata and card (``/v2/models/{name}``)."""
-    outputs = [
-        {"name": "score", "datatype": "FP32", "shape": [1]},
-        {"name": "probabilities", "datatype": "FP32", "shape": [len(CLASS_NAMES)]},
-    ]
-    if config.emotion_classes:
-        outputs.append(
-            {"name": "emotions", "datatype": "FP32", "shape": [len(config.emotion_classes)]}
-        )
     return {
         "name": identity.name,
         "versions": [identity.version],
@@ -150,11 +175,8 @@ def model_metadata(
         "scan_backend": identity.scan_backend,
         "feature_profile": config.feature_profile,
         "modalities": list(config.modalities),
-        "inputs": [
-            {"name": m, "datatype": "FP32", "shape": [-1, dim]}
-            for m, dim in config.feature_dims.items()
-        ],
-        "outputs": outputs,
+        "inputs": tensor_inputs(config),
+        "outputs": tensor_outputs(config),
         "emotion_classes": list(config.emotion_classes),
         "label_scale": list(config.label_scale),
         "classes": list(CLASS_NAMES),

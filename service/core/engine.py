@@ -33,6 +33,7 @@ from service.core.validation import clip_from_bundle, clip_from_features
 from service.errors import (
     DeadlineExceededError,
     DrainingError,
+    InvalidInputError,
     MediaDisabledError,
     NotReadyError,
     ServiceError,
@@ -275,6 +276,65 @@ class InferenceCore:
         )
         assembly.record(self.metrics, timings, outcome.memory)
         summary = assembly.media_summary(bundle.summary)
+        return assembly.prediction(clip, outcome, summary, timings, self.identity, attributed)
+
+    async def predict_text(
+        self,
+        transcript: str,
+        *,
+        started: float,
+        deadline: float,
+        upload_ms: float = 0.0,
+        attribution: bool = False,
+    ) -> Prediction:
+        """Score a transcript alone, with no media: its text features (on the pool, as a
+        transcript sent with a clip is placed) are the clip's only modality.
+
+        Args:
+            transcript: what is said (not blank).
+            started: ``time.perf_counter()`` at the start of the request.
+            deadline: ``time.monotonic()`` limit of the request.
+            upload_ms: time spent receiving the form, reported in the timings.
+            attribution: also compute the per-modality attribution.
+
+        Raises:
+            InvalidInputError: the loaded model reads no text, or the transcript has no words.
+            MediaDisabledError: this server has no extractor that makes text features.
+        """
+        serving = self._ready_parts()
+        if "text" not in self.config.modalities:
+            raise InvalidInputError(
+                f"the loaded model reads {list(self.config.modalities)}, not text: send a "
+                "`file` to score"
+            )
+        if serving.pool is None:
+            raise MediaDisabledError(serving.media_unavailable)
+        if not serving.pool.reads_text:
+            raise MediaDisabledError("this server cannot score a transcript alone: send a `file`")
+        job = asyncio.wrap_future(serving.pool.submit_text(transcript, deadline=deadline))
+        job.add_done_callback(lambda f: f.cancelled() or f.exception())
+        try:
+            done = await asyncio.wait_for(asyncio.shield(job), _remaining(deadline))
+        except TimeoutError as exc:
+            raise DeadlineExceededError("the request deadline passed during extraction") from exc
+        if not bool(np.asarray(done.mask).any()):
+            raise InvalidInputError("the transcript has no words to score")
+        clip = clip_from_features(
+            self.config,
+            self.settings.max_sequence_length,
+            self.config.feature_profile,
+            {"text": done.features},
+            {"text": done.mask},
+        )
+        outcome, attributed = await self._run_attributed(clip, deadline, attribution)
+        timings = assembly.request_timings(
+            started=started,
+            queue_ms=outcome.queue_ms,
+            model_ms=outcome.model_ms,
+            extraction={"text": done.text_ms, "upload": upload_ms, "extract_wait": done.wait_ms},
+        )
+        assembly.record(self.metrics, timings, outcome.memory)
+        summary = {**assembly.features_summary(transcript), "transcript_source": "client"}
         return assembly.prediction(clip, outcome, summary, timings, self.identity, attributed)
 
     async def predict_timeline(

@@ -43,6 +43,13 @@ class FeatureExtractor(Protocol):
     def extract(self, path: Path, transcript: str | None = None) -> Any: ...
 
 
+@runtime_checkable
+class TextFeatureExtractor(Protocol):
+    """An extractor that also scores a transcript alone (``preprocessing.Extractor`` does)."""
+
+    def text_features(self, transcript: str) -> tuple[Any, Any]: ...
+
+
 def release_frames(exc: BaseException) -> None:
     """Clear the local variables of the finished frames in ``exc``'s tracebacks (and those of
     its causes), so that decoders and resamplers they refer to are freed now, not when the
@@ -60,6 +67,16 @@ class ExtractionJobResult:
 
     def __init__(self, bundle: FeatureBundleLike, wait_ms: float) -> None:
         self.bundle = bundle
+        self.wait_ms = wait_ms
+
+
+class TextJobResult:
+    """A transcript's text features (``(L, F)`` and mask ``(L,)``) and the job's timings."""
+
+    def __init__(self, features: Any, mask: Any, text_ms: float, wait_ms: float) -> None:
+        self.features = features
+        self.mask = mask
+        self.text_ms = text_ms
         self.wait_ms = wait_ms
 
 
@@ -160,6 +177,28 @@ class ExtractionPool:
 
             future.add_done_callback(left_unstarted)
         return future
+
+    @property
+    def reads_text(self) -> bool:
+        """Whether the extractor turns a transcript alone into text features."""
+        return isinstance(self.extractor, TextFeatureExtractor)
+
+    def submit_text(self, transcript: str, *, deadline: float) -> Future[TextJobResult]:
+        """Queue the text features of ``transcript`` (see :attr:`reads_text`); a job that
+        starts after ``deadline`` skips the work."""
+        submitted = time.monotonic()
+        extractor: Any = self.extractor
+
+        def job() -> TextJobResult:
+            started = time.monotonic()
+            if started > deadline:
+                raise DeadlineExceededError("the request deadline passed before extraction")
+            begun = time.perf_counter()
+            features, mask = extractor.text_features(transcript)
+            text_ms = (time.perf_counter() - begun) * 1000.0
+            return TextJobResult(features, mask, text_ms, (started - submitted) * 1000.0)
+
+        return self._executor.submit(job)
 
     def shutdown(self) -> None:
         """Finish queued jobs and stop the threads."""
