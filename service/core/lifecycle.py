@@ -255,18 +255,14 @@ def git_sha(settings: ServiceSettings) -> str:
 
 
 def build_labels(settings: ServiceSettings, scan_backend: str) -> dict[str, str]:
-    """The labels of ``cmamba_build_info``: package version, commit, torch, CUDA (torch's build;
-    "none" for a CPU build) and the scan backend chosen at load."""
-    import importlib.metadata
-
+    """The labels of ``cmamba_build_info``: the service's version, commit, torch, CUDA (torch's
+    build; "none" for a CPU build) and the scan backend chosen at load."""
     import torch
 
-    try:
-        version = importlib.metadata.version("coupled-mamba-service")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
+    from service import __version__
+
     return {
-        "version": version,
+        "version": __version__,
         "git_sha": git_sha(settings),
         "torch": str(torch.__version__),
         "cuda": str(torch.version.cuda or "none"),

@@ -15,6 +15,7 @@ from helpers import ServerProcess, features_payload, wait_until
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+import service
 from service.core.extraction import ExtractionPool
 from service.metrics import ServiceMetrics
 
@@ -68,7 +69,7 @@ def test_a_features_server_exports_process_build_and_startup_metrics(
     assert build["torch"] == torch.__version__
     assert build["cuda"] == (torch.version.cuda or "none")
     assert build["scan_backend"] == labels_of(text, "cmamba_model_info")[0]["scan_backend"]
-    assert build["version"] and build["version"] != "unknown"
+    assert build["version"] == service.__version__
     assert metric(text, "cmamba_build_info") == 1.0
 
     assert 0 < metric(text, "cmamba_model_load_seconds") < 60
