@@ -3,7 +3,11 @@ app's registry, with the process's own (``process_*``, ``python_gc_*``, ``python
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -15,6 +19,13 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 UPLOAD_BUCKETS = tuple(float(2**p) for p in range(10, 31, 2))  # 1 KiB ... 1 GiB, x4
 CLIP_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 180.0, 300.0, 600.0)
 MEMORY_BUCKETS = tuple(float(2**p) for p in range(20, 38))  # 1 MiB ... 128 GiB, x2
+
+GPU_GAUGES = {
+    "cmamba_gpu_memory_allocated_bytes": "torch allocated GPU memory",
+    "cmamba_gpu_memory_reserved_bytes": "torch reserved GPU memory",
+    "cmamba_gpu_memory_peak_bytes": "Peak GPU memory of the last batch",
+}
+"""The contract's GPU memory gauges (name: help)."""
 
 
 class ServiceMetrics:
@@ -62,15 +73,11 @@ class ServiceMetrics:
             registry=r,
         )
         # GPU figures: registered by enable_gpu() when the model runs on CUDA, so a CPU host
-        # exports none rather than zeros that read as "no memory used".
-        self.gpu_allocated = Gauge(
-            "cmamba_gpu_memory_allocated_bytes", "torch allocated GPU memory", registry=None
-        )
-        self.gpu_reserved = Gauge(
-            "cmamba_gpu_memory_reserved_bytes", "torch reserved GPU memory", registry=None
-        )
-        self.gpu_peak = Gauge(
-            "cmamba_gpu_memory_peak_bytes", "Peak GPU memory of the last batch", registry=None
+        # exports no sample rather than zeros that read as "no memory used". Until then the
+        # contract's three gauges are declared without a sample (their HELP and TYPE lines),
+        # so the names stay in /metrics and every query of them finds no series.
+        self.gpu_allocated, self.gpu_reserved, self.gpu_peak = (
+            Gauge(name, text, registry=None) for name, text in GPU_GAUGES.items()
         )
         self.gpu_batch_peak = Histogram(
             "cmamba_gpu_batch_peak_memory_bytes",
@@ -79,6 +86,7 @@ class ServiceMetrics:
             registry=None,
         )
         self._gpu_enabled = False
+        r.register(_DeclaredOnly(GPU_GAUGES, lambda: self._gpu_enabled))
         self.model_info = Gauge(
             "cmamba_model_info",
             "The served model (value 1)",
@@ -161,3 +169,21 @@ class ServiceMetrics:
         for stage, ms in timings_ms.items():
             if stage != "total" and ms > 0.0:
                 self.stage_duration.labels(stage=stage).observe(ms / 1000.0)
+
+
+class _DeclaredOnly:
+    """A collector that yields gauge families without samples (``{name: help}``) until
+    ``registered()`` says the real gauges are registered, then nothing."""
+
+    def __init__(self, gauges: dict[str, str], registered: Callable[[], bool]) -> None:
+        self._gauges = gauges
+        self._registered = registered
+
+    def describe(self) -> list[Any]:
+        return []  # no names claimed: the real gauges register under them later
+
+    def collect(self) -> Iterator[Any]:
+        if self._registered():
+            return
+        for name, text in self._gauges.items():
+            yield GaugeMetricFamily(name, text)

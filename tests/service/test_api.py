@@ -26,7 +26,13 @@ CONTRACT_METRICS = (
     "cmamba_model_info",
     "cmamba_ready",
 )
-# Exported when the model runs on CUDA only: a CPU host has no such series (not zeros).
+# Series exported when the model runs on CUDA only: a CPU host has none (not zeros); the
+# contract's three gauges are still declared there (HELP and TYPE, no sample).
+GPU_CONTRACT_METRICS = (
+    "cmamba_gpu_memory_allocated_bytes",
+    "cmamba_gpu_memory_reserved_bytes",
+    "cmamba_gpu_memory_peak_bytes",
+)
 GPU_METRICS = (
     "cmamba_gpu_memory_allocated_bytes",
     "cmamba_gpu_memory_reserved_bytes",
@@ -100,8 +106,11 @@ def test_metrics_exposes_every_contract_name(
     text = response.text
     for name in CONTRACT_METRICS:
         assert f"# TYPE {name.removesuffix('_total')}" in text, name
+    samples = [line for line in text.splitlines() if not line.startswith("#")]
     for name in GPU_METRICS:
-        assert name not in text, f"{name} on a CPU host"
+        assert not any(line.startswith(name) for line in samples), f"{name} on a CPU host"
+    for name in GPU_CONTRACT_METRICS:
+        assert f"# TYPE {name} gauge" in text, name
     assert metric(text, "cmamba_ready") == 1.0
     assert metric(text, "cmamba_model_info", name="tiny", version="7", device="cpu") == 1.0
     assert metric(text, "cmamba_requests_total", endpoint="/v1/predict/features", status="200")

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import service
 from service.core.extraction import ExtractionPool
-from service.metrics import ServiceMetrics
+from service.metrics import GPU_GAUGES, ServiceMetrics
 
 GPU_ONLY = (
     "cmamba_gpu_memory_allocated_bytes",
@@ -76,8 +76,9 @@ def test_a_features_server_exports_process_build_and_startup_metrics(
     assert 0 < metric(text, "cmamba_model_warmup_seconds") < 60
     assert metric(text, "cmamba_stage_cpu_seconds_total", stage="model") > 0
     assert metric(text, "cmamba_extraction_workers") == 0  # features only: no pool
+    samples = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
     for name in GPU_ONLY:  # a CPU host exports no GPU figures rather than zeros
-        assert name not in text
+        assert name not in samples
 
 
 @pytest.mark.slow
@@ -193,8 +194,13 @@ def test_a_job_cancelled_before_it_starts_leaves_the_queue(tmp_path: Path) -> No
 
 def test_gpu_figures_are_registered_only_when_asked() -> None:
     metrics = ServiceMetrics()
-    assert not any(name in generate_latest(metrics.registry).decode() for name in GPU_ONLY)
+    text = generate_latest(metrics.registry).decode()
+    samples = [line for line in text.splitlines() if not line.startswith("#")]
+    assert not any(line.startswith(name) for line in samples for name in GPU_ONLY)
+    # The contract's gauges are declared (HELP, TYPE) without a sample until then.
+    assert all(f"# TYPE {name} gauge" in text for name in GPU_GAUGES)
     metrics.enable_gpu()
     metrics.enable_gpu()  # idempotent
     text = generate_latest(metrics.registry).decode()
     assert all(f"# TYPE {name}" in text for name in GPU_ONLY)
+    assert all(text.count(f"# TYPE {name} ") == 1 for name in GPU_GAUGES)  # declared once
