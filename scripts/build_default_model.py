@@ -34,10 +34,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -243,12 +245,20 @@ def voice_features(
     return out
 
 
+@functools.cache
+def _recognizer() -> Any:
+    """One Whisper encoder per worker process (loaded on its first clip)."""
+    from preprocessing.asr import SpeechRecognizer
+    from preprocessing.settings import ExtractorSettings
+
+    return SpeechRecognizer(ExtractorSettings(audio_features="whisper"))
+
+
 def _augment_clip(job: tuple[str, str, int]) -> dict[str, Any]:
     """One clip's condition variants (runs in a worker process): ``(path, id, copies)`` ->
     arrays for ``np.savez``."""
     import zlib
 
-    from preprocessing.asr import SpeechRecognizer
     from preprocessing.grid import grid_length
     from preprocessing.media import AUDIO_SAMPLE_RATE, decode_media
     from preprocessing.settings import ExtractorSettings
@@ -256,10 +266,7 @@ def _augment_clip(job: tuple[str, str, int]) -> dict[str, Any]:
     from preprocessing.voice_augment import apply_condition, draw_condition
 
     path, clip_id, copies = job
-    global _RECOGNIZER
     settings = ExtractorSettings(audio_features="whisper")
-    if "_RECOGNIZER" not in globals():
-        _RECOGNIZER = SpeechRecognizer(settings)
     audio = decode_media(path, settings, audio=True, video=False).audio
     assert audio is not None
     arrays: dict[str, Any] = {}
@@ -269,7 +276,7 @@ def _augment_clip(job: tuple[str, str, int]) -> dict[str, Any]:
         heard = apply_condition(audio, condition, rng)
         steps = grid_length(len(heard) / AUDIO_SAMPLE_RATE, settings.rate_hz)
         features, mask = states_on_grid(
-            _RECOGNIZER.encode(heard), heard, steps, settings.rate_hz,
+            _recognizer().encode(heard), heard, steps, settings.rate_hz,
             silence_floor_dbfs=settings.silence_floor_dbfs,
             silence_range_db=settings.silence_range_db,
         )  # fmt: skip
@@ -509,7 +516,7 @@ def refine_branch(
     train: Mixer,
     valid: EvalSets,
     settings: MultimodalTrainSettings,
-    select: Any,
+    select: Callable[[dict[str, Any]], float],
 ) -> Any:
     """Train ``modality``'s branch alone (input projection, norms, mixers) with every other
     parameter frozen; the epoch with the best ``select`` score on ``valid`` is kept, or none

@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -311,12 +312,9 @@ class InferenceCore:
             raise MediaDisabledError(serving.media_unavailable)
         if not serving.pool.reads_text:
             raise MediaDisabledError("this server cannot score a transcript alone: send a `file`")
-        job = asyncio.wrap_future(serving.pool.submit_text(transcript, deadline=deadline))
-        job.add_done_callback(lambda f: f.cancelled() or f.exception())
-        try:
-            done = await asyncio.wait_for(asyncio.shield(job), _remaining(deadline))
-        except TimeoutError as exc:
-            raise DeadlineExceededError("the request deadline passed during extraction") from exc
+        done = await _await_extraction(
+            serving.pool.submit_text(transcript, deadline=deadline), deadline
+        )
         if not bool(np.asarray(done.mask).any()):
             raise InvalidInputError("the transcript has no words to score")
         clip = clip_from_features(
@@ -404,20 +402,8 @@ class InferenceCore:
         job = serving.pool.submit(
             path, transcript, deadline=deadline, remove_after=remove_after, stop=stop
         )
-        waited = asyncio.wrap_future(job)
-        # Whoever gives up on the job (deadline, cancelled request), its outcome is read here,
-        # so an error it ends with later is not reported as never retrieved.
-        waited.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
-            # shield: a job that has not started must still run, to delete its file; a job
-            # that has started is asked to stop (it polls ``stop`` and its deadline).
-            done = await asyncio.wait_for(asyncio.shield(waited), _remaining(deadline))
-        except TimeoutError as exc:
-            stop.set()
-            raise DeadlineExceededError("the request deadline passed during extraction") from exc
-        except asyncio.CancelledError:
-            stop.set()  # the request was cancelled (its client went away)
-            raise
+            done = await _await_extraction(job, deadline, stop)
         except ServiceError:
             raise
         except Exception as exc:
@@ -476,6 +462,30 @@ class InferenceCore:
 
 def _remaining(deadline: float) -> float:
     return max(0.0, deadline - time.monotonic())
+
+
+async def _await_extraction(
+    job: Future[Any], deadline: float, stop: threading.Event | None = None
+) -> Any:
+    """The result of an extraction pool job, waited for until ``deadline``.
+
+    Whoever gives up on the job (deadline, cancelled request), its outcome is read by a
+    callback, so an error it ends with later is not reported as never retrieved. The wait is
+    shielded: a job that has not started must still run (to delete its file); one that has
+    started is asked to stop through ``stop`` (it polls it and its deadline).
+    """
+    waited = asyncio.wrap_future(job)
+    waited.add_done_callback(lambda f: f.cancelled() or f.exception())
+    try:
+        return await asyncio.wait_for(asyncio.shield(waited), _remaining(deadline))
+    except TimeoutError as exc:
+        if stop is not None:
+            stop.set()
+        raise DeadlineExceededError("the request deadline passed during extraction") from exc
+    except asyncio.CancelledError:
+        if stop is not None:
+            stop.set()  # the request was cancelled (its client went away)
+        raise
 
 
 def _is_preprocessing_error(exc: BaseException) -> bool:
