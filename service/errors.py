@@ -138,6 +138,14 @@ class GpuOutOfMemoryError(RetryableError):
     reject_reason = "gpu_oom"
 
 
+class FatalServiceError(RetryableError):
+    """The instance hit a failure it cannot recover from (a CUDA error, a dead worker thread):
+    it fails what it holds, turns not live, and exits to be restarted; retry elsewhere."""
+
+    error_type = "unavailable"
+    reject_reason = "fatal"
+
+
 class DeadlineExceededError(ServiceError):
     """The request was not answered within the request deadline."""
 

@@ -155,6 +155,15 @@ class ServiceMetrics:
             registry=r,
         )
 
+        # Failures that heal: counted once, just before the process exits to be restarted.
+        self.fatal_errors = Counter(
+            "cmamba_fatal_errors_total",
+            "Fatal failures (kind: cuda, model_worker, extraction_worker) after which the "
+            "process exits to be restarted",
+            ["kind"],
+            registry=r,
+        )
+
     def enable_gpu(self) -> None:
         """Export the GPU memory figures (the model runs on CUDA). Idempotent."""
         if not self._gpu_enabled:

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, SecretStr, StringConstraints, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.core.faults import FAULT_SPEC_PATTERN
+
 ScanBackendName = Literal["auto", "ref", "torch", "triton"]
 """A scan backend to ask for: "auto" or a name of ``model.ops.BACKENDS`` (a test keeps the two
 in step; importing ``model.ops`` here would import torch with the settings)."""
@@ -132,6 +134,27 @@ class ServiceSettings(BaseSettings):
         default=None,
         description="commit the image was built from (cmamba_build_info); default: asked of "
         "git when the source is a checkout",
+    )
+
+    # Failures that heal and saturation readiness ----------------------------------------
+    fatal_exit_grace_s: float = Field(
+        default=5.0,
+        ge=0.0,
+        le=300.0,
+        description="after a fatal failure (a CUDA error, a dead worker) the process answers "
+        "503 this long (health probes and a scrape see it), then exits non-zero",
+    )
+    ready_saturation_s: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="/v2/health/ready answers 503 once the model queue has been full this "
+        "long without draining below half; 0 never",
+    )
+    fault_injection: str | None = Field(
+        default=None,
+        pattern=FAULT_SPEC_PATTERN,
+        description="tests only: cuda_error:N, model_worker_exit:N or extraction_worker_exit:N "
+        "(service.core.faults); unset in production",
     )
 
     # Slow clients (cmamba serve) ----------------------------------------------------------

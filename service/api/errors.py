@@ -19,6 +19,7 @@ from service.errors import (
     MAX_ECHO_CHARS,
     ClientDisconnectedError,
     DeadlineExceededError,
+    FatalServiceError,
     InvalidInputError,
     MediaDisabledError,
     ModelNotFoundError,
@@ -40,6 +41,7 @@ STATUS_CODES: dict[type[ServiceError], int] = {
     ModelNotFoundError: 404,
     MediaDisabledError: 501,
     ClientDisconnectedError: 499,
+    FatalServiceError: 503,  # unavailable: the process exits to be restarted
     RetryableError: 503,  # not_ready, draining, over_capacity, gpu_oom
     DeadlineExceededError: 504,
     ServiceError: 500,

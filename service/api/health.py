@@ -6,8 +6,6 @@ from fastapi import APIRouter
 
 from service.api.dependencies import CoreDep
 from service.api.schemas import HealthResponse, protocol_errors
-from service.core.lifecycle import CoreState
-from service.errors import DrainingError, NotReadyError
 
 router = APIRouter(tags=["health"])
 # async: answered on the event loop itself, without a hop to the thread pool.
@@ -20,12 +18,11 @@ router = APIRouter(tags=["health"])
     operation_id="server_live",
 )
 async def live(core: CoreDep) -> HealthResponse:
-    """200 while the process can serve or is getting there; 503 once startup failed or the
-    model worker died (restart the process)."""
-    if core.state is CoreState.FAILED:
-        raise NotReadyError(f"startup failed: {core.startup_error}")
-    if not core.worker_alive:
-        raise NotReadyError("the model worker stopped")
+    """200 while the process can serve or is getting there; 503 once startup failed, or after
+    a fatal failure (a CUDA error, a dead model worker or extraction thread): restart it."""
+    error = core.liveness_error()
+    if error is not None:
+        raise error
     return HealthResponse(status="live")
 
 
@@ -36,11 +33,9 @@ async def live(core: CoreDep) -> HealthResponse:
     operation_id="server_ready",
 )
 async def ready(core: CoreDep) -> HealthResponse:
-    """200 once the model is loaded and warmed; 503 before that and while draining."""
-    if core.ready:
-        return HealthResponse(status="ready")
-    if core.state in (CoreState.DRAINING, CoreState.STOPPED):
-        raise DrainingError("the server is shutting down")
-    if core.state is CoreState.FAILED:
-        raise NotReadyError(f"startup failed: {core.startup_error}")
-    raise NotReadyError("the model is loading")
+    """200 once the model is loaded and warmed; 503 before that, while draining, after a fatal
+    failure, and once the model queue has stayed full ``CMAMBA_READY_SATURATION_S``."""
+    error = core.readiness_error()
+    if error is not None:
+        raise error
+    return HealthResponse(status="ready")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from service.core.types import ClipFeatures, ClipOutcome
-from service.errors import DeadlineExceededError, OverCapacityError
+from service.errors import DeadlineExceededError, FatalServiceError, OverCapacityError
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,8 @@ class MicroBatcher:
         thread_init: called first thing on the worker thread (e.g. ``torch.set_num_threads``).
         upstream: when given, how many clips are on their way (admitted, not yet queued); the
             worker waits for company only while this is positive, so a lone clip never waits.
+        on_death: called (on the dying thread) with what ended the worker thread when an
+            error escapes its loop; the clips it held and those queued are failed first.
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class MicroBatcher:
         on_queue_depth: Callable[[int], None] | None = None,
         thread_init: Callable[[], None] | None = None,
         upstream: Callable[[], int] | None = None,
+        on_death: Callable[[BaseException], None] | None = None,
     ) -> None:
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
@@ -80,6 +83,9 @@ class MicroBatcher:
         self._on_queue_depth = on_queue_depth
         self._thread_init = thread_init
         self._upstream = upstream
+        self._on_death = on_death
+        self._failed: FatalServiceError | None = None
+        self._holding: list[_Pending] = []
         self._queue: deque[_Pending] = deque()
         self._tasks: deque[_Task] = deque()
         self._cond = threading.Condition()
@@ -126,6 +132,8 @@ class MicroBatcher:
         """
         future: Future[ClipOutcome] = Future()
         with self._cond:
+            if self._failed is not None:
+                raise self._failed
             if self._stopping:
                 raise RuntimeError("the batcher is stopped")
             if len(self._queue) >= self.max_queue_size:
@@ -138,6 +146,19 @@ class MicroBatcher:
             self._cond.notify_all()
         self._report_depth(depth)
         return future
+
+    def fail(self, error: FatalServiceError) -> None:
+        """Fail every queued clip with ``error`` and refuse new ones with it (the instance is
+        broken); the batch running now ends as it ends."""
+        with self._cond:
+            self._failed = error
+            dropped = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for pending in dropped:
+            if pending.future.set_running_or_notify_cancel():
+                pending.future.set_exception(error)
+        self._report_depth(0)
 
     def call(self, fn: Callable[[], Any]) -> Future[Any]:
         """Run ``fn`` on the worker thread before the next batch (warm-up, inspection)."""
@@ -155,16 +176,42 @@ class MicroBatcher:
     # -- worker -------------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        if self._thread_init is not None:
-            self._thread_init()
-        while True:
-            work = self._next_work()
-            if work is None:
-                return
-            if isinstance(work, _Task):
-                self._run_task(work)
-            else:
-                self._run_clips(work)
+        try:
+            if self._thread_init is not None:
+                self._thread_init()
+            while True:
+                work = self._next_work()
+                if work is None:
+                    return
+                if isinstance(work, _Task):
+                    self._run_task(work)
+                else:
+                    self._run_clips(work)
+        except BaseException as exc:  # the thread ends: nobody may wait on it any more
+            self._died(exc)
+
+    def _died(self, exc: BaseException) -> None:
+        # Reported first, so whoever hears of a failed clip finds the instance failed.
+        logger.critical("the model worker thread died: %s: %s", type(exc).__name__, exc)
+        try:
+            if self._on_death is not None:
+                self._on_death(exc)
+        finally:
+            self._fail_all()
+
+    def _fail_all(self) -> None:
+        error = FatalServiceError("the model worker stopped (the instance restarts); retry")
+        held, self._holding = self._holding, []
+        for pending in held:
+            if not pending.future.done():
+                pending.future.set_exception(error)
+        self.fail(error)
+        with self._cond:
+            tasks = list(self._tasks)
+            self._tasks.clear()
+        for task in tasks:
+            if task.future.set_running_or_notify_cancel():
+                task.future.set_exception(error)
 
     def _next_work(self) -> _Task | list[_Pending] | None:
         with self._cond:
@@ -218,8 +265,10 @@ class MicroBatcher:
             live.append(pending)
         if not live:
             return
+        self._holding = live
         for padded_length, group in self._group_by_bucket(live):
             self._run_group(group, padded_length, started=time.monotonic())
+        self._holding = []
 
     def _group_by_bucket(self, pending: list[_Pending]) -> list[tuple[int, list[_Pending]]]:
         if not self.length_buckets:

@@ -27,6 +27,8 @@ from service.core.admission import Admission
 from service.core.attribution import attribution as attribution_of
 from service.core.attribution import attribution_plan
 from service.core.extraction import FeatureBundleLike, FeatureExtractor
+from service.core.faults import parse_fault
+from service.core.health_state import FatalFailure, HealthState
 from service.core.lifecycle import CoreState, Serving, check_checkpoint, start_serving
 from service.core.timeline import TimelinePrediction, assemble, plan_timeline
 from service.core.types import Attribution, ClipFeatures, ClipOutcome, ModelIdentity, Prediction
@@ -34,9 +36,11 @@ from service.core.validation import clip_from_bundle, clip_from_features
 from service.errors import (
     DeadlineExceededError,
     DrainingError,
+    FatalServiceError,
     InvalidInputError,
     MediaDisabledError,
     NotReadyError,
+    OverCapacityError,
     ServiceError,
     from_preprocessing_error,
 )
@@ -81,6 +85,9 @@ class InferenceCore:
         self._started = threading.Event()
         self._serving: Serving | None = None
         self._admission = Admission(settings.max_inflight, metrics, self._refusal)
+        self.health = HealthState(metrics.fatal_errors, settings.ready_saturation_s)
+        self.health.on_fatal(self._on_fatal)
+        self._fault = parse_fault(settings.fault_injection)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -102,10 +109,15 @@ class InferenceCore:
                 extractor=self._extractor,
                 before_forward=self._before_forward,
                 inflight=lambda: self._admission.inflight,
+                health=self.health,
+                fault=self._fault,
             )
             if self.state is CoreState.STARTING:
                 self.state = CoreState.READY
                 self.metrics.ready.set(1)
+                if self._fault is not None:
+                    self._fault.arm()
+                    logger.warning("fault injection armed: %s", self.settings.fault_injection)
         except Exception as exc:
             self.state = CoreState.FAILED
             self.startup_error = f"{type(exc).__name__}: {exc}"
@@ -132,16 +144,78 @@ class InferenceCore:
         return await self._admission.wait_idle(timeout)
 
     def stop(self) -> None:
-        """Finish queued work and stop the worker and the pool (blocking)."""
+        """Finish queued work and stop the worker and the pool (blocking; after a fatal
+        failure, without waiting for the broken parts)."""
         if self.state is not CoreState.FAILED:
             self.state = CoreState.STOPPED
         self.metrics.ready.set(0)
         if self._serving is not None:
-            self._serving.stop(timeout=self.settings.drain_timeout_s)
+            broken = self.health.fatal is not None
+            self._serving.stop(timeout=self.settings.drain_timeout_s, broken=broken)
+
+    # -- health -------------------------------------------------------------------------------
 
     @property
     def ready(self) -> bool:
-        return self.state is CoreState.READY and self.worker_alive
+        """Takes work: started, not draining, its workers sound."""
+        return self.state is CoreState.READY and self.worker_alive and self.health.fatal is None
+
+    def watch(self) -> None:
+        """Report a worker thread found dead (called periodically by the server; the threads
+        also report their own death)."""
+        serving = self._serving
+        if serving is None or self.health.fatal is not None:
+            return
+        if self.state in (CoreState.READY, CoreState.DRAINING):
+            if not serving.batcher.alive:
+                self.health.trip("model_worker", "the model worker thread is not running")
+            elif serving.pool is not None and not serving.pool.alive:
+                self.health.trip("extraction_worker", "an extraction thread is not running")
+
+    def liveness_error(self) -> ServiceError | None:
+        """Why the process should be restarted (None: it is live)."""
+        fatal = self.health.fatal
+        if fatal is not None:
+            return FatalServiceError(
+                f"fatal {fatal.kind} failure ({fatal.reason}): the instance restarts; retry on "
+                "another instance"
+            )
+        if self.state is CoreState.FAILED:
+            return NotReadyError(f"startup failed: {self.startup_error}")
+        if not self.worker_alive:
+            return NotReadyError("the model worker stopped")
+        return None
+
+    def readiness_error(self) -> ServiceError | None:
+        """Why the instance should get no traffic now (None: it is ready)."""
+        if self.ready:
+            if self.health.overloaded:
+                return OverCapacityError(
+                    f"the model queue has been full for {self.health.saturated_for():.0f} s",
+                    reason="saturated",
+                )
+            return None
+        if self.health.fatal is not None:
+            return self.liveness_error()
+        if self.state in (CoreState.DRAINING, CoreState.STOPPED):
+            return DrainingError("the server is shutting down")
+        if self.state is CoreState.FAILED:
+            return NotReadyError(f"startup failed: {self.startup_error}")
+        if self.state is CoreState.READY:
+            return NotReadyError("the model worker stopped")
+        return NotReadyError("the model is loading")
+
+    def _on_fatal(self, failure: FatalFailure) -> None:
+        """Fail what is queued (model and extraction) and take no more work."""
+        self.metrics.ready.set(0)
+        error = FatalServiceError(
+            f"the instance failed ({failure.kind}) and restarts; retry on another instance"
+        )
+        serving = self._serving
+        if serving is not None:
+            serving.batcher.fail(error)
+            if serving.pool is not None:
+                serving.pool.fail(error)
 
     @property
     def worker_alive(self) -> bool:
@@ -192,6 +266,8 @@ class InferenceCore:
         return self._admission.admit()
 
     def _refusal(self) -> ServiceError | None:
+        if self.health.fatal is not None:
+            return self.liveness_error()
         if self.state in (CoreState.DRAINING, CoreState.STOPPED):
             return DrainingError("the server is shutting down")
         if not self.ready:

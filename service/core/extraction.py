@@ -1,7 +1,9 @@
 """Feature extraction on a pool of CPU threads sharing one extractor.
 
 ``preprocessing.Extractor`` is safe to share between threads (its models run concurrent calls
-or sit behind locks), so the pool holds one instance and ``workers`` threads.
+or sit behind locks), so the pool holds one instance and ``workers`` threads. The threads are
+watched: one that dies (an error escapes its loop) fails the job it held and reports itself,
+and the instance restarts (:mod:`service.core.health_state`).
 """
 
 from __future__ import annotations
@@ -9,15 +11,17 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import queue
 import threading
 import time
 import traceback
-from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from service.errors import DeadlineExceededError
+from service.errors import DeadlineExceededError, FatalServiceError
 from service.metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)
@@ -80,6 +84,111 @@ class TextJobResult:
         self.wait_ms = wait_ms
 
 
+T = TypeVar("T")
+
+
+@dataclass
+class _Job:
+    future: Future[Any]
+    run: Callable[[], Any]
+    discard: Callable[[], None] | None
+    """Undo what the job owns (its file) when it is failed without running (a job cancelled
+    while queued is the canceller's to undo)."""
+
+
+class WatchedThreads:
+    """``workers`` threads running jobs from one FIFO queue, like a ``ThreadPoolExecutor``
+    whose threads can die: an error that is not an ``Exception`` (it escapes the job) ends its
+    thread, fails the job with :class:`FatalServiceError` and calls ``on_death``.
+
+    Args:
+        workers: threads.
+        name: thread name prefix.
+        on_death: called on the dying thread with what ended it.
+    """
+
+    def __init__(
+        self,
+        workers: int,
+        name: str,
+        on_death: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._on_death = on_death
+        self._closed = False
+        self._failed: FatalServiceError | None = None
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """Whether every thread still runs (until :meth:`shutdown`)."""
+        return self._closed or all(t.is_alive() for t in self._threads)
+
+    def submit(self, run: Callable[[], T], discard: Callable[[], None] | None = None) -> Future[T]:
+        """Queue ``run``; ``discard`` is called instead when the job is failed unstarted."""
+        if self._failed is not None:
+            raise self._failed
+        if self._closed:
+            raise RuntimeError("the extraction pool is stopped")
+        future: Future[T] = Future()
+        self._queue.put(_Job(future, run, discard))
+        return future
+
+    def fail(self, error: FatalServiceError) -> None:
+        """Fail every queued job with ``error`` and refuse new ones with it."""
+        self._failed = error
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is None:
+                self._queue.put(None)  # a stop for a thread: keep it, after the others
+                return
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(error)
+                if job.discard is not None:
+                    job.discard()
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Run the queued jobs, then stop the threads."""
+        self._closed = True
+        for _ in self._threads:
+            self._queue.put(None)
+        if wait:
+            for thread in self._threads:
+                thread.join()
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if not job.future.set_running_or_notify_cancel():
+                continue  # cancelled while queued
+            try:
+                result = job.run()
+            except Exception as exc:
+                job.future.set_exception(exc)
+            except BaseException as exc:
+                # Reported first, so whoever hears of the failed job finds the instance failed.
+                logger.critical("an extraction thread died: %s: %s", type(exc).__name__, exc)
+                if self._on_death is not None:
+                    self._on_death(exc)
+                job.future.set_exception(
+                    FatalServiceError("an extraction thread stopped (the instance restarts)")
+                )
+                return
+            else:
+                job.future.set_result(result)
+            del job
+
+
 class ExtractionPool:
     """One extractor served by ``workers`` threads.
 
@@ -88,10 +197,18 @@ class ExtractionPool:
         workers: extraction threads (clips extracted at the same time).
         metrics: where to record the queue, the busy threads, the wait, the CPU time, the file
             sizes and the clip durations (nothing when None).
+        on_death: called with what ended an extraction thread that died.
+        before_job: called first in each job (fault injection in tests).
     """
 
     def __init__(
-        self, extractor: FeatureExtractor, workers: int, metrics: ServiceMetrics | None = None
+        self,
+        extractor: FeatureExtractor,
+        workers: int,
+        metrics: ServiceMetrics | None = None,
+        *,
+        on_death: Callable[[BaseException], None] | None = None,
+        before_job: Callable[[], None] | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("the extraction pool needs at least one worker")
@@ -100,9 +217,8 @@ class ExtractionPool:
         self.metrics = metrics
         if metrics is not None:
             metrics.extraction_workers.set(workers)
-        self._executor = ThreadPoolExecutor(
-            max_workers=workers, thread_name_prefix="cmamba-extract"
-        )
+        self._before_job = before_job
+        self._executor = WatchedThreads(workers, "cmamba-extract", on_death)
         # preprocessing.Extractor stops when asked; an extractor without the keyword runs on.
         self._stoppable = "should_stop" in inspect.signature(extractor.extract).parameters
 
@@ -147,6 +263,8 @@ class ExtractionPool:
                 metrics.extraction_busy_workers.inc()
                 metrics.extraction_wait.observe(started - submitted)
             try:
+                if self._before_job is not None:
+                    self._before_job()
                 if should_stop():
                     raise DeadlineExceededError("the request deadline passed before extraction")
                 if self._stoppable:
@@ -168,14 +286,18 @@ class ExtractionPool:
                     cpu = time.thread_time() - cpu_started
                     metrics.stage_cpu.labels(stage="extraction").inc(cpu)
 
-        future = self._executor.submit(job)
-        if metrics is not None:
+        def discard() -> None:  # it left the queue without running
+            if metrics is not None:
+                metrics.extraction_queue_depth.dec()
+            if remove_after:
+                path.unlink(missing_ok=True)
 
-            def left_unstarted(done: Future[ExtractionJobResult]) -> None:
-                if done.cancelled():  # it left the queue without running
-                    metrics.extraction_queue_depth.dec()
+        def left_unstarted(done: Future[ExtractionJobResult]) -> None:
+            if done.cancelled():
+                discard()
 
-            future.add_done_callback(left_unstarted)
+        future = self._executor.submit(job, discard)
+        future.add_done_callback(left_unstarted)
         return future
 
     @property
@@ -191,6 +313,8 @@ class ExtractionPool:
 
         def job() -> TextJobResult:
             started = time.monotonic()
+            if self._before_job is not None:
+                self._before_job()
             if started > deadline:
                 raise DeadlineExceededError("the request deadline passed before extraction")
             begun = time.perf_counter()
@@ -200,9 +324,18 @@ class ExtractionPool:
 
         return self._executor.submit(job)
 
-    def shutdown(self) -> None:
-        """Finish queued jobs and stop the threads."""
-        self._executor.shutdown(wait=True)
+    @property
+    def alive(self) -> bool:
+        """Whether every extraction thread still runs."""
+        return self._executor.alive
+
+    def fail(self, error: FatalServiceError) -> None:
+        """Fail the queued jobs with ``error`` (their files removed) and refuse new ones."""
+        self._executor.fail(error)
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Finish queued jobs and stop the threads (``wait``: until they have stopped)."""
+        self._executor.shutdown(wait=wait)
 
 
 def _observe_clip(metrics: ServiceMetrics, bundle: FeatureBundleLike) -> None:

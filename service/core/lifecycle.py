@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 from service.core.assembly import model_metadata, publish_memory
 from service.core.batcher import MicroBatcher
 from service.core.extraction import ExtractionPool, FeatureExtractor
+from service.core.faults import FaultPlan
+from service.core.health_state import FatalKind, HealthState
 from service.core.types import ModelIdentity
 from service.errors import StartupError
 from service.metrics import ServiceMetrics
@@ -98,11 +100,12 @@ class Serving:
     media_unavailable: str
     """Why media requests are refused when ``pool`` is None."""
 
-    def stop(self, timeout: float) -> None:
-        """Finish queued work and stop the worker and the pool (blocking)."""
-        self.batcher.stop(timeout=timeout)
+    def stop(self, timeout: float, *, broken: bool = False) -> None:
+        """Finish queued work and stop the worker and the pool (blocking); ``broken``: after a
+        fatal failure, wait for neither (a broken worker may never return)."""
+        self.batcher.stop(timeout=0.0 if broken else timeout)
         if self.pool is not None:
-            self.pool.shutdown()
+            self.pool.shutdown(wait=not broken)
 
 
 def start_serving(
@@ -113,12 +116,16 @@ def start_serving(
     extractor: FeatureExtractor | None,
     before_forward: ForwardHook | None,
     inflight: Callable[[], int],
+    health: HealthState,
+    fault: FaultPlan | None = None,
 ) -> Serving:
     """Load the model (``settings.model_path`` unless ``model`` is given), start the model
     worker, warm up, and build the extraction pool. Blocking (seconds to minutes).
 
-    ``inflight`` counts the admitted requests (the adaptive batch delay reads it). A failure
-    stops what was started and raises.
+    ``inflight`` counts the admitted requests (the adaptive batch delay reads it). A CUDA
+    error, a dead model worker or a dead extraction thread is reported to ``health``, which
+    also follows the queue's saturation; ``fault`` injects one (tests). A failure stops what
+    was started and raises.
     """
     import torch
 
@@ -145,7 +152,12 @@ def start_serving(
         model = model.to(device).eval()
         model.set_scan_backend(s.scan_backend)  # "auto" is decided for the new device
     metrics.model_load_seconds.set(time.perf_counter() - load_started)
-    runner = ModelRunner(model, before_forward=before_forward, on_oom=metrics.gpu_oom.inc)
+    runner = ModelRunner(
+        model,
+        before_forward=_with_fault(before_forward, fault),
+        on_oom=metrics.gpu_oom.inc,
+        on_fatal=_reporter(health, "cuda"),
+    )
     if runner.device.type == "cuda":
         metrics.enable_gpu()
     batcher: MicroBatcher | None = None
@@ -162,9 +174,10 @@ def start_serving(
         max_queue_size=s.max_queue_size,
         length_buckets=s.length_buckets,
         on_batch=metrics.batch_size.observe,
-        on_queue_depth=metrics.queue_depth.set,
+        on_queue_depth=lambda depth: _follow_queue(metrics, health, depth, s.max_queue_size),
         thread_init=lambda: torch.set_num_threads(threads),
         upstream=upstream if s.adaptive_batch_delay else None,
+        on_death=_reporter(health, "model_worker"),
     )
     batcher.start()
     try:
@@ -186,7 +199,9 @@ def start_serving(
         metadata = model_metadata(identity, model.config, description, info)
         pool, media_unavailable = None, FEATURES_ONLY
         if s.enable_media:
-            pool, media_unavailable = _build_pool(s, model.config, info, extractor, metrics)
+            pool, media_unavailable = _build_pool(
+                s, model.config, info, extractor, metrics, health, fault
+            )
     except BaseException:
         batcher.stop(timeout=s.drain_timeout_s)
         raise
@@ -212,6 +227,34 @@ def start_serving(
         metadata=metadata,
         media_unavailable=media_unavailable,
     )
+
+
+def _with_fault(hook: ForwardHook | None, fault: FaultPlan | None) -> ForwardHook | None:
+    """``hook`` followed by the injected fault's (tests)."""
+    if fault is None:
+        return hook
+
+    def both(features: Any, masks: Any) -> None:
+        if hook is not None:
+            hook(features, masks)
+        fault.before_forward(features, masks)
+
+    return both
+
+
+def _reporter(health: HealthState, kind: FatalKind) -> Callable[[BaseException], None]:
+    """A callback that reports an exception as a fatal failure of ``kind``."""
+
+    def report(exc: BaseException) -> None:
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        health.trip(kind, f"{type(exc).__name__}: {first_line}")
+
+    return report
+
+
+def _follow_queue(metrics: ServiceMetrics, health: HealthState, depth: int, size: int) -> None:
+    metrics.queue_depth.set(depth)
+    health.observe_queue(depth, size)
 
 
 def measured_batches(
@@ -276,6 +319,8 @@ def _build_pool(
     info: CheckpointInfo | None,
     extractor: FeatureExtractor | None,
     metrics: ServiceMetrics,
+    health: HealthState,
+    fault: FaultPlan | None,
 ) -> tuple[ExtractionPool | None, str]:
     """The extraction pool (None when no extractor makes the checkpoint's features) and the
     reason media requests are refused without one."""
@@ -309,6 +354,12 @@ def _build_pool(
             info.text_encoder if info else None,
             info.face_encoder if info else None,
         )
-    pool = ExtractionPool(extractor, settings.extract_workers, metrics)
+    pool = ExtractionPool(
+        extractor,
+        settings.extract_workers,
+        metrics,
+        on_death=_reporter(health, "extraction_worker"),
+        before_job=fault.before_extraction if fault is not None else None,
+    )
     pool.warmup()
     return pool, FEATURES_ONLY

@@ -17,7 +17,7 @@ import torch
 from model import CoupledMambaForSentiment
 from model.ops import NonFiniteInputError
 from service.core.types import ClipFeatures, ClipOutcome, ClipResult, MemorySnapshot
-from service.errors import GpuOutOfMemoryError, InvalidInputError
+from service.errors import FatalServiceError, GpuOutOfMemoryError, InvalidInputError
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,9 @@ class ModelRunner:
         before_forward: optional hook called with the padded batch before each model call;
             used to inject faults (for example ``torch.OutOfMemoryError``) in tests.
         on_oom: called once per model call that ran out of memory.
+        on_fatal: called with a CUDA error other than out of memory (the device's context is
+            broken for good: :func:`is_fatal_device_error`); the batch then fails with
+            :class:`FatalServiceError` instead of being retried in halves.
     """
 
     def __init__(
@@ -48,12 +51,14 @@ class ModelRunner:
         *,
         before_forward: ForwardHook | None = None,
         on_oom: Callable[[], None] | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.model = model
         self.config = model.config
         self.device = next(model.parameters()).device
         self._before_forward = before_forward
         self._on_oom = on_oom
+        self._on_fatal = on_fatal
         self._dtype = next(model.parameters()).dtype
 
     @property
@@ -101,6 +106,12 @@ class ModelRunner:
                 ]
             logger.warning("out of memory on a batch of %d; retrying in halves", len(clips))
         except Exception as exc:
+            if is_fatal_device_error(exc):
+                if self._on_fatal is not None:
+                    self._on_fatal(exc)
+                raise FatalServiceError(
+                    "the accelerator failed (the instance restarts); retry on another instance"
+                ) from exc
             if len(clips) == 1:
                 return [self._failed(_clip_error(exc), padded_length)]
             logger.warning(
@@ -211,6 +222,24 @@ class ModelRunner:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+_CUDA_ERROR_MARKS = ("CUDA error", "CUBLAS_STATUS_", "CUDNN_STATUS_", "cuDNN error", "NCCL error")
+"""Texts that mark torch's RuntimeError for a failed CUDA call."""
+
+
+def is_fatal_device_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a CUDA error other than out of memory: after one (an illegal memory
+    access, a device-side assert, an ECC error) the CUDA context is unusable for good, and only
+    a new process recovers."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    if isinstance(exc, torch.AcceleratorError):
+        return "out of memory" not in str(exc)
+    if not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc)
+    return "out of memory" not in text and any(mark in text for mark in _CUDA_ERROR_MARKS)
 
 
 def _overflow_error() -> InvalidInputError:

@@ -14,9 +14,10 @@ from torch import Tensor, nn
 
 from model import load_checkpoint
 from model.ops import NonFiniteInputError
-from service.core.runner import ModelRunner
+from service.core.faults import CUDA_ERROR_MESSAGE
+from service.core.runner import ModelRunner, is_fatal_device_error
 from service.core.types import ClipFeatures
-from service.errors import GpuOutOfMemoryError, InvalidInputError
+from service.errors import FatalServiceError, GpuOutOfMemoryError, InvalidInputError
 
 DIMS = {"text": 3, "audio": 2}
 
@@ -206,3 +207,55 @@ def test_warmup_runs_each_size_and_length_and_raises_a_failure() -> None:
     broken = ModelRunner(FakeModel(fail=_out_of_memory_above(0)))
     with pytest.raises(GpuOutOfMemoryError):
         broken.warmup([1], [8])
+
+
+# -- fatal device errors --------------------------------------------------------------------------
+
+
+def test_a_cuda_error_fails_the_batch_at_once_and_is_reported() -> None:
+    # A sticky CUDA error breaks the context: retrying in halves would fail every call again,
+    # so the batch fails once with the fatal error and the failure is reported.
+    def fail(features: Mapping[str, Tensor]) -> None:
+        raise RuntimeError(CUDA_ERROR_MESSAGE)
+
+    model = FakeModel(fail=fail)
+    reported: list[BaseException] = []
+    runner = ModelRunner(model, on_fatal=reported.append)
+
+    with pytest.raises(FatalServiceError) as raised:
+        runner.run_batch([_clip(2, float(i)) for i in range(4)], padded_length=2)
+
+    assert model.calls == [4]
+    assert len(reported) == 1 and "illegal memory access" in str(reported[0])
+    assert raised.value.__cause__ is reported[0]
+
+
+def test_a_cuda_out_of_memory_message_still_takes_the_halving_path() -> None:
+    def fail(features: Mapping[str, Tensor]) -> None:
+        if features["text"].shape[0] > 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    model = FakeModel(fail=fail)
+    reported: list[BaseException] = []
+    runner = ModelRunner(model, on_fatal=reported.append)
+    outcomes = runner.run_batch([_clip(1, 1.0), _clip(1, 2.0)], padded_length=1)
+
+    assert [o.result.score if o.result else None for o in outcomes] == [3.0, 6.0]
+    assert reported == [] and model.calls == [2, 1, 1]
+
+
+@pytest.mark.parametrize(
+    ("error", "fatal"),
+    [
+        (RuntimeError(CUDA_ERROR_MESSAGE), True),
+        (RuntimeError("CUDA error: device-side assert triggered"), True),
+        (RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling cublasSgemm"), True),
+        (torch.AcceleratorError("CUDA error: uncorrectable ECC error encountered"), True),
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB"), False),
+        (RuntimeError("CUDA error: out of memory"), False),
+        (RuntimeError("shape mismatch"), False),
+        (ValueError("CUDA error: not a RuntimeError"), False),
+    ],
+)
+def test_which_errors_are_fatal(error: BaseException, fatal: bool) -> None:
+    assert is_fatal_device_error(error) is fatal
