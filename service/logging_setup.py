@@ -25,6 +25,8 @@ from service.settings import LogFormat, LogLevel
 
 request_id_var: ContextVar[str | None] = ContextVar("cmamba_request_id", default=None)
 """The id of the request being served (None outside a request)."""
+trace_ids_var: ContextVar[tuple[str, str] | None] = ContextVar("cmamba_trace_ids", default=None)
+"""The trace id and span id (hex) of the request being served, when tracing is on."""
 
 TRACE = 5
 """uvicorn's ``trace`` level (below ``debug``: every ASGI message, headers included)."""
@@ -158,11 +160,16 @@ class _StderrHandler(logging.StreamHandler):
 
 
 class RequestContextFilter(logging.Filter):
-    """Adds ``request_id`` (from :data:`request_id_var`) to every record."""
+    """Adds ``request_id`` (from :data:`request_id_var`) to every record, and ``trace_id``
+    and ``span_id`` (from :data:`trace_ids_var`) when the request is traced."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "request_id", None) is None:
             record.request_id = request_id_var.get()
+        if getattr(record, "trace_id", None) is None:
+            ids = trace_ids_var.get()
+            if ids is not None:
+                record.trace_id, record.span_id = ids
         return True
 
 

@@ -33,6 +33,7 @@ from service.middleware import (
     SecurityHeadersMiddleware,
 )
 from service.settings import ServiceSettings
+from service.tracing import tracing_from_environment
 
 if TYPE_CHECKING:
     from model import CoupledMambaForSentiment
@@ -92,6 +93,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await core.wait_idle(settings.drain_timeout_s)
         await asyncio.to_thread(core.wait_started)
         await asyncio.to_thread(core.stop)
+        if app.state.tracing is not None:
+            await asyncio.to_thread(app.state.tracing.shutdown)  # export the last spans
         app.state.body_executor.shutdown(wait=False, cancel_futures=True)
         if own_dir and upload_dir is not None:
             shutil.rmtree(upload_dir, ignore_errors=True)
@@ -117,12 +120,14 @@ def create_app(
     """
     settings = settings if settings is not None else ServiceSettings()
     service_metrics = ServiceMetrics()
+    tracing = tracing_from_environment()  # None (nothing imported) unless OTEL_* asks
     core = InferenceCore(
         settings,
         service_metrics,
         model=model,
         extractor=extractor,
         before_forward=before_forward,
+        tracer=tracing,
     )
     app = FastAPI(
         title="Coupled Mamba sentiment service",
@@ -153,5 +158,10 @@ def create_app(
     openapi.document_headers(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=service_metrics)
     app.add_middleware(RequestContextMiddleware)
+    app.state.tracing = tracing
+    if tracing is not None:  # the request's span and trace ids around everything but headers
+        from service.otel import TracingMiddleware
+
+        app.add_middleware(TracingMiddleware, tracing=tracing)
     app.add_middleware(SecurityHeadersMiddleware)  # outermost: every answer gets the headers
     return app

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from service.core.extraction import FeatureBundleLike
+from service.core.trace_context import note_timings
 from service.core.types import (
     CLASS_NAMES,
     MEDIA_STAGES,
@@ -71,9 +72,11 @@ def publish_memory(metrics: ServiceMetrics, memory: MemorySnapshot) -> None:
 
 
 def record(metrics: ServiceMetrics, timings: Mapping[str, float], memory: MemorySnapshot) -> None:
-    """Record a finished request: its stages and the memory after its last model call."""
+    """Record a finished request: its stages (metrics, and its trace when it has one) and the
+    memory after its last model call."""
     publish_memory(metrics, memory)
     metrics.observe_stages(dict(timings))
+    note_timings(timings)
 
 
 def media_summary(summary: Any) -> dict[str, Any]:

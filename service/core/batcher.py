@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any
 
+from service.core.trace_context import BatchTracer, RequestTrace, request_trace_var
 from service.core.types import ClipFeatures, ClipOutcome
 from service.errors import DeadlineExceededError, FatalServiceError, OverCapacityError
 
@@ -34,6 +35,7 @@ class _Pending:
     future: Future[ClipOutcome]
     enqueued_at: float  # time.monotonic()
     deadline: float  # time.monotonic()
+    trace: RequestTrace | None = None
 
 
 @dataclass
@@ -58,6 +60,8 @@ class MicroBatcher:
             worker waits for company only while this is positive, so a lone clip never waits.
         on_death: called (on the dying thread) with what ended the worker thread when an
             error escapes its loop; the clips it held and those queued are failed first.
+        tracer: when given, each model call serving traced requests runs in a batch span
+            linked to their spans (:mod:`service.core.trace_context`).
     """
 
     def __init__(
@@ -73,6 +77,7 @@ class MicroBatcher:
         thread_init: Callable[[], None] | None = None,
         upstream: Callable[[], int] | None = None,
         on_death: Callable[[BaseException], None] | None = None,
+        tracer: BatchTracer | None = None,
     ) -> None:
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
@@ -84,6 +89,7 @@ class MicroBatcher:
         self._thread_init = thread_init
         self._upstream = upstream
         self._on_death = on_death
+        self._tracer = tracer
         self._failed: FatalServiceError | None = None
         self._holding: list[_Pending] = []
         self._queue: deque[_Pending] = deque()
@@ -131,6 +137,7 @@ class MicroBatcher:
             OverCapacityError: the queue is full (reason ``queue_full``).
         """
         future: Future[ClipOutcome] = Future()
+        trace = request_trace_var.get() if self._tracer is not None else None
         with self._cond:
             if self._failed is not None:
                 raise self._failed
@@ -141,7 +148,7 @@ class MicroBatcher:
                     f"the model queue is full ({self.max_queue_size} clips waiting)",
                     reason="queue_full",
                 )
-            self._queue.append(_Pending(clip, future, time.monotonic(), deadline))
+            self._queue.append(_Pending(clip, future, time.monotonic(), deadline, trace))
             depth = len(self._queue)
             self._cond.notify_all()
         self._report_depth(depth)
@@ -281,8 +288,13 @@ class MicroBatcher:
     def _run_group(self, group: list[_Pending], padded_length: int, started: float) -> None:
         if self._on_batch is not None:
             self._on_batch(len(group))
+        traces = [p.trace for p in group if p.trace is not None]
         try:
-            outcomes = self._run_batch([p.clip for p in group], padded_length)
+            if traces and self._tracer is not None:
+                with self._tracer.batch(traces, len(group), padded_length):
+                    outcomes = self._run_batch([p.clip for p in group], padded_length)
+            else:
+                outcomes = self._run_batch([p.clip for p in group], padded_length)
             if len(outcomes) != len(group):
                 raise RuntimeError(f"{len(outcomes)} outcomes for a batch of {len(group)}")
         except Exception as exc:

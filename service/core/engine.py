@@ -31,6 +31,7 @@ from service.core.faults import parse_fault
 from service.core.health_state import FatalFailure, HealthState
 from service.core.lifecycle import CoreState, Serving, check_checkpoint, start_serving
 from service.core.timeline import TimelinePrediction, assemble, plan_timeline
+from service.core.trace_context import BatchTracer
 from service.core.types import Attribution, ClipFeatures, ClipOutcome, ModelIdentity, Prediction
 from service.core.validation import clip_from_bundle, clip_from_features
 from service.errors import (
@@ -64,6 +65,7 @@ class InferenceCore:
         extractor: a thread-safe feature extractor to use instead of
             ``preprocessing.Extractor`` for the checkpoint's modalities.
         before_forward: hook handed to the model runner (called before each model call).
+        tracer: opens a span per model call, linked to the traced requests (tracing on).
     """
 
     def __init__(
@@ -74,8 +76,10 @@ class InferenceCore:
         model: CoupledMambaForSentiment | None = None,
         extractor: FeatureExtractor | None = None,
         before_forward: ForwardHook | None = None,
+        tracer: BatchTracer | None = None,
     ) -> None:
         self.settings = settings
+        self._tracer = tracer
         self.metrics = metrics
         self._model = model
         self._extractor = extractor
@@ -111,6 +115,7 @@ class InferenceCore:
                 inflight=lambda: self._admission.inflight,
                 health=self.health,
                 fault=self._fault,
+                tracer=self._tracer,
             )
             if self.state is CoreState.STARTING:
                 self.state = CoreState.READY
@@ -171,6 +176,29 @@ class InferenceCore:
                 self.health.trip("model_worker", "the model worker thread is not running")
             elif serving.pool is not None and not serving.pool.alive:
                 self.health.trip("extraction_worker", "an extraction thread is not running")
+
+    async def check_health(self, timeout_s: float) -> None:
+        """Raise when this instance should be replaced (Ray's replica health check): after a
+        fatal failure, a failed start or a dead worker, or when a tiny operation on the model's
+        device, run on the model worker, fails or takes over ``timeout_s``. Nothing while the
+        model is still loading."""
+        self.watch()
+        error = self.liveness_error()
+        if error is not None:
+            raise error
+        serving = self._serving
+        if serving is None:
+            return
+        probe = serving.batcher.call(serving.runner.probe_device)
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(probe), timeout_s)
+        except TimeoutError as exc:
+            raise FatalServiceError(
+                f"the model worker did not answer a device probe within {timeout_s:g} s"
+            ) from exc
+        error = self.liveness_error()
+        if error is not None:
+            raise error
 
     def liveness_error(self) -> ServiceError | None:
         """Why the process should be restarted (None: it is live)."""

@@ -17,6 +17,7 @@ from service.core.batcher import MicroBatcher
 from service.core.extraction import ExtractionPool, FeatureExtractor
 from service.core.faults import FaultPlan
 from service.core.health_state import FatalKind, HealthState
+from service.core.trace_context import BatchTracer
 from service.core.types import ModelIdentity
 from service.errors import StartupError
 from service.metrics import ServiceMetrics
@@ -118,14 +119,15 @@ def start_serving(
     inflight: Callable[[], int],
     health: HealthState,
     fault: FaultPlan | None = None,
+    tracer: BatchTracer | None = None,
 ) -> Serving:
     """Load the model (``settings.model_path`` unless ``model`` is given), start the model
     worker, warm up, and build the extraction pool. Blocking (seconds to minutes).
 
     ``inflight`` counts the admitted requests (the adaptive batch delay reads it). A CUDA
     error, a dead model worker or a dead extraction thread is reported to ``health``, which
-    also follows the queue's saturation; ``fault`` injects one (tests). A failure stops what
-    was started and raises.
+    also follows the queue's saturation; ``fault`` injects one (tests). ``tracer`` (tracing on)
+    opens a span per model call. A failure stops what was started and raises.
     """
     import torch
 
@@ -178,6 +180,7 @@ def start_serving(
         thread_init=lambda: torch.set_num_threads(threads),
         upstream=upstream if s.adaptive_batch_delay else None,
         on_death=_reporter(health, "model_worker"),
+        tracer=tracer,
     )
     batcher.start()
     try:
