@@ -48,6 +48,8 @@ DEFAULT_DEPLOYMENT_NAME = "CmambaService"
 # Where replicas list their metrics endpoints for Prometheus (file_sd_configs), beside Ray's
 # own discovery file (/tmp/ray/prom_metrics_service_discovery.json).
 DEFAULT_METRICS_SD_DIR = "/tmp/ray/cmamba_metrics"
+HEALTH_PROBE_TIMEOUT_S = 20.0
+"""Longest wait for the device probe of a replica health check (below Ray's own 30 s limit)."""
 
 logger = logging.getLogger(__name__)
 
@@ -290,6 +292,8 @@ def build_deployment(
     """
     from ray import serve
 
+    from service.errors import ServiceError
+    from service.logging_setup import configure_logging
     from service.settings import ServiceSettings
 
     overrides = dict(settings or {})
@@ -309,6 +313,12 @@ def build_deployment(
             self.label = context.replica_id.unique_id  # Ray's own replica label value
             self.settings = ServiceSettings(**overrides)
             self.metrics = {**metrics, "advertise": ray.util.get_node_ip_address()}
+            key = self.settings.api_key
+            configure_logging(
+                self.settings.log_format,
+                self.settings.log_level,
+                secrets=[key.get_secret_value()] if key is not None else [],
+            )
 
         def __serve_build_asgi_app__(self) -> FastAPI:
             self.service_app = build_replica_app(
@@ -324,11 +334,15 @@ def build_deployment(
             if endpoint is not None:
                 endpoint.stop()
 
-        def check_health(self) -> None:
-            """Ray restarts a replica whose model worker died or whose startup failed."""
+        async def check_health(self) -> None:
+            """Ray replaces a replica whose startup failed, that hit a fatal failure (a CUDA
+            error, a dead model worker or extraction thread), or whose device fails a tiny
+            operation on the model worker (``InferenceCore.check_health``)."""
             core = self.service_app.state.core
-            if not core.worker_alive or core.startup_error is not None:
-                raise RuntimeError(f"replica unhealthy: {core.startup_error or 'worker died'}")
+            try:
+                await core.check_health(HEALTH_PROBE_TIMEOUT_S)
+            except ServiceError as exc:
+                raise RuntimeError(f"replica unhealthy: {exc.message}") from exc
 
     options: dict[str, Any] = {
         "name": name,

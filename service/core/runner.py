@@ -124,6 +124,19 @@ class ModelRunner:
             clips[half:], padded_length
         )
 
+    def probe_device(self) -> None:
+        """A tiny operation on the model's device, waited for (health checks; on the model
+        worker thread). Raises :class:`FatalServiceError` (reported like a failed batch) when
+        the device fails it or answers wrongly."""
+        try:
+            value = float((torch.ones(2, device=self.device) * 2.0).sum().item())
+        except Exception as exc:
+            if is_fatal_device_error(exc) and self._on_fatal is not None:
+                self._on_fatal(exc)
+            raise FatalServiceError(f"the device failed a probe: {exc}") from exc
+        if value != 4.0:
+            raise FatalServiceError(f"the device answered a probe wrongly ({value} for 4.0)")
+
     def _failed(self, error: BaseException, padded_length: int) -> ClipOutcome:
         return ClipOutcome(
             result=None,
