@@ -140,7 +140,7 @@ class MicroBatcher:
         trace = request_trace_var.get() if self._tracer is not None else None
         with self._cond:
             if self._failed is not None:
-                raise self._failed
+                raise FatalServiceError(self._failed.message)
             if self._stopping:
                 raise RuntimeError("the batcher is stopped")
             if len(self._queue) >= self.max_queue_size:

@@ -132,7 +132,7 @@ class WatchedThreads:
     def submit(self, run: Callable[[], T], discard: Callable[[], None] | None = None) -> Future[T]:
         """Queue ``run``; ``discard`` is called instead when the job is failed unstarted."""
         if self._failed is not None:
-            raise self._failed
+            raise FatalServiceError(self._failed.message)
         if self._closed:
             raise RuntimeError("the extraction pool is stopped")
         future: Future[T] = Future()

@@ -259,3 +259,19 @@ def test_a_cuda_out_of_memory_message_still_takes_the_halving_path() -> None:
 )
 def test_which_errors_are_fatal(error: BaseException, fatal: bool) -> None:
     assert is_fatal_device_error(error) is fatal
+
+
+def test_the_device_probe_passes_and_reports_a_cuda_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    reported: list[BaseException] = []
+    runner = ModelRunner(FakeModel(), on_fatal=reported.append)
+    runner.probe_device()  # a sound device: nothing raised, nothing reported
+    assert reported == []
+
+    def broken_ones(*args: object, **kwargs: object) -> Tensor:
+        raise RuntimeError(CUDA_ERROR_MESSAGE)
+
+    # The device's allocation fails as a broken CUDA context makes it fail.
+    monkeypatch.setattr(torch, "ones", broken_ones)
+    with pytest.raises(FatalServiceError, match="failed a probe"):
+        runner.probe_device()
+    assert len(reported) == 1 and "illegal memory access" in str(reported[0])
