@@ -166,6 +166,7 @@ def start_serving(
         thread_init=lambda: torch.set_num_threads(threads),
         upstream=upstream if s.adaptive_batch_delay else None,
     )
+    metrics.queue_capacity.set(s.max_queue_size)
     batcher.start()
     try:
         description = batcher.call(model.describe).result()

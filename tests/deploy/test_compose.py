@@ -75,6 +75,25 @@ def test_dcgm_exporter_only_with_its_profile(v2: str) -> None:
     assert mounts[collectors].is_file()
 
 
+def test_alertmanager_only_with_its_profile_and_prometheus_finds_it(v2: str) -> None:
+    assert "alertmanager" not in rendered(v2, BASE)["services"]
+    config = rendered(v2, BASE, profiles=("alerts",))
+    alertmanager = config["services"]["alertmanager"]
+    assert alertmanager["profiles"] == ["alerts"]
+    mounts = {
+        m["target"]: Path(m["source"]) for m in alertmanager["volumes"] if m["type"] == "bind"
+    }
+    config_flag = next(c for c in alertmanager["command"] if c.startswith("--config.file="))
+    config_file = Path(config_flag.partition("=")[2])
+    assert (mounts[str(config_file.parent)] / config_file.name).is_file()
+    assert [p["target"] for p in alertmanager["ports"]] == [9093]
+    assert alertmanager["ports"][0]["host_ip"] == "127.0.0.1"
+    # Prometheus sends its alerts to that service name and port.
+    shipped = yaml.safe_load((REPO / "docker/prometheus/prometheus.yml").read_text())
+    ((sd,),) = [am["dns_sd_configs"] for am in shipped["alerting"]["alertmanagers"]]
+    assert sd["names"] == ["alertmanager"] and sd["port"] == 9093
+
+
 def test_cpu_override_removes_the_gpu_and_selects_the_cpu(v2: str) -> None:
     service = rendered(v2, BASE, CPU)["services"]["cmamba"]
     reservations = service.get("deploy", {}).get("resources", {}).get("reservations", {})
@@ -139,11 +158,13 @@ def test_monitoring_mounts_exist_and_match_the_configs(v2: str) -> None:
 def test_compose_v1_accepts_the_base_file(tool: Callable[[str], str]) -> None:
     v1 = tool("compose-v1")
     assert compose(v1, "version", "--short").stdout.startswith("1.")
-    for profile in ((), ("--profile", "dcgm")):
+    for profile in ((), ("--profile", "dcgm"), ("--profile", "alerts")):
         result = compose(v1, "-f", BASE, *profile, "config", "--quiet")
         assert result.returncode == 0, result.stderr
     services = compose(v1, "-f", BASE, "--profile", "dcgm", "config", "--services").stdout.split()
-    assert sorted(services) == ["cmamba", "dcgm-exporter", "grafana", "prometheus"]
+    # Compose v1 lists the services of every profile.
+    expected = ["alertmanager", "cmamba", "dcgm-exporter", "grafana", "prometheus"]
+    assert sorted(services) == expected
 
 
 def test_compose_rejects_a_broken_file(v2: str, tmp_path: Path) -> None:
