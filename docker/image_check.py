@@ -5,11 +5,15 @@
     python docker/image_check.py constraints constraints.txt
         print the project's constraints with the torch/triton pins replaced by the exact
         versions installed here, so that installing the project never replaces them
-    python docker/image_check.py final --torch 2.13.0 [--kernels]
+    python docker/image_check.py requirements pyproject.toml
+        print the project's own dependencies, one a line (the image installs them in a layer
+        of their own, before the project's source is copied)
+    python docker/image_check.py final --torch 2.13.0 [--kernels] [--mamba-ssm]
         torch is untouched, every model the service needs is on disk (the checkpoint it will
         serve loads: CMAMBA_MODEL_PATH, else the embedded default; the registry packages'
-        weights match their pinned checksums) and,
-        with --kernels, mamba-ssm's and causal-conv1d's CUDA extensions import
+        weights match their pinned checksums); with --kernels, causal-conv1d's CUDA extension
+        imports; with --mamba-ssm, mamba-ssm's does too (and whether the checkpoint can use it
+        is reported)
 
 Each check prints what it found and exits non-zero with a plain message when it fails.
 """
@@ -69,6 +73,14 @@ def image_constraints(constraints: str) -> str:
     return "\n".join(kept) + "\n"
 
 
+def project_requirements(pyproject: str) -> str:
+    """The ``[project] dependencies`` of a pyproject.toml, one a line."""
+    import tomllib
+
+    dependencies = tomllib.loads(pyproject)["project"]["dependencies"]
+    return "".join(f"{line}\n" for line in dependencies)
+
+
 def check_models() -> list[str]:
     """Every model the service loads is on disk, without any download."""
     import model
@@ -95,10 +107,14 @@ def check_models() -> list[str]:
     return found
 
 
-def check_kernels() -> list[str]:
-    """mamba-ssm's and causal-conv1d's compiled CUDA extensions and packages import."""
+CONV_KERNEL_MODULES = ("causal_conv1d_cuda", "causal_conv1d")
+SCAN_KERNEL_MODULES = ("selective_scan_cuda", "mamba_ssm")
+
+
+def check_kernels(modules: tuple[str, ...]) -> list[str]:
+    """The compiled CUDA extensions and packages ``modules`` import."""
     found = []
-    for module in ("selective_scan_cuda", "causal_conv1d_cuda", "causal_conv1d", "mamba_ssm"):
+    for module in modules:
         try:
             importlib.import_module(module)
         except ImportError as exc:
@@ -107,7 +123,23 @@ def check_kernels() -> list[str]:
     return found
 
 
-def check_final(torch_version: str, kernels: bool) -> list[str]:
+def scan_kernel_use() -> str:
+    """Whether the checkpoint the service will serve can run mamba-ssm's scan (uncoupled
+    layers only: its scan has no cross-modal state mix)."""
+    from model.checkpoint import read_checkpoint_config
+    from service.settings import ServiceSettings
+
+    checkpoint = ServiceSettings().model_path
+    coupling = read_checkpoint_config(checkpoint)[0].state_coupling
+    if coupling == "none":
+        return f"mamba-ssm's scan serves {checkpoint} (state_coupling 'none')"
+    return (
+        f"mamba-ssm's scan will not run for {checkpoint} (state_coupling {coupling!r}: coupled "
+        "scans run the project's own kernel); MAMBA_SSM=0 builds the image without it"
+    )
+
+
+def check_final(torch_version: str, kernels: bool, mamba_ssm: bool = False) -> list[str]:
     """torch is still ``torch_version``; models (and kernels) are present."""
     import torch
 
@@ -118,7 +150,9 @@ def check_final(torch_version: str, kernels: bool) -> list[str]:
         )
     found = [f"torch {torch.__version__}", *check_models()]
     if kernels:
-        found += check_kernels()
+        found += check_kernels(CONV_KERNEL_MODULES)
+    if mamba_ssm:
+        found += [*check_kernels(SCAN_KERNEL_MODULES), scan_kernel_use()]
     return found
 
 
@@ -134,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     final = sub.add_parser("final")
     final.add_argument("--torch", required=True)
     final.add_argument("--kernels", action="store_true")
+    final.add_argument("--mamba-ssm", action="store_true")
+    requirements = sub.add_parser("requirements")
+    requirements.add_argument("path", type=Path)
     args = parser.parse_args(argv)
 
     try:
@@ -142,8 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.check == "constraints":
             sys.stdout.write(image_constraints(args.path.read_text()))
             return 0
+        elif args.check == "requirements":
+            sys.stdout.write(project_requirements(args.path.read_text()))
+            return 0
         else:
-            found = check_final(args.torch, args.kernels)
+            found = check_final(args.torch, args.kernels, args.mamba_ssm)
     except Exception as exc:
         print(f"image check failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

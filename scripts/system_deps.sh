@@ -32,6 +32,9 @@ missing=()
 # Prometheus and promtool (tests/deploy: rule tests, live monitoring).
 command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 \
     || missing+=(prometheus)
+# Alertmanager and amtool (tests/deploy/test_alerting.py: a dead service pages a webhook).
+[ -x "$root/usr/bin/prometheus-alertmanager" ] && [ -x "$root/usr/bin/amtool" ] \
+    || missing+=(prometheus-alertmanager)
 # Compose v1 (tests/deploy/test_compose.py; v2 comes from the dev extras).
 [ -x "$root/usr/bin/docker-compose" ] || missing+=(docker-compose)
 # HAProxy 2.6 (Debian 12), the oldest release deploy/ray/haproxy.cfg supports: tests/ray run

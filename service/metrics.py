@@ -164,6 +164,11 @@ class ServiceMetrics:
             registry=r,
         )
 
+        # The configured model queue size (CMAMBA_MAX_QUEUE_SIZE), so the queue alert follows it.
+        self.queue_capacity = Gauge(
+            "cmamba_queue_capacity", "Most clips the model queue holds", registry=r
+        )
+
     def enable_gpu(self) -> None:
         """Export the GPU memory figures (the model runs on CUDA). Idempotent."""
         if not self._gpu_enabled:

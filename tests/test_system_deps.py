@@ -17,7 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "system_deps.sh"
 BASH = shutil.which("bash") or "/bin/bash"
-ALL = ["prometheus", "docker-compose", "haproxy", "chromium"]
+ALL = ["prometheus", "prometheus-alertmanager", "docker-compose", "haproxy", "chromium"]
 
 
 def _executable(path: Path, body: str = "exit 0") -> None:
@@ -42,6 +42,9 @@ class FakeMachine:
             if package == "prometheus":
                 _executable(self.bin / "prometheus")
                 _executable(self.bin / "promtool")
+            elif package == "prometheus-alertmanager":
+                _executable(self.root / "usr/bin/prometheus-alertmanager")
+                _executable(self.root / "usr/bin/amtool")
             elif package == "docker-compose":
                 _executable(self.root / "usr/bin/docker-compose")
             elif package == "haproxy":
@@ -81,7 +84,7 @@ def test_as_root_it_installs_only_what_is_missing(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert machine.apt_calls() == [
         "update -qq",
-        "install -y -qq --no-install-recommends docker-compose chromium",
+        "install -y -qq --no-install-recommends prometheus-alertmanager docker-compose chromium",
     ]
 
 
@@ -90,6 +93,13 @@ def test_prometheus_counts_as_missing_without_promtool(tmp_path: Path) -> None:
     machine.has(*ALL)
     (machine.bin / "promtool").unlink()
     assert machine.run("--list").stdout.split() == ["prometheus"]
+
+
+def test_alertmanager_counts_as_missing_without_amtool(tmp_path: Path) -> None:
+    machine = FakeMachine(tmp_path, uid=0)
+    machine.has(*ALL)
+    (machine.root / "usr/bin/amtool").unlink()
+    assert machine.run("--list").stdout.split() == ["prometheus-alertmanager"]
 
 
 @pytest.mark.parametrize("uid", [0, 1000])
@@ -103,7 +113,7 @@ def test_nothing_missing_is_silent_and_installs_nothing(tmp_path: Path, uid: int
 
 def test_dry_run_prints_the_commands_and_changes_nothing(tmp_path: Path) -> None:
     machine = FakeMachine(tmp_path, uid=0)
-    machine.has("prometheus", "docker-compose")
+    machine.has("prometheus", "prometheus-alertmanager", "docker-compose")
     result = machine.run("--dry-run")
     assert result.returncode == 0
     assert result.stdout.splitlines() == [

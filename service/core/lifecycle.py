@@ -182,6 +182,7 @@ def start_serving(
         on_death=_reporter(health, "model_worker"),
         tracer=tracer,
     )
+    metrics.queue_capacity.set(s.max_queue_size)
     batcher.start()
     try:
         description = batcher.call(model.describe).result()

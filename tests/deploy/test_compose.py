@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -20,9 +21,22 @@ CPU = "docker/compose.cpu.yml"
 _COMPOSE_VARS = ("COMPOSE_FILE", "COMPOSE_PROFILES", "COMPOSE_PROJECT_NAME")
 
 
-def compose(binary: str, *args: str, env: dict[str, str] | None = None):
+# The stack refuses to render without a Grafana admin password; the tests pass this one
+# unless they test that refusal.
+PASSWORD = "test-grafana-password"
+# Every service, whatever its profile.
+PROFILES = ("dcgm", "alerts")
+
+
+def compose(
+    binary: str, *args: str, env: dict[str, str] | None = None, password: str | None = PASSWORD
+):
     clean = {k: v for k, v in os.environ.items() if k not in _COMPOSE_VARS}
     clean = {k: v for k, v in clean.items() if not k.startswith(("CMAMBA_", "GRAFANA_"))}
+    clean = {k: v for k, v in clean.items() if not k.endswith("_MEM_LIMIT")}
+    clean = {k: v for k, v in clean.items() if not k.startswith("LOG_MAX_")}
+    if password is not None:
+        clean["GRAFANA_ADMIN_PASSWORD"] = password
     return subprocess.run(
         [binary, *args],
         cwd=REPO,
@@ -73,6 +87,25 @@ def test_dcgm_exporter_only_with_its_profile(v2: str) -> None:
     collectors = exporter["environment"]["DCGM_EXPORTER_COLLECTORS"]
     mounts = {m["target"]: Path(m["source"]) for m in exporter["volumes"]}
     assert mounts[collectors].is_file()
+
+
+def test_alertmanager_only_with_its_profile_and_prometheus_finds_it(v2: str) -> None:
+    assert "alertmanager" not in rendered(v2, BASE)["services"]
+    config = rendered(v2, BASE, profiles=("alerts",))
+    alertmanager = config["services"]["alertmanager"]
+    assert alertmanager["profiles"] == ["alerts"]
+    mounts = {
+        m["target"]: Path(m["source"]) for m in alertmanager["volumes"] if m["type"] == "bind"
+    }
+    config_flag = next(c for c in alertmanager["command"] if c.startswith("--config.file="))
+    config_file = Path(config_flag.partition("=")[2])
+    assert (mounts[str(config_file.parent)] / config_file.name).is_file()
+    assert [p["target"] for p in alertmanager["ports"]] == [9093]
+    assert alertmanager["ports"][0]["host_ip"] == "127.0.0.1"
+    # Prometheus sends its alerts to that service name and port.
+    shipped = yaml.safe_load((REPO / "docker/prometheus/prometheus.yml").read_text())
+    ((sd,),) = [am["dns_sd_configs"] for am in shipped["alerting"]["alertmanagers"]]
+    assert sd["names"] == ["alertmanager"] and sd["port"] == 9093
 
 
 def test_cpu_override_removes_the_gpu_and_selects_the_cpu(v2: str) -> None:
@@ -139,11 +172,13 @@ def test_monitoring_mounts_exist_and_match_the_configs(v2: str) -> None:
 def test_compose_v1_accepts_the_base_file(tool: Callable[[str], str]) -> None:
     v1 = tool("compose-v1")
     assert compose(v1, "version", "--short").stdout.startswith("1.")
-    for profile in ((), ("--profile", "dcgm")):
+    for profile in ((), ("--profile", "dcgm"), ("--profile", "alerts")):
         result = compose(v1, "-f", BASE, *profile, "config", "--quiet")
         assert result.returncode == 0, result.stderr
     services = compose(v1, "-f", BASE, "--profile", "dcgm", "config", "--services").stdout.split()
-    assert sorted(services) == ["cmamba", "dcgm-exporter", "grafana", "prometheus"]
+    # Compose v1 lists the services of every profile.
+    expected = ["alertmanager", "cmamba", "dcgm-exporter", "grafana", "prometheus"]
+    assert sorted(services) == expected
 
 
 def test_compose_rejects_a_broken_file(v2: str, tmp_path: Path) -> None:
@@ -152,3 +187,61 @@ def test_compose_rejects_a_broken_file(v2: str, tmp_path: Path) -> None:
     (tmp_path / "docker-compose.yml").write_text(broken)
     result = compose(v2, "-f", str(tmp_path / "docker-compose.yml"), "config", "--quiet")
     assert result.returncode != 0 and "capability" in result.stderr
+
+
+# --- hardening ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("password", [None, ""])
+def test_compose_refuses_to_start_grafana_without_an_admin_password(
+    v2: str, tool: Callable[[str], str], password: str | None
+) -> None:
+    env = {} if password is None else {"GRAFANA_ADMIN_PASSWORD": password}
+    for binary in (v2, tool("compose-v1")):
+        for command in (("config", "--quiet"), ("up", "--no-start", "grafana")):
+            result = compose(binary, "-f", BASE, *command, env=env, password=None)
+            assert result.returncode != 0, (binary, command)
+            assert "GRAFANA_ADMIN_PASSWORD" in result.stderr, result.stderr
+
+
+def test_the_grafana_admin_password_is_the_one_given(v2: str) -> None:
+    config = rendered(v2, BASE, env={"GRAFANA_ADMIN_PASSWORD": "s3cret!"})
+    assert config["services"]["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "s3cret!"
+
+
+@pytest.mark.parametrize("files", [(BASE,), (BASE, CPU)], ids=["gpu", "cpu"])
+def test_every_service_rotates_its_logs_and_has_a_memory_limit(
+    v2: str, files: tuple[str, ...]
+) -> None:
+    services = rendered(v2, *files, profiles=PROFILES)["services"]
+    assert set(services) == {"cmamba", "prometheus", "grafana", "dcgm-exporter", "alertmanager"}
+    for name, service in services.items():
+        logging = service.get("logging", {})
+        assert logging.get("driver") == "json-file", name
+        options = logging["options"]
+        assert int(options["max-file"]) >= 2, name
+        assert re.fullmatch(r"\d+[kmg]", options["max-size"]), (name, options)
+        limit = int(service.get("mem_limit", 0))
+        assert 128 * 2**20 <= limit <= 64 * 2**30, (name, limit)
+    assert int(services["cmamba"]["mem_limit"]) == 8 * 2**30
+
+
+def test_limits_and_rotation_come_from_the_environment(v2: str) -> None:
+    env = {"CMAMBA_MEM_LIMIT": "12g", "PROMETHEUS_MEM_LIMIT": "3g", "LOG_MAX_SIZE": "20m"}
+    services = rendered(v2, BASE, CPU, env=env)["services"]
+    assert int(services["cmamba"]["mem_limit"]) == 12 * 2**30
+    assert int(services["prometheus"]["mem_limit"]) == 3 * 2**30
+    assert services["grafana"]["logging"]["options"]["max-size"] == "20m"
+
+
+def test_compose_v1_renders_the_same_limits_and_rotation(tool: Callable[[str], str]) -> None:
+    v1 = tool("compose-v1")
+    profiles = [arg for p in PROFILES for arg in ("--profile", p)]
+    result = compose(v1, "-f", BASE, *profiles, "config")
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert len(services) == 5
+    for name, service in services.items():
+        assert service["logging"]["driver"] == "json-file", name
+        assert {"max-size", "max-file"} <= set(service["logging"]["options"]), name
+        assert service["mem_limit"], name

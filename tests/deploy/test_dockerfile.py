@@ -89,11 +89,15 @@ def test_base_images_match_the_pinned_torch(dockerfile: dict) -> None:
     assert re.fullmatch(r"cuda\d+\.\d+-cudnn\d+", args["CUDA_FLAVOR"])
     base = "${BASE_REPO}:${TORCH_VERSION}-${CUDA_FLAVOR}"
     froms = [args for stage in dockerfile.values() for kw, args in stage if kw == "FROM"]
-    assert froms == [f"{base}-devel AS build", f"{base}-runtime AS runtime"]
+    assert froms == [
+        f"{base}-devel AS kernels",
+        f"{base}-devel AS build",
+        f"{base}-runtime AS runtime",
+    ]
 
 
-def test_build_stage_compiles_pinned_kernels(dockerfile: dict) -> None:
-    build = dockerfile["build"]
+def test_kernels_stage_compiles_pinned_kernels(dockerfile: dict) -> None:
+    build = dockerfile["kernels"]
     env = " ".join(args for kw, args in build if kw == "ENV")
     assert "MAMBA_FORCE_BUILD=TRUE" in env and "CAUSAL_CONV1D_FORCE_BUILD=TRUE" in env
     assert "SKIP_CUDA_BUILD" not in DOCKERFILE.read_text()  # the CUDA kernels are compiled
@@ -106,7 +110,7 @@ def test_build_stage_compiles_pinned_kernels(dockerfile: dict) -> None:
         version_arg = package.replace("-", "_").upper() + "_VERSION"
         default = next(a for kw, a in build if kw == "ARG" and a.startswith(version_arg + "="))
         assert re.fullmatch(r"\d+(\.\d+)+(\.post\d+)?", default.partition("=")[2])
-        assert f'"{package}==${{{version_arg}}}"' in run
+        assert f'{package}==${{{version_arg}}}"' in run
 
 
 def test_runtime_stage_is_slim_non_root_and_served_by_cmamba(dockerfile: dict) -> None:
@@ -303,10 +307,20 @@ def test_final_check_demands_the_cuda_kernels(tiny_checkpoint: Path) -> None:
     if importlib.util.find_spec("selective_scan_cuda") is not None:
         pytest.skip("mamba-ssm's kernels are installed here; the refusal cannot be shown")
     version = torch.__version__.split("+")[0]
-    result = image_check(
-        "final", "--torch", version, "--kernels", env={"CMAMBA_MODEL_PATH": str(tiny_checkpoint)}
-    )
-    assert result.returncode == 1 and "selective_scan_cuda" in result.stderr
+    env = {"CMAMBA_MODEL_PATH": str(tiny_checkpoint)}
+    conv = image_check("final", "--torch", version, "--kernels", env=env)
+    assert conv.returncode == 1 and "causal_conv1d_cuda" in conv.stderr
+    scan = image_check("final", "--torch", version, "--mamba-ssm", env=env)
+    assert scan.returncode == 1 and "selective_scan_cuda" in scan.stderr
+
+
+@pytest.mark.integration  # runs docker/image_check.py in a subprocess
+def test_requirements_check_prints_the_projects_dependencies() -> None:
+    result = image_check("requirements", str(REPO / "pyproject.toml"))
+    assert result.returncode == 0, result.stderr
+    pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert result.stdout.splitlines() == pins
+    assert not any(line.startswith("coupled-mamba-service") for line in pins)
 
 
 @pytest.mark.integration  # runs pip wheel in a subprocess
@@ -390,3 +404,122 @@ def test_final_check_accepts_the_embedded_default_checkpoint() -> None:
     assert result.returncode == 0, result.stderr
     line = next(line for line in result.stderr.splitlines() if line.startswith("ok: checkpoint"))
     assert "checkpoints/default" in line
+
+
+# --- layers, caches and the mamba-ssm build argument -------------------------------------------
+
+SOURCE_DIRS = ("model", "preprocessing", "service")
+
+
+def runs(stage: list[tuple[str, str]]) -> list[str]:
+    return [args for keyword, args in stage if keyword == "RUN"]
+
+
+def mounts_of(run: str) -> list[dict[str, str]]:
+    return [
+        dict(part.partition("=")[::2] for part in mount.split(","))
+        for mount in re.findall(r"--mount=(\S+)", run)
+    ]
+
+
+def shell_of(run: str) -> str:
+    """A RUN's command without its --mount flags (what the shell runs)."""
+    return re.sub(r"--mount=\S+\s*", "", run).strip()
+
+
+def test_dependencies_are_a_layer_of_their_own_before_the_source(dockerfile: dict) -> None:
+    runtime = runs(dockerfile["runtime"])
+    pip_runs = [i for i, run in enumerate(runtime) if "pip install" in run]
+    deps, kernels, project = pip_runs
+    # The dependency layer sees only the dependency files: no source, no project wheel.
+    deps_sources = {m.get("source") for m in mounts_of(runtime[deps]) if m["type"] == "bind"}
+    assert deps_sources == {"pyproject.toml", "constraints.txt", "docker"}
+    assert not any("from" in m for m in mounts_of(runtime[deps]))
+    assert "image_check.py requirements" in runtime[deps]
+    assert "coupled_mamba_service" not in runtime[deps]
+    # The kernels next (a source edit does not rebuild them), the project last and alone.
+    assert {"type": "bind", "from": "kernels", "source": "/wheels", "target": "/tmp/kernels"} in (
+        mounts_of(runtime[kernels])
+    )
+    assert "coupled_mamba_service" not in runtime[kernels]
+    assert "coupled_mamba_service-*.whl" in runtime[project]
+    assert "--no-deps" in shell_of(runtime[project]).split()
+    assert deps < kernels < project
+    # No stage that installs or compiles third-party code copies the project's source.
+    for name in ("kernels", "runtime"):
+        copied = [a for kw, a in dockerfile[name] if kw == "COPY"]
+        sources = [s for args in copied for s in shlex.split(args)[:-1]]
+        assert not [s for s in sources if s.split("/")[0] in SOURCE_DIRS], (name, sources)
+    # The build stage copies the source only to build the project's wheel.
+    build = dockerfile["build"]
+    assert "pip install" not in " ".join(runs(build))
+    assert all("--no-deps" in run for run in runs(build) if "pip wheel" in run)
+
+
+def test_pip_keeps_its_cache_in_buildkit_cache_mounts(dockerfile: dict) -> None:
+    assert DOCKERFILE.read_text().startswith("# syntax=docker/dockerfile:1")
+    cache = {"type": "cache", "target": "/root/.cache/pip"}
+    cached = 0
+    for name, stage in dockerfile.items():
+        env = " ".join(args for keyword, args in stage if keyword == "ENV")
+        assert "PIP_NO_CACHE_DIR" not in env, f"{name}: the cache mounts would stay empty"
+        for run in runs(stage):
+            if re.search(r"pip (install|wheel)", run) and "--no-cache-dir" not in run:
+                assert cache in mounts_of(run), f"{name}: pip without the cache mount: {run}"
+                cached += 1
+    assert cached >= 5
+
+
+def run_as_the_builder(command: str, tmp_path: Path, **build_args: str) -> list[list[str]]:
+    """Run a RUN's shell command with bash, build arguments as its environment (as BuildKit
+    passes them) and a ``python3`` that records its arguments; returns those calls."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    log = tmp_path / "calls.jsonl"
+    log.unlink(missing_ok=True)
+    fake = bin_dir / "python3"
+    fake.write_text(
+        f"#!{sys.executable}\nimport json, sys\n"
+        f"open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+    )
+    fake.chmod(0o755)
+    result = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", command],
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin", **build_args},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr)
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_mamba_ssm_is_compiled_and_checked_only_with_its_build_argument(
+    dockerfile: dict, tmp_path: Path
+) -> None:
+    args = global_args(dockerfile)
+    assert args["MAMBA_SSM"] == "0"  # the default checkpoint is coupled: mamba-ssm cannot serve it
+    (compile_run,) = [run for run in runs(dockerfile["kernels"]) if "pip wheel" in run]
+    versions = {"MAMBA_SSM_VERSION": "2.3.2.post1", "CAUSAL_CONV1D_VERSION": "1.7.0"}
+
+    (off,) = run_as_the_builder(shell_of(compile_run), tmp_path, MAMBA_SSM="0", **versions)
+    assert "causal-conv1d==1.7.0" in off and not any("mamba-ssm==" in a for a in off)
+    (on,) = run_as_the_builder(shell_of(compile_run), tmp_path, MAMBA_SSM="1", **versions)
+    assert {"causal-conv1d==1.7.0", "mamba-ssm==2.3.2.post1"} <= set(on)
+    with pytest.raises(RuntimeError, match="MAMBA_SSM must be 0 or 1"):
+        run_as_the_builder(shell_of(compile_run), tmp_path, MAMBA_SSM="yes", **versions)
+
+    final_run = runs(dockerfile["runtime"])[-2]  # the last RUN makes the user
+    assert "image_check.py final" in final_run
+    for value, expected in (("0", False), ("1", True)):
+        calls = run_as_the_builder(
+            shell_of(final_run), tmp_path, MAMBA_SSM=value, TORCH_VERSION="2.13.0"
+        )
+        (check,) = [call for call in calls if "final" in call]
+        assert "--kernels" in check  # causal-conv1d serves every checkpoint's conv
+        assert ("--mamba-ssm" in check) is expected
+    # Each stage that reads the argument declares it (else it is empty there).
+    for name in ("kernels", "runtime"):
+        assert ("ARG", "MAMBA_SSM") in dockerfile[name], name

@@ -22,6 +22,9 @@ REQUIRED_ALERTS = {
     "CmambaHighP99Latency": "p99 latency",
     "CmambaQueueSaturated": "queue saturation",
     "GpuMemoryNearFull": "GPU memory near full",
+    "CmambaTargetMissing": "no cmamba target at all",
+    "CmambaFatalError": "fatal errors (the instance restarts)",
+    "GpuXidError": "GPU XID errors",
 }
 
 
@@ -81,6 +84,7 @@ def test_required_alerts_exist_with_severity_and_summary(
     for name, rule in alerts.items():
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}, name
         assert rule["annotations"]["summary"], name
+        assert rule["annotations"]["runbook_url"].startswith("docs/RUNBOOK.md#"), name
 
 
 def test_every_alert_is_unit_tested_firing(alert_rules: list[dict[str, Any]]) -> None:

@@ -48,6 +48,7 @@ def test_a_features_server_exports_process_build_and_startup_metrics(
             "CMAMBA_ENABLE_MEDIA": "false",
             "CMAMBA_DEVICE": "cpu",
             "CMAMBA_GIT_SHA": "0123abc",
+            "CMAMBA_MAX_QUEUE_SIZE": "37",
         }
     )
     server.wait_ready()
@@ -76,6 +77,7 @@ def test_a_features_server_exports_process_build_and_startup_metrics(
     assert 0 < metric(text, "cmamba_model_warmup_seconds") < 60
     assert metric(text, "cmamba_stage_cpu_seconds_total", stage="model") > 0
     assert metric(text, "cmamba_extraction_workers") == 0  # features only: no pool
+    assert metric(text, "cmamba_queue_capacity") == 37  # the configured queue size
     samples = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
     for name in GPU_ONLY:  # a CPU host exports no GPU figures rather than zeros
         assert name not in samples
