@@ -51,6 +51,8 @@ class HealthState:
 
     def __init__(self, fatal_errors: Counter, saturation_limit_s: float = 0.0) -> None:
         self._fatal_errors = fatal_errors
+        for kind in FATAL_KINDS:  # each kind exported at 0 from the start, so increase() sees the 1
+            fatal_errors.labels(kind=kind)
         self.saturation_limit_s = saturation_limit_s
         self._lock = threading.Lock()
         self._fatal: FatalFailure | None = None

@@ -37,12 +37,6 @@ GPU_ONLY = {
 }
 
 
-# Counted by the self-healing change of issue 16 (a fatal CUDA, model-worker or
-# extraction-worker error), which another branch adds; until it is merged the service does not
-# export it. Once it is, it must be exported like any other series: remove it from here.
-PENDING = {"cmamba_fatal_errors_total"}
-
-
 def dcgm_counters() -> set[str]:
     lines = (REPO / "docker/dcgm/cmamba-counters.csv").read_text().splitlines()
     return {line.split(",")[0].strip() for line in lines if line.startswith("DCGM_")}
@@ -102,8 +96,6 @@ def test_every_queried_metric_is_exported_by_the_service(
                 assert name in dcgm, f"{where}: {name} is not in dcgm-exporter's collectors"
             elif name in GPU_ONLY:
                 assert name not in exported, f"{where}: {name} on a CPU host"
-            elif name in PENDING:
-                continue
             else:
                 assert name in exported, f"{where}: {name} is not on the service's /metrics"
 
