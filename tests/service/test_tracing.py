@@ -246,7 +246,9 @@ def test_a_real_server_traces_every_stage_of_a_clip_and_logs_the_trace_id(
     timings = answer.json()["timings_ms"]
     for name in expected:
         span = stages[name]
-        assert _attributes(span)["cmamba.stage.duration_ms"] == pytest.approx(timings[name], abs=1e-3)
+        assert _attributes(span)["cmamba.stage.duration_ms"] == pytest.approx(
+            timings[name], abs=1e-3
+        )
     assert any(link.span_id == request.span_id for s in receiver.named("batch") for link in s.links)
 
     # The access log line of the request carries its trace id (and the request span's id).
