@@ -19,6 +19,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 UPLOAD_BUCKETS = tuple(float(2**p) for p in range(10, 31, 2))  # 1 KiB ... 1 GiB, x4
 CLIP_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 180.0, 300.0, 600.0)
 MEMORY_BUCKETS = tuple(float(2**p) for p in range(20, 38))  # 1 MiB ... 128 GiB, x2
+JOB_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0)
 
 GPU_GAUGES = {
     "cmamba_gpu_memory_allocated_bytes": "torch allocated GPU memory",
@@ -152,6 +153,31 @@ class ServiceMetrics:
             "cmamba_clip_seconds",
             "Duration of each extracted media clip",
             buckets=CLIP_BUCKETS,
+            registry=r,
+        )
+        # Jobs: long recordings (/v1/jobs) ----------------------------------------------------
+        self.jobs = Gauge(
+            "cmamba_jobs",
+            "Jobs in the job store by state (read from the store every few seconds)",
+            ["state"],
+            registry=r,
+        )
+        self.job_duration = Histogram(
+            "cmamba_job_duration_seconds",
+            "Time from a job's start to its end, by final state",
+            ["state"],
+            buckets=JOB_BUCKETS,
+            registry=r,
+        )
+        self.job_queue_wait = Histogram(
+            "cmamba_job_queue_wait_seconds",
+            "Time from a job's submission to its first start",
+            buckets=JOB_BUCKETS,
+            registry=r,
+        )
+        self.job_media_seconds = Counter(
+            "cmamba_job_media_seconds_total",
+            "Media seconds processed by jobs (each part counted once, when stored)",
             registry=r,
         )
 

@@ -123,6 +123,47 @@ class ServiceSettings(BaseSettings):
     public_docs: bool = Field(default=False, description="serve /docs without the token")
     drain_timeout_s: float = Field(default=30.0, ge=0.0, description="SIGTERM drain limit")
 
+    # Jobs: the API and runner of long recordings (/v1/jobs, docs/JOBS.md) --------------
+    jobs_enabled: bool = Field(
+        default=True, description="serve /v1/jobs and run jobs (needs media extraction)"
+    )
+    jobs_import_dir: Path | None = Field(
+        default=None,
+        description="folder of host files a job may name by `path` (none: uploads only)",
+    )
+    jobs_workers: int = Field(default=1, ge=0, description="jobs run at once by this process")
+    jobs_part_s: float = Field(
+        default=60.0, ge=5.0, description="a recording is extracted and stored in parts of this"
+    )
+    jobs_poll_s: float = Field(default=1.0, gt=0.0, description="idle workers look this often")
+    jobs_part_timeout_s: float = Field(
+        default=600.0, gt=0.0, description="longest extraction and scoring of one part"
+    )
+    jobs_max_media_hours: float = Field(default=4.0, gt=0.0, description="longest recording")
+    jobs_max_queued: int = Field(default=100, ge=1, description="queued jobs before 429")
+    jobs_max_upload_bytes: int = Field(
+        default=4 * 2**30, ge=1, description="body limit of one job upload"
+    )
+    jobs_disk_quota_bytes: int = Field(
+        default=50 * 2**30, ge=1, description="all uploads kept for jobs together (507 beyond)"
+    )
+    jobs_retention_interval_s: float = Field(
+        default=600.0, gt=0.0, description="how often expired jobs are looked for"
+    )
+    jobs_callback_secret: SecretStr | None = Field(
+        default=None, description="HMAC-SHA256 key signing callback bodies"
+    )
+    jobs_callback_allow: tuple[str, ...] = Field(
+        default=(),
+        description="callback targets allowed: host names, IP addresses or CIDRs (JSON list); "
+        "empty: callbacks refused",
+    )
+    jobs_callback_attempts: int = Field(default=5, ge=1, description="tries of one callback")
+    jobs_callback_backoff_s: float = Field(
+        default=1.0, ge=0.0, description="first retry delay (doubled each try)"
+    )
+    jobs_callback_timeout_s: float = Field(default=10.0, gt=0.0, description="per try")
+
     # Logs and metrics ---------------------------------------------------------------------
     log_format: LogFormat = Field(
         default="text", description='"text" (a terminal) or "json" (one object per line)'

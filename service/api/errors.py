@@ -20,11 +20,16 @@ from service.errors import (
     ClientDisconnectedError,
     DeadlineExceededError,
     InvalidInputError,
+    JobNotFinishedError,
+    JobNotFoundError,
+    JobRequestError,
+    JobStorageFullError,
     MediaDisabledError,
     ModelNotFoundError,
     PayloadTooLargeError,
     RetryableError,
     ServiceError,
+    TooManyJobsError,
     UnauthorizedError,
     UnsupportedMediaError,
     error_body,
@@ -42,6 +47,11 @@ STATUS_CODES: dict[type[ServiceError], int] = {
     ClientDisconnectedError: 499,
     RetryableError: 503,  # not_ready, draining, over_capacity, gpu_oom
     DeadlineExceededError: 504,
+    JobNotFoundError: 404,  # jobs: /v1/jobs
+    JobNotFinishedError: 409,
+    JobRequestError: 400,  # invalid_path, callback_not_allowed
+    TooManyJobsError: 429,
+    JobStorageFullError: 507,
     ServiceError: 500,
 }
 """HTTP status of each domain error; an error class takes its nearest listed ancestor's."""
@@ -58,7 +68,7 @@ def http_status(exc: ServiceError) -> int:
 
 def error_headers(exc: ServiceError, retry_after_s: int) -> dict[str, str]:
     """Extra response headers of a domain error's answer."""
-    if isinstance(exc, RetryableError):
+    if isinstance(exc, RetryableError | TooManyJobsError):
         return {"Retry-After": str(retry_after_s)}
     if isinstance(exc, UnauthorizedError):
         return {"WWW-Authenticate": "Bearer"}

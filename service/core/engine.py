@@ -28,7 +28,7 @@ from service.core.attribution import attribution as attribution_of
 from service.core.attribution import attribution_plan
 from service.core.extraction import FeatureBundleLike, FeatureExtractor
 from service.core.lifecycle import CoreState, Serving, check_checkpoint, start_serving
-from service.core.timeline import TimelinePrediction, assemble, plan_timeline
+from service.core.timeline import Timeline, TimelinePrediction, assemble, plan_timeline
 from service.core.types import Attribution, ClipFeatures, ClipOutcome, ModelIdentity, Prediction
 from service.core.validation import clip_from_bundle, clip_from_features
 from service.errors import (
@@ -355,19 +355,7 @@ class InferenceCore:
         bundle, wait_ms = await self.extract_bundle(
             path, transcript, deadline=deadline, remove_after=remove_after
         )
-        config = self.config
-        clip = clip_from_bundle(bundle, config, max_steps=None)  # longer clips are cut
-        plan = plan_timeline(
-            clip,
-            float(getattr(bundle, "rate_hz", 10.0)),
-            list(getattr(bundle, "segments", []) or []),
-            config.modalities,
-            self.settings.max_sequence_length,
-            media_duration_s=getattr(bundle.summary, "duration_s", None),
-            window_s=window_s,
-        )
-        outcomes = await self.run_clips(plan.clips, deadline)
-        timeline = assemble(plan, [o.result for o in outcomes if o.result is not None])
+        timeline, outcomes = await self.score_timeline(bundle, deadline, window_s=window_s)
         timings = assembly.request_timings(
             started=started,
             queue_ms=max((o.queue_ms for o in outcomes), default=0.0),
@@ -382,6 +370,38 @@ class InferenceCore:
             model=self.identity,
             largest_batch=max((o.batch_size for o in outcomes), default=0),
         )
+
+    async def score_timeline(
+        self,
+        bundle: FeatureBundleLike,
+        deadline: float,
+        *,
+        window_s: float = 5.0,
+        whole_clip: bool = True,
+        background: bool = False,
+    ) -> tuple[Timeline, list[ClipOutcome]]:
+        """Segment an extracted clip and score its segments (and, with ``whole_clip``, the
+        whole clip when it fits one model call) through the micro-batcher.
+
+        The one segment path of the synchronous timeline and of the job runner, which scores a
+        long recording part by part with ``whole_clip=False`` and ``background=True`` (its clips
+        wait behind online requests, see :meth:`MicroBatcher.submit`).
+        """
+        config = self.config
+        clip = clip_from_bundle(bundle, config, max_steps=None)  # longer clips are cut
+        plan = plan_timeline(
+            clip,
+            float(getattr(bundle, "rate_hz", 10.0)),
+            list(getattr(bundle, "segments", []) or []),
+            config.modalities,
+            self.settings.max_sequence_length,
+            media_duration_s=getattr(bundle.summary, "duration_s", None),
+            window_s=window_s,
+            whole_clip=whole_clip,
+        )
+        outcomes = await self.run_clips(plan.clips, deadline, background=background)
+        timeline = assemble(plan, [o.result for o in outcomes if o.result is not None])
+        return timeline, outcomes
 
     async def extract_bundle(
         self, path: Path, transcript: str | None, *, deadline: float, remove_after: bool
@@ -412,18 +432,24 @@ class InferenceCore:
             raise
         return done.bundle, done.wait_ms
 
-    async def run_clips(self, clips: Sequence[ClipFeatures], deadline: float) -> list[ClipOutcome]:
+    async def run_clips(
+        self, clips: Sequence[ClipFeatures], deadline: float, *, background: bool = False
+    ) -> list[ClipOutcome]:
         """Score many clips of one request through the micro-batcher, in order.
 
         Clips are queued ``max_batch_size`` at a time (so one request never fills the queue on
-        its own); each group is batched together like concurrent requests are.
+        its own); each group is batched together like concurrent requests are. ``background``
+        clips (job work) wait while online clips are queued.
         """
         batcher = self._ready_parts().batcher
         outcomes: list[ClipOutcome] = []
         step = max(1, min(self.settings.max_batch_size, self.settings.max_queue_size))
         for first in range(0, len(clips), step):
             # Queued back to back, before any await, so the worker finds them together.
-            futures = [batcher.submit(c, deadline) for c in clips[first : first + step]]
+            futures = [
+                batcher.submit(c, deadline, background=background)
+                for c in clips[first : first + step]
+            ]
             try:
                 done = await asyncio.wait_for(
                     asyncio.gather(*(asyncio.wrap_future(f) for f in futures)),
