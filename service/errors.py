@@ -66,6 +66,12 @@ class UndecodableMediaError(InvalidInputError):
     error_type = "undecodable_media"
 
 
+class InvalidJobCursorError(InvalidInputError):
+    """A job listing's paging cursor is not one the job store handed out."""
+
+    error_type = "invalid_cursor"
+
+
 class UnsupportedMediaError(ServiceError):
     """The request or the uploaded file has a media type the service does not take."""
 

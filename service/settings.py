@@ -36,6 +36,14 @@ def default_model_path() -> Path:
     return Path(default_checkpoint_path())
 
 
+def default_jobs_dir() -> Path:
+    """``$XDG_DATA_HOME/cmamba/jobs`` (``~/.local/share/cmamba/jobs`` when unset)."""
+    import os
+
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "cmamba" / "jobs"
+
+
 class ServiceSettings(BaseSettings):
     """Every knob of the service. The model's architecture comes from its checkpoint, not here.
 
@@ -185,6 +193,35 @@ class ServiceSettings(BaseSettings):
     keep_alive_timeout_s: float = Field(
         default=5.0, gt=0.0, description="close an idle keep-alive connection after this"
     )
+
+    # Jobs: durable job state (long recordings, /v1/jobs) ------------------------------------
+    jobs_dir: Path = Field(
+        default_factory=default_jobs_dir,
+        description="data folder of jobs: the SQLite job database (the default) and the "
+        "uploads kept until their job ends",
+    )
+    jobs_database_url: SecretStr | None = Field(
+        default=None,
+        description='job database: "sqlite:///<path>" or "postgresql://user:password@host:'
+        'port/database" (replicas sharing one queue); default a SQLite file in jobs_dir',
+    )
+    jobs_lease_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        description="a running job's lease: its runner renews it; once it lapses (the process "
+        "died) another process takes the job over",
+    )
+    jobs_retention_s: float = Field(
+        default=7 * 24 * 3600.0,
+        gt=0.0,
+        description="finished jobs, their results and files are deleted this long after the end",
+    )
+
+    def jobs_store_url(self) -> str:
+        """The job database URL: ``jobs_database_url``, else the SQLite file in ``jobs_dir``."""
+        if self.jobs_database_url is not None:
+            return self.jobs_database_url.get_secret_value()
+        return f"sqlite:///{self.jobs_dir.expanduser().absolute() / 'jobs.db'}"
 
     @field_validator("model_path", mode="before")
     @classmethod
