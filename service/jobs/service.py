@@ -245,6 +245,8 @@ class JobService:
             raise
         if options.callback_url is not None:
             await asyncio.to_thread(self.store.set_callback_state, record.id, "pending")
+            fresh = await asyncio.to_thread(self.store.get, record.id)
+            record = fresh if fresh is not None else record
         self.runner.wake()
         return record
 
