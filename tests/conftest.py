@@ -11,6 +11,7 @@ from typing import Any
 import helpers
 import numpy as np
 import pytest
+from pg import PostgresServer
 
 # The shared folder beside the repository (CI clones the repo with shared/ next to it).
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -30,6 +31,7 @@ PROCESS_FIXTURES = frozenset(
         "ray_prometheus",
         "tool",
         "ray_service",  # tests/ray: Ray Serve behind HAProxy
+        "postgres_server",  # a PostgreSQL server (tests/pg.py): the job store's database
     }
 )
 
@@ -179,3 +181,15 @@ def stand_ins(monkeypatch: pytest.MonkeyPatch) -> Iterator[helpers.KernelStandIn
     fakes = helpers.KernelStandIns()
     fakes.install(monkeypatch)
     yield fakes
+
+
+# -- PostgreSQL (the job store's shared database) --------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One throw-away PostgreSQL server for the session (tests/pg.py); make a database per
+    test with ``postgres_server.create_database(name)``."""
+    server = PostgresServer.start()
+    yield server
+    server.stop()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from jobstores import FakeClock
+from pg import PostgresServer
 
 from service.jobs.store import JobStore, open_store
 
@@ -19,15 +21,24 @@ def clock() -> FakeClock:
 StoreFactory = Callable[[], JobStore]
 
 
-@pytest.fixture(params=["sqlite"])
+# The PostgreSQL runs start a server (the session's, through getfixturevalue): integration.
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
 @pytest.fixture
-def store_url(backend: str, tmp_path: Path) -> str:
-    """A URL of an empty database of ``backend``."""
-    return f"sqlite:///{tmp_path / 'jobs.db'}"
+def store_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A URL of an empty database of ``backend``: a SQLite file, or a fresh database on the
+    session's PostgreSQL server (dropped after the test)."""
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'jobs.db'}"
+        return
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    name = f"jobs_{uuid.uuid4().hex[:16]}"
+    url = server.create_database(name)
+    yield url
+    server.drop_database(name)
 
 
 @pytest.fixture
