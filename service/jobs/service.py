@@ -33,6 +33,7 @@ from service.errors import (
     from_preprocessing_error,
 )
 from service.jobs.callbacks import CallbackPolicy, CallbackSender
+from service.jobs.retention import purge_expired
 from service.jobs.runner import JobRunner
 from service.jobs.store import JobRecord, JobState, JobStore, utc_now
 from service.metrics import ServiceMetrics
@@ -303,20 +304,14 @@ class JobService:
 
     async def purge_expired(self, now: datetime | None = None) -> int:
         """Delete the jobs that finished more than ``jobs_retention_s`` ago, and their own
-        files; how many."""
-        before = (now or utc_now()) - timedelta(seconds=self.settings.jobs_retention_s)
-        removed = 0
-        while True:
-            expired = await asyncio.to_thread(self.store.expired, before, 100)
-            if not expired:
-                return removed
-            for record in expired:
-                if record.owns_media:
-                    Path(record.media_path).unlink(missing_ok=True)
-                if await asyncio.to_thread(self.store.delete, record.id):
-                    removed += 1
-            if len(expired) < 100:
-                return removed
+        files (:func:`service.jobs.retention.purge_expired`); how many jobs."""
+        purged = await asyncio.to_thread(
+            purge_expired,
+            self.store,
+            timedelta(seconds=self.settings.jobs_retention_s),
+            now or utc_now(),
+        )
+        return purged.jobs
 
     async def _retention_loop(self) -> None:
         while True:

@@ -297,3 +297,20 @@ def test_job_metrics_are_exported(
     assert metric(text, "cmamba_job_media_seconds_total") == pytest.approx(42.0, abs=0.1)
     assert metric(text, "cmamba_job_duration_seconds_count", state="succeeded") == 1
     assert metric(text, "cmamba_job_queue_wait_seconds_count") == 1
+
+
+def test_finished_jobs_expire(
+    jobs_app: Callable[..., TestClient], recording: Path, tmp_path: Path
+) -> None:
+    """The periodic retention task deletes a finished job once it is older than
+    jobs_retention_s (a host file of the import folder stays)."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "host.wav").write_bytes(recording.read_bytes())
+    client = jobs_app(jobs_retention_s=1.0, jobs_retention_interval_s=0.2, jobs_import_dir=inbox)
+    done = client.post("/v1/jobs", json={"path": "host.wav"}).headers["location"]
+    assert finished(client, done)["state"] == "succeeded"
+    assert client.get(f"{done}/result").status_code == 200
+    wait_until(lambda: client.get(done).status_code == 404, "the job to expire", 30)
+    assert client.get(f"{done}/result").status_code == 404
+    assert (inbox / "host.wav").exists()

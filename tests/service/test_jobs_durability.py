@@ -1,9 +1,11 @@
 """Jobs survive their server: a real ``cmamba serve`` process is killed (kill -9, and SIGTERM)
-in the middle of a job and started again on the same database; the job resumes from its last
-stored part, queued jobs run, and the result equals that of a run without a kill."""
+in the middle of a job and started again on the same database (SQLite, and PostgreSQL for the
+kill -9); the job resumes from its last stored part, queued jobs run, and the result equals that
+of a run without a kill."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,21 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture
-def servers() -> Iterator[Callable[[Path, Path], ServerProcess]]:
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The job database of the test: a SQLite file (the default), or a fresh database on the
+    session's PostgreSQL server when the test is parametrized with ``"postgres"``."""
+    backend = getattr(request, "param", "sqlite")
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'jobs' / 'jobs.db'}"
+        return
+    server = request.getfixturevalue("postgres_server")
+    name = f"jobs_{uuid.uuid4().hex[:16]}"
+    yield server.create_database(name)
+    server.drop_database(name)
+
+
+@pytest.fixture
+def servers(database_url: str) -> Iterator[Callable[[Path, Path], ServerProcess]]:
     started: list[ServerProcess] = []
 
     def start(ckpt: Path, jobs_dir: Path) -> ServerProcess:
@@ -41,6 +57,7 @@ def servers() -> Iterator[Callable[[Path, Path], ServerProcess]]:
             {
                 "CMAMBA_MODEL_PATH": str(ckpt),
                 "CMAMBA_JOBS_DIR": str(jobs_dir),
+                "CMAMBA_JOBS_DATABASE_URL": database_url,
                 "CMAMBA_JOBS_PART_S": str(PART_S),
                 "CMAMBA_JOBS_LEASE_S": "2",
                 "CMAMBA_JOBS_POLL_S": "0.2",
@@ -94,16 +111,16 @@ def _media_seconds_processed(server: ServerProcess) -> float:
     raise AssertionError("cmamba_job_media_seconds_total is not exported")
 
 
-def _stored_parts(jobs_dir: Path, job_id: str) -> list[dict[str, Any]]:
-    store = open_store(f"sqlite:///{jobs_dir / 'jobs.db'}")
+def _stored_parts(url: str, job_id: str) -> list[dict[str, Any]]:
+    store = open_store(url)
     try:
         return store.segments(job_id)
     finally:
         store.close()
 
 
-def _record(jobs_dir: Path, job_id: str) -> Any:
-    store = open_store(f"sqlite:///{jobs_dir / 'jobs.db'}")
+def _record(url: str, job_id: str) -> Any:
+    store = open_store(url)
     try:
         return store.get(job_id)
     finally:
@@ -140,8 +157,12 @@ def _mid_job(server: ServerProcess, job_id: str, seconds: float) -> dict[str, An
     )
 
 
+@pytest.mark.parametrize("database_url", ["sqlite", "postgres"], indirect=True)
 def test_kill_9_mid_job_resumes_from_the_last_stored_part(
-    servers: Callable[[Path, Path], ServerProcess], media: dict[str, Path], tmp_path: Path
+    servers: Callable[[Path, Path], ServerProcess],
+    media: dict[str, Path],
+    tmp_path: Path,
+    database_url: str,
 ) -> None:
     jobs_dir = tmp_path / "jobs"
     first = servers(media["ckpt"], jobs_dir)
@@ -152,14 +173,14 @@ def test_kill_9_mid_job_resumes_from_the_last_stored_part(
     first.proc.kill()  # no drain, no cleanup
     first.proc.wait(30)
 
-    stored = _stored_parts(jobs_dir, long_id)
+    stored = _stored_parts(database_url, long_id)
     stored_s = sum(p["end_s"] - p["start_s"] for p in stored)
     assert sorted(p["index"] for p in stored) == list(range(len(stored)))
     assert 6 * PART_S <= stored_s < LONG_S, "the kill came after the job's end"
     before = {p["index"]: p for p in stored}
-    record = _record(jobs_dir, long_id)
+    record = _record(database_url, long_id)
     assert record.state is JobState.RUNNING
-    assert _record(jobs_dir, short_id).state is JobState.QUEUED
+    assert _record(database_url, short_id).state is JobState.QUEUED
     upload = Path(record.media_path)
     assert upload.exists()  # the upload is kept until its job ends
 
@@ -172,7 +193,7 @@ def test_kill_9_mid_job_resumes_from_the_last_stored_part(
     # The parts stored before the kill were not computed again: the second process worked
     # through the rest of the long recording and all of the short one, nothing more.
     assert _media_seconds_processed(second) == pytest.approx((LONG_S - stored_s) + SHORT_S, abs=0.5)
-    after = {p["index"]: p for p in _stored_parts(jobs_dir, long_id)}
+    after = {p["index"]: p for p in _stored_parts(database_url, long_id)}
     assert all(after[i] == part for i, part in before.items())
 
     # The same recording without a kill gives the same timeline.
@@ -182,7 +203,10 @@ def test_kill_9_mid_job_resumes_from_the_last_stored_part(
 
 
 def test_sigterm_finishes_the_current_part_and_the_next_start_resumes(
-    servers: Callable[[Path, Path], ServerProcess], media: dict[str, Path], tmp_path: Path
+    servers: Callable[[Path, Path], ServerProcess],
+    media: dict[str, Path],
+    tmp_path: Path,
+    database_url: str,
 ) -> None:
     jobs_dir = tmp_path / "jobs"
     first = servers(media["ckpt"], jobs_dir)
@@ -191,11 +215,11 @@ def test_sigterm_finishes_the_current_part_and_the_next_start_resumes(
     first.proc.terminate()
     assert first.proc.wait(60) == 0, first.log_tail()
 
-    stored = _stored_parts(jobs_dir, job_id)
+    stored = _stored_parts(database_url, job_id)
     stored_s = sum(p["end_s"] - p["start_s"] for p in stored)
     assert sorted(p["index"] for p in stored) == list(range(len(stored)))
     assert seen["progress"]["done_seconds"] <= stored_s < LONG_S
-    record = _record(jobs_dir, job_id)
+    record = _record(database_url, job_id)
     assert record.state is JobState.RUNNING and record.error is None  # left for the next start
 
     second = servers(media["ckpt"], jobs_dir)
