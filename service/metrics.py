@@ -12,6 +12,8 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from service.jobs.store import FINISHED_STATES, JobState
+
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
@@ -180,6 +182,10 @@ class ServiceMetrics:
             "Media seconds processed by jobs (each part counted once, when stored)",
             registry=r,
         )
+        for state in JobState:  # every series from the start (zeros), jobs or not
+            self.jobs.labels(state=str(state))
+            if state in FINISHED_STATES:
+                self.job_duration.labels(state=str(state))
 
     def enable_gpu(self) -> None:
         """Export the GPU memory figures (the model runs on CUDA). Idempotent."""
