@@ -26,7 +26,7 @@ from service.core import assembly
 from service.core.admission import Admission
 from service.core.attribution import attribution as attribution_of
 from service.core.attribution import attribution_plan
-from service.core.extraction import FeatureBundleLike, FeatureExtractor
+from service.core.extraction import ExtractionPool, FeatureBundleLike, FeatureExtractor
 from service.core.lifecycle import CoreState, Serving, check_checkpoint, start_serving
 from service.core.timeline import Timeline, TimelinePrediction, assemble, plan_timeline
 from service.core.types import Attribution, ClipFeatures, ClipOutcome, ModelIdentity, Prediction
@@ -81,6 +81,8 @@ class InferenceCore:
         self._started = threading.Event()
         self._serving: Serving | None = None
         self._admission = Admission(settings.max_inflight, metrics, self._refusal)
+        self._background_pool: ExtractionPool | None = None  # job work (extract_bundle)
+        self._background_lock = threading.Lock()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -138,6 +140,8 @@ class InferenceCore:
         self.metrics.ready.set(0)
         if self._serving is not None:
             self._serving.stop(timeout=self.settings.drain_timeout_s)
+        if self._background_pool is not None:
+            self._background_pool.shutdown()
 
     @property
     def ready(self) -> bool:
@@ -404,10 +408,18 @@ class InferenceCore:
         return timeline, outcomes
 
     async def extract_bundle(
-        self, path: Path, transcript: str | None, *, deadline: float, remove_after: bool
+        self,
+        path: Path,
+        transcript: str | None,
+        *,
+        deadline: float,
+        remove_after: bool,
+        background: bool = False,
     ) -> tuple[FeatureBundleLike, float]:
         """Extract a media file's features on the pool, without scoring them.
 
+        ``background`` (job work) extracts on a pool of its own (one thread per job worker,
+        the same extractor), so online requests never queue behind a long recording's parts.
         Returns the bundle and the milliseconds the job waited for a pool thread. Raises the
         same domain errors as :meth:`predict_media`.
         """
@@ -418,10 +430,9 @@ class InferenceCore:
             if serving is None:
                 raise NotReadyError("the model is still loading")
             raise MediaDisabledError(serving.media_unavailable)
+        pool = self._job_pool(serving.pool) if background else serving.pool
         stop = threading.Event()
-        job = serving.pool.submit(
-            path, transcript, deadline=deadline, remove_after=remove_after, stop=stop
-        )
+        job = pool.submit(path, transcript, deadline=deadline, remove_after=remove_after, stop=stop)
         try:
             done = await _await_extraction(job, deadline, stop)
         except ServiceError:
@@ -431,6 +442,13 @@ class InferenceCore:
                 raise from_preprocessing_error(exc) from exc
             raise
         return done.bundle, done.wait_ms
+
+    def _job_pool(self, online: ExtractionPool) -> ExtractionPool:
+        with self._background_lock:
+            if self._background_pool is None:
+                workers = max(1, self.settings.jobs_workers)
+                self._background_pool = ExtractionPool(online.extractor, workers)
+            return self._background_pool
 
     async def run_clips(
         self, clips: Sequence[ClipFeatures], deadline: float, *, background: bool = False

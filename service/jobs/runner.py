@@ -305,7 +305,9 @@ class JobRunner:
         except OSError as exc:
             path.unlink(missing_ok=True)
             raise DeadlineExceededError(f"the part could not be written: {exc}") from exc
-        bundle, _ = await self.core.extract_bundle(path, None, deadline=deadline, remove_after=True)
+        bundle, _ = await self.core.extract_bundle(
+            path, None, deadline=deadline, remove_after=True, background=True
+        )
         timeline, outcomes = await self.core.score_timeline(
             bundle,
             deadline,
