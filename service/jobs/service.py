@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from service.core.engine import InferenceCore
+from service.core.lifecycle import CoreState
 from service.core.timeline import (
     Timeline,
     TimelinePrediction,
@@ -24,6 +25,7 @@ from service.core.timeline import (
 )
 from service.errors import (
     CallbackNotAllowedError,
+    DrainingError,
     ImportPathError,
     JobNotFinishedError,
     JobNotFoundError,
@@ -217,9 +219,7 @@ class JobService:
         """Queue a job on ``media`` (an upload in :attr:`uploads_dir` when ``owns_media``: it
         is deleted with the job, and here when the job is refused)."""
         try:
-            if self.core.state.value in ("draining", "stopped"):
-                from service.errors import DrainingError
-
+            if self.core.state in (CoreState.DRAINING, CoreState.STOPPED):
                 raise DrainingError("the server is shutting down")
             await self.check_capacity(None)
             probed = await asyncio.to_thread(_probe, media)
