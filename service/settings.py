@@ -144,6 +144,13 @@ class ServiceSettings(BaseSettings):
         default=60.0, ge=5.0, description="a recording is extracted and stored in parts of this"
     )
     jobs_poll_s: float = Field(default=1.0, gt=0.0, description="idle workers look this often")
+    jobs_niceness: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="nice value added to the threads extracting job parts (online requests "
+        "get the CPUs first); 0 keeps them level",
+    )
     jobs_part_timeout_s: float = Field(
         default=600.0, gt=0.0, description="longest extraction and scoring of one part"
     )

@@ -447,7 +447,9 @@ class InferenceCore:
         with self._background_lock:
             if self._background_pool is None:
                 workers = max(1, self.settings.jobs_workers)
-                self._background_pool = ExtractionPool(online.extractor, workers)
+                self._background_pool = ExtractionPool(
+                    online.extractor, workers, niceness=self.settings.jobs_niceness
+                )
             return self._background_pool
 
     async def run_clips(

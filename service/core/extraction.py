@@ -7,8 +7,10 @@ or sit behind locks), so the pool holds one instance and ``workers`` threads.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
+import os
 import threading
 import time
 import traceback
@@ -86,12 +88,18 @@ class ExtractionPool:
     Args:
         extractor: a thread-safe extractor.
         workers: extraction threads (clips extracted at the same time).
+        niceness: added to the threads' nice value (background work, e.g. jobs; 0: as is).
         metrics: where to record the queue, the busy threads, the wait, the CPU time, the file
             sizes and the clip durations (nothing when None).
     """
 
     def __init__(
-        self, extractor: FeatureExtractor, workers: int, metrics: ServiceMetrics | None = None
+        self,
+        extractor: FeatureExtractor,
+        workers: int,
+        metrics: ServiceMetrics | None = None,
+        *,
+        niceness: int = 0,
     ) -> None:
         if workers < 1:
             raise ValueError("the extraction pool needs at least one worker")
@@ -101,7 +109,9 @@ class ExtractionPool:
         if metrics is not None:
             metrics.extraction_workers.set(workers)
         self._executor = ThreadPoolExecutor(
-            max_workers=workers, thread_name_prefix="cmamba-extract"
+            max_workers=workers,
+            thread_name_prefix="cmamba-extract-bg" if niceness else "cmamba-extract",
+            initializer=functools.partial(_lower_priority, niceness) if niceness else None,
         )
         # preprocessing.Extractor stops when asked; an extractor without the keyword runs on.
         self._stoppable = "should_stop" in inspect.signature(extractor.extract).parameters
@@ -203,6 +213,15 @@ class ExtractionPool:
     def shutdown(self) -> None:
         """Finish queued jobs and stop the threads."""
         self._executor.shutdown(wait=True)
+
+
+def _lower_priority(niceness: int) -> None:
+    """Raise the calling thread's nice value (Linux: per thread, inherited by the threads it
+    starts), so the scheduler prefers the other threads when the CPUs are busy."""
+    with contextlib.suppress(AttributeError, OSError):
+        thread = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, current + niceness))
 
 
 def _observe_clip(metrics: ServiceMetrics, bundle: FeatureBundleLike) -> None:
