@@ -193,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"p99 with a job running / without: **{ratio:.2f}x**. The job's clips wait in the "
         "micro-batcher's background queue while online clips are queued, and its parts are "
-        "extracted on a pool of their own, so online requests never queue behind it; what is "
-        "left is the two cores shared between the job's extraction and the requests'. Memory "
+        "extracted on a pool of their own at a raised nice value, so online requests never "
+        "queue behind it; what is left is the two cores shared between the job's extraction "
+        "(speech recognition's own threads are not niced) and the requests'. Memory "
         "stays that of one part: the peak grows by "
         f"{(rss_after - rss_before) / 1024:.0f} MiB over the warmed-up server for the whole "
         "recording.",

@@ -36,6 +36,16 @@ PROCESS_FIXTURES = frozenset(
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_jobs_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Apps and servers the tests start keep their jobs (/v1/jobs) in a folder of this session,
+    never in the user's data folder; a test that sets ``CMAMBA_JOBS_DIR`` itself wins."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("CMAMBA_JOBS_DIR", str(tmp_path_factory.mktemp("jobs-default")))
+    yield
+    patch.undo()
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
