@@ -314,3 +314,29 @@ def test_finished_jobs_expire(
     wait_until(lambda: client.get(done).status_code == 404, "the job to expire", 30)
     assert client.get(f"{done}/result").status_code == 404
     assert (inbox / "host.wav").exists()
+
+
+def test_deleting_a_running_job_stops_it(
+    jobs_app: Callable[..., TestClient],
+    recording: Path,
+    tmp_path: Path,
+    metric: Callable[..., float],
+) -> None:
+    long = write_tone_wav(tmp_path / "long.wav", 240.0)
+    client = jobs_app(jobs_part_s=5.0, jobs_lease_s=1.0)
+    location = submit(client, long).headers["location"]
+    wait_until(
+        lambda: client.get(location).json()["progress"]["done_seconds"] >= 10.0,
+        "the job to be under way",
+        60,
+        interval=0.05,
+    )
+    assert client.delete(location).status_code == 204
+    assert client.get(location).status_code == 404
+    assert not list((tmp_path / "jobs" / "uploads").iterdir())  # its upload is gone
+    # The worker lets go of it after the step it was on, and takes the next job.
+    after = submit(client, recording).headers["location"]
+    assert finished(client, after)["state"] == "succeeded"
+    processed = metric(client.get("/metrics").text, "cmamba_job_media_seconds_total")
+    assert processed < 240.0 * 0.5 + 42.0  # the deleted job was not run to its end
+    assert not list((tmp_path / "jobs" / "parts").iterdir())  # no part file left behind

@@ -228,3 +228,25 @@ def test_sigterm_finishes_the_current_part_and_the_next_start_resumes(
     assert _media_seconds_processed(second) == pytest.approx(LONG_S - stored_s, abs=0.5)
     segments = _segments(second, job_id)
     assert segments[-1]["end"] == pytest.approx(LONG_S, abs=0.1)
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_two_servers_on_one_database_never_run_a_job_twice(
+    servers: Callable[[Path, Path], ServerProcess],
+    media: dict[str, Path],
+    tmp_path: Path,
+    database_url: str,
+) -> None:
+    """Two replicas share one PostgreSQL queue: every job runs once, on one of them, and each
+    media second is processed once across both."""
+    shared = tmp_path / "jobs"  # both keep uploads in one folder, as on a shared volume
+    first = servers(media["ckpt"], shared)
+    second = servers(media["ckpt"], shared)
+    ids = [_submit(first if i % 2 else second, media["short"]) for i in range(6)]
+    for job_id in ids:
+        status = _done(first, job_id)
+        assert status["state"] == "succeeded" and status["attempts"] == 1, status
+        assert _status(second, job_id)["state"] == "succeeded"  # one queue, seen by both
+    processed = [_media_seconds_processed(s) for s in (first, second)]
+    assert sum(processed) == pytest.approx(6 * SHORT_S, abs=0.5)
+    assert all(p > 0 for p in processed), processed  # both took work
