@@ -299,6 +299,15 @@ class PostgresJobStore:
             )
             return cursor.rowcount == 1
 
+    def release(self, job_id: str, owner: str) -> bool:
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL,"
+                " updated_at = %s WHERE id = %s AND state = 'running' AND lease_owner = %s",
+                (self._now(), job_id, owner),
+            )
+            return cursor.rowcount == 1
+
     # -- clients --------------------------------------------------------------------------------
 
     def cancel(self, job_id: str) -> JobRecord | None:

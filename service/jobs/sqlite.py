@@ -297,6 +297,15 @@ class SqliteJobStore:
             )
             return cursor.rowcount == 1
 
+    def release(self, job_id: str, owner: str) -> bool:
+        with self._write() as conn:
+            cursor = conn.execute(
+                "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL,"
+                " updated_at = ? WHERE id = ? AND state = 'running' AND lease_owner = ?",
+                (_micros(self._now()), job_id, owner),
+            )
+            return cursor.rowcount == 1
+
     # -- clients --------------------------------------------------------------------------------
 
     def cancel(self, job_id: str) -> JobRecord | None:

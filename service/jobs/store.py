@@ -204,6 +204,13 @@ class JobStore(Protocol):
         """End ``owner``'s job in a finished ``state``; False when it is not ``owner``'s."""
         ...
 
+    def release(self, job_id: str, owner: str) -> bool:
+        """Hand ``owner``'s running job back to the queue at once (a process that stops
+        mid-job: the next claim, here or in another replica, resumes it without waiting for the
+        lease to lapse). It keeps its segments, progress, ``started_at`` and ``attempts``.
+        False when the job is not ``owner``'s."""
+        ...
+
     def cancel(self, job_id: str) -> JobRecord | None:
         """Cancel a ``QUEUED`` or ``RUNNING`` job (its runner sees it at its next renew or
         write); a finished job is left as it is. Returns the job, or None when there is none."""
