@@ -243,7 +243,10 @@ def open_store(url: str, *, clock: Clock = utc_now) -> JobStore:
     if url.startswith("sqlite:///"):
         from service.jobs.sqlite import SqliteJobStore
 
-        return SqliteJobStore(url.removeprefix("sqlite:///"), clock=clock)
+        path = url.removeprefix("sqlite:///")
+        if not path or path.endswith("/"):
+            raise UnsupportedStoreURLError(f"the job database URL {url!r} names no file")
+        return SqliteJobStore(path, clock=clock)
     if url.startswith(("postgresql://", "postgres://")):
         from service.jobs.postgres import PostgresJobStore
 

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -135,6 +136,21 @@ def test_a_newer_schema_is_refused(store: JobStore, store_url: str) -> None:
 def test_unknown_url_schemes_are_refused() -> None:
     with pytest.raises(UnsupportedStoreURLError, match="'mysql'"):
         open_store("mysql://user@host/db")
+    for url in ("sqlite:///", "sqlite:////tmp/"):
+        with pytest.raises(UnsupportedStoreURLError, match="names no file"):
+            open_store(url)
+
+
+def test_a_relative_sqlite_path_is_under_the_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = open_store("sqlite:///data/jobs.db")
+    try:
+        store.migrate()
+    finally:
+        store.close()
+    assert (tmp_path / "data" / "jobs.db").is_file()
 
 
 # -- records --------------------------------------------------------------------------------------
