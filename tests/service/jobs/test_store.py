@@ -573,3 +573,16 @@ def test_stores_starting_together_migrate_once(
     assert [v for (v,) in versions] == list(range(1, LATEST_VERSION + 1))
     job = new_job(stores[0])
     assert stores[2].get(job.id) == job
+
+
+def test_an_unreachable_postgres_is_a_clear_error_without_the_password() -> None:
+    from helpers import free_port
+
+    from service.jobs.postgres import PostgresJobStore
+    from service.jobs.store import JobStoreError
+
+    url = f"postgresql://cmamba:s3cret@127.0.0.1:{free_port()}/jobs"
+    with pytest.raises(JobStoreError, match="cannot connect") as raised:
+        PostgresJobStore(url, connect_timeout_s=1.0)
+    message = str(raised.value)
+    assert "s3cret" not in message and "cmamba:***@127.0.0.1" in message
