@@ -36,6 +36,7 @@ from service.jobs.store import (
     check_callback_state,
     check_finished,
     check_limit,
+    check_seconds,
     checked_now,
     decode_cursor,
     dump_json,
@@ -151,6 +152,7 @@ class PostgresJobStore:
         options: dict[str, Any],
         media_seconds: float | None,
     ) -> JobRecord:
+        check_seconds("media_seconds", media_seconds)
         options_json = dump_json(options)
         now = self._now()
         with self._transaction() as conn:
@@ -246,6 +248,8 @@ class PostgresJobStore:
         stage: str | None,
         media_seconds: float | None = None,
     ) -> bool:
+        check_seconds("done_seconds", done_seconds)
+        check_seconds("media_seconds", media_seconds)
         with self._transaction() as conn:
             cursor = conn.execute(
                 "UPDATE jobs SET done_seconds = %s, stage = %s,"

@@ -298,6 +298,12 @@ def lease_until(now: datetime, lease_seconds: float) -> datetime:
     return now + timedelta(seconds=lease_seconds)
 
 
+def check_seconds(name: str, value: float | None) -> None:
+    """A media time is a finite number of seconds, not below 0 (SQLite would keep NaN as NULL)."""
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number of seconds >= 0, not {value!r}")
+
+
 def check_limit(limit: int) -> None:
     if limit < 1:
         raise ValueError(f"limit must be at least 1, not {limit}")

@@ -586,3 +586,18 @@ def test_an_unreachable_postgres_is_a_clear_error_without_the_password() -> None
         PostgresJobStore(url, connect_timeout_s=1.0)
     message = str(raised.value)
     assert "s3cret" not in message and "cmamba:***@127.0.0.1" in message
+
+
+@pytest.mark.parametrize("seconds", [math.nan, math.inf, -1.0])
+def test_media_times_must_be_finite_seconds(store: JobStore, seconds: float) -> None:
+    with pytest.raises(ValueError, match="media_seconds"):
+        store.create(media_path="/m", owns_media=True, options={}, media_seconds=seconds)
+    job = new_job(store)
+    assert store.claim("runner", 30) is not None
+    with pytest.raises(ValueError, match="done_seconds"):
+        store.progress(job.id, "runner", done_seconds=seconds, stage="model")
+    with pytest.raises(ValueError, match="media_seconds"):
+        store.progress(job.id, "runner", done_seconds=1, stage="model", media_seconds=seconds)
+    record = store.get(job.id)
+    assert record is not None and (record.done_seconds, record.media_seconds) == (0.0, None)
+    assert store.count() == 1
