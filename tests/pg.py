@@ -148,6 +148,13 @@ class PostgresServer:
         with psycopg.connect(self.url(), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
 
+    def restart(self, timeout: float = 60.0) -> None:
+        """Stop the server (fast shutdown: open connections are cut) and start it again."""
+        self._run(
+            "pg_ctl", "restart", "-D", str(self.data_dir), "-l", str(self.log_file),
+            "-m", "fast", "-w", "-t", str(int(timeout)), timeout=timeout + 10,
+        )  # fmt: skip
+
     def stop(self) -> None:
         """Stop the server (fast shutdown) and remove its folder."""
         if (self.data_dir / "postmaster.pid").exists():

@@ -36,6 +36,7 @@ from service.jobs.store import (
     check_callback_state,
     check_finished,
     check_limit,
+    check_seconds,
     checked_now,
     decode_cursor,
     dump_json,
@@ -151,6 +152,7 @@ class PostgresJobStore:
         options: dict[str, Any],
         media_seconds: float | None,
     ) -> JobRecord:
+        check_seconds("media_seconds", media_seconds)
         options_json = dump_json(options)
         now = self._now()
         with self._transaction() as conn:
@@ -246,6 +248,8 @@ class PostgresJobStore:
         stage: str | None,
         media_seconds: float | None = None,
     ) -> bool:
+        check_seconds("done_seconds", done_seconds)
+        check_seconds("media_seconds", media_seconds)
         with self._transaction() as conn:
             cursor = conn.execute(
                 "UPDATE jobs SET done_seconds = %s, stage = %s,"
@@ -296,6 +300,15 @@ class PostgresJobStore:
                 " lease_owner = NULL, lease_expires_at = NULL"
                 " WHERE id = %s AND state = 'running' AND lease_owner = %s",
                 (JobState(state).value, error_json, now, now, job_id, owner),
+            )
+            return cursor.rowcount == 1
+
+    def release(self, job_id: str, owner: str) -> bool:
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL,"
+                " updated_at = %s WHERE id = %s AND state = 'running' AND lease_owner = %s",
+                (self._now(), job_id, owner),
             )
             return cursor.rowcount == 1
 

@@ -28,6 +28,7 @@ from service.jobs.store import (
     check_callback_state,
     check_finished,
     check_limit,
+    check_seconds,
     checked_now,
     decode_cursor,
     dump_json,
@@ -144,6 +145,7 @@ class SqliteJobStore:
         options: dict[str, Any],
         media_seconds: float | None,
     ) -> JobRecord:
+        check_seconds("media_seconds", media_seconds)
         options_json = dump_json(options)
         with self._write() as conn:
             now = _micros(self._now())
@@ -245,6 +247,8 @@ class SqliteJobStore:
         stage: str | None,
         media_seconds: float | None = None,
     ) -> bool:
+        check_seconds("done_seconds", done_seconds)
+        check_seconds("media_seconds", media_seconds)
         with self._write() as conn:
             cursor = conn.execute(
                 "UPDATE jobs SET done_seconds = ?, stage = ?,"
@@ -294,6 +298,15 @@ class SqliteJobStore:
                 " lease_owner = NULL, lease_expires_at = NULL"
                 " WHERE id = ? AND state = 'running' AND lease_owner = ?",
                 (JobState(state).value, error_json, now, now, job_id, owner),
+            )
+            return cursor.rowcount == 1
+
+    def release(self, job_id: str, owner: str) -> bool:
+        with self._write() as conn:
+            cursor = conn.execute(
+                "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL,"
+                " updated_at = ? WHERE id = ? AND state = 'running' AND lease_owner = ?",
+                (_micros(self._now()), job_id, owner),
             )
             return cursor.rowcount == 1
 

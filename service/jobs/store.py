@@ -204,6 +204,13 @@ class JobStore(Protocol):
         """End ``owner``'s job in a finished ``state``; False when it is not ``owner``'s."""
         ...
 
+    def release(self, job_id: str, owner: str) -> bool:
+        """Hand ``owner``'s running job back to the queue at once (a process that stops
+        mid-job: the next claim, here or in another replica, resumes it without waiting for the
+        lease to lapse). It keeps its segments, progress, ``started_at`` and ``attempts``.
+        False when the job is not ``owner``'s."""
+        ...
+
     def cancel(self, job_id: str) -> JobRecord | None:
         """Cancel a ``QUEUED`` or ``RUNNING`` job (its runner sees it at its next renew or
         write); a finished job is left as it is. Returns the job, or None when there is none."""
@@ -236,7 +243,10 @@ def open_store(url: str, *, clock: Clock = utc_now) -> JobStore:
     if url.startswith("sqlite:///"):
         from service.jobs.sqlite import SqliteJobStore
 
-        return SqliteJobStore(url.removeprefix("sqlite:///"), clock=clock)
+        path = url.removeprefix("sqlite:///")
+        if not path or path.endswith("/"):
+            raise UnsupportedStoreURLError(f"the job database URL {url!r} names no file")
+        return SqliteJobStore(path, clock=clock)
     if url.startswith(("postgresql://", "postgres://")):
         from service.jobs.postgres import PostgresJobStore
 
@@ -286,6 +296,12 @@ def lease_until(now: datetime, lease_seconds: float) -> datetime:
     if not (math.isfinite(lease_seconds) and lease_seconds > 0):
         raise ValueError(f"a lease must be a positive number of seconds, not {lease_seconds!r}")
     return now + timedelta(seconds=lease_seconds)
+
+
+def check_seconds(name: str, value: float | None) -> None:
+    """A media time is a finite number of seconds, not below 0 (SQLite would keep NaN as NULL)."""
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number of seconds >= 0, not {value!r}")
 
 
 def check_limit(limit: int) -> None:

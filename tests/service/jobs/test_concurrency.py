@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, wait_until
 
-from service.jobs.store import JobState, JobStore
+from service.jobs.store import JobState, JobStore, open_store
 
 WORKER = Path(__file__).with_name("claim_worker.py")
 
@@ -163,3 +163,22 @@ def test_a_killed_runners_job_is_taken_over_after_its_lease_and_never_before(
     assert second_at >= expires
     record = store.get(held.id)
     assert record is not None and record.state is JobState.SUCCEEDED and record.attempts == 2
+
+
+def test_the_postgres_store_carries_on_after_the_server_restarts() -> None:
+    from pg import PostgresServer
+
+    server = PostgresServer.start()
+    store = None
+    try:
+        store = open_store(server.create_database("jobs"))
+        store.migrate()
+        job = store.create(media_path="/m/a.mp4", owns_media=True, options={}, media_seconds=1.0)
+        server.restart()  # the pool's connection is cut
+        assert store.get(job.id) == job
+        assert store.claim("runner", 30) is not None
+        assert store.finish(job.id, "runner", JobState.SUCCEEDED)
+    finally:
+        if store is not None:
+            store.close()
+        server.stop()

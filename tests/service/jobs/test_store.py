@@ -6,8 +6,11 @@ from __future__ import annotations
 import math
 import re
 import sqlite3
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -133,6 +136,21 @@ def test_a_newer_schema_is_refused(store: JobStore, store_url: str) -> None:
 def test_unknown_url_schemes_are_refused() -> None:
     with pytest.raises(UnsupportedStoreURLError, match="'mysql'"):
         open_store("mysql://user@host/db")
+    for url in ("sqlite:///", "sqlite:////tmp/"):
+        with pytest.raises(UnsupportedStoreURLError, match="names no file"):
+            open_store(url)
+
+
+def test_a_relative_sqlite_path_is_under_the_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = open_store("sqlite:///data/jobs.db")
+    try:
+        store.migrate()
+    finally:
+        store.close()
+    assert (tmp_path / "data" / "jobs.db").is_file()
 
 
 # -- records --------------------------------------------------------------------------------------
@@ -493,3 +511,93 @@ def test_a_naive_clock_is_refused(
     with pytest.raises(ValueError, match="timezone-aware"):
         new_job(store)
     assert store.count() == 0
+
+
+def test_release_hands_a_running_job_back_at_once(store: JobStore, clock: FakeClock) -> None:
+    first, second = new_job(store), new_job(store)
+    claimed = store.claim("stopping", 30)
+    assert claimed is not None and claimed.id == first.id
+    assert store.add_segment(first.id, "stopping", 0, {"n": 0})
+    assert store.progress(first.id, "stopping", done_seconds=30, stage="model", media_seconds=90)
+    assert store.release(first.id, "other") is False
+    clock.advance(1)
+    assert store.release(first.id, "stopping") is True
+    released = store.get(first.id)
+    assert released is not None and released.state is JobState.QUEUED
+    assert (released.lease_owner, released.lease_expires_at) == (None, None)
+    assert released.started_at == claimed.started_at and released.attempts == 1
+    assert (released.done_seconds, released.media_seconds) == (30.0, 90.0)
+    assert store.release(first.id, "stopping") is False  # not running any more
+    assert store.add_segment(first.id, "stopping", 1, {"n": 1}) is False
+
+    # Taken again before the later job, with its segments, and without waiting for the lease.
+    again = store.claim("next-start", 30)
+    assert again is not None and again.id == first.id and again.attempts == 2
+    assert store.segments(first.id) == [{"n": 0}]
+    taken = store.claim("next-start", 30)
+    assert taken is not None and taken.id == second.id
+
+
+def test_threads_sharing_one_store_claim_each_job_once(store: JobStore) -> None:
+    ids = {new_job(store, f"{n}.mp4").id for n in range(60)}
+    claimed: list[list[str]] = [[] for _ in range(4)]
+    start = threading.Barrier(4)
+
+    def work(n: int) -> None:
+        start.wait()
+        while (job := store.claim(f"thread-{n}", 60)) is not None:
+            claimed[n].append(job.id)
+            assert store.add_segment(job.id, f"thread-{n}", 0, {"thread": n})
+            assert store.finish(job.id, f"thread-{n}", JobState.SUCCEEDED)
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(work, range(4)))
+    everything = [job_id for ids_of_one in claimed for job_id in ids_of_one]
+    assert len(everything) == len(set(everything)) == 60 and set(everything) == ids
+    assert store.count(JobState.SUCCEEDED) == 60
+
+
+def test_stores_starting_together_migrate_once(
+    open_test_store: Callable[[], JobStore], store_url: str
+) -> None:
+    stores = [open_test_store() for _ in range(3)]
+    start = threading.Barrier(3)
+
+    def migrate(store: JobStore) -> int:
+        start.wait()
+        return store.migrate()
+
+    with ThreadPoolExecutor(3) as pool:
+        assert list(pool.map(migrate, stores)) == [LATEST_VERSION] * 3
+    versions = raw_query(store_url, "SELECT version FROM schema_version ORDER BY version")
+    assert [v for (v,) in versions] == list(range(1, LATEST_VERSION + 1))
+    job = new_job(stores[0])
+    assert stores[2].get(job.id) == job
+
+
+def test_an_unreachable_postgres_is_a_clear_error_without_the_password() -> None:
+    from helpers import free_port
+
+    from service.jobs.postgres import PostgresJobStore
+    from service.jobs.store import JobStoreError
+
+    url = f"postgresql://cmamba:s3cret@127.0.0.1:{free_port()}/jobs"
+    with pytest.raises(JobStoreError, match="cannot connect") as raised:
+        PostgresJobStore(url, connect_timeout_s=1.0)
+    message = str(raised.value)
+    assert "s3cret" not in message and "cmamba:***@127.0.0.1" in message
+
+
+@pytest.mark.parametrize("seconds", [math.nan, math.inf, -1.0])
+def test_media_times_must_be_finite_seconds(store: JobStore, seconds: float) -> None:
+    with pytest.raises(ValueError, match="media_seconds"):
+        store.create(media_path="/m", owns_media=True, options={}, media_seconds=seconds)
+    job = new_job(store)
+    assert store.claim("runner", 30) is not None
+    with pytest.raises(ValueError, match="done_seconds"):
+        store.progress(job.id, "runner", done_seconds=seconds, stage="model")
+    with pytest.raises(ValueError, match="media_seconds"):
+        store.progress(job.id, "runner", done_seconds=1, stage="model", media_seconds=seconds)
+    record = store.get(job.id)
+    assert record is not None and (record.done_seconds, record.media_seconds) == (0.0, None)
+    assert store.count() == 1
