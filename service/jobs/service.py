@@ -149,6 +149,9 @@ class JobService:
         self.runner.start()
         self._upkeep.append(asyncio.create_task(self._retention_loop(), name="cmamba-retention"))
         self._upkeep.append(asyncio.create_task(self._gauge_loop(), name="cmamba-jobs-gauge"))
+        resend = asyncio.create_task(self._resend_pending(), name="cmamba-callbacks-resend")
+        resend.add_done_callback(_log_failure)
+        self._upkeep.append(resend)
 
     async def stop(self, timeout: float) -> None:
         """Drain the runner (its current parts finish), stop the upkeep, wait for callbacks
@@ -282,6 +285,40 @@ class JobService:
 
     # -- upkeep -------------------------------------------------------------------------------
 
+    def callback_window_s(self) -> float:
+        """The longest a delivery can take: every try's timeout and every wait between tries."""
+        settings = self.settings
+        attempts = settings.jobs_callback_attempts
+        waits = settings.jobs_callback_backoff_s * (2 ** (attempts - 1) - 1)
+        return attempts * settings.jobs_callback_timeout_s + waits
+
+    async def _resend_pending(self, scan: int = 1000) -> None:
+        """Send again the callbacks a stopped process left pending: those of jobs that ended
+        longer ago than a delivery can take (a live replica is done with them by then); up to
+        ``scan`` newest jobs of each final state are looked at."""
+        window = timedelta(seconds=self.callback_window_s() + 5.0)
+        for state in (JobState.SUCCEEDED, JobState.FAILED):
+            cursor: str | None = None
+            seen = 0
+            while seen < scan:
+                records, cursor = await self.list(limit=200, cursor=cursor, state=state)
+                seen += len(records)
+                for record in records:
+                    ended = record.finished_at
+                    if record.callback_state != "pending" or ended is None:
+                        continue
+                    late = utc_now() - ended
+                    if late < window:  # maybe still under way elsewhere: look again later
+                        await asyncio.sleep((window - late).total_seconds())
+                        fresh = await asyncio.to_thread(self.store.get, record.id)
+                        if fresh is None or fresh.callback_state != "pending":
+                            continue
+                        record = fresh
+                    logger.info("job %s: sending the callback a stopped process left", record.id)
+                    await self._finished(record)
+                if cursor is None:
+                    break
+
     async def _finished(self, record: JobRecord) -> None:
         """A job has ended: send its callback (in the background)."""
         url = record.options.get("callback_url")
@@ -334,6 +371,11 @@ class JobService:
         for state in JobState:
             count = await asyncio.to_thread(self.store.count, state)
             self.metrics.jobs.labels(state=str(state)).set(count)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("%s failed", task.get_name(), exc_info=task.exception())
 
 
 def job_timeline(

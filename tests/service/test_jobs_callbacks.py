@@ -7,17 +7,15 @@ import hashlib
 import hmac
 import ipaddress
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from helpers import wait_until
-from jobmedia import audio_checkpoint, write_tone_wav
+from jobmedia import Receiver, audio_checkpoint, write_tone_wav
 
 from service.errors import CallbackNotAllowedError
 from service.jobs.callbacks import CallbackPolicy
@@ -25,38 +23,6 @@ from service.main import create_app
 from service.settings import ServiceSettings
 
 SECRET = "callback-secret"
-
-
-class Receiver:
-    """A real HTTP server on 127.0.0.1 that answers 500 to the first ``failures`` POSTs."""
-
-    def __init__(self, failures: int) -> None:
-        self.failures = failures
-        self.requests: list[dict[str, Any]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", "0")))
-                receiver.requests.append(
-                    {"at": time.monotonic(), "headers": dict(self.headers), "body": body}
-                )
-                code = 500 if len(receiver.requests) <= receiver.failures else 204
-                self.send_response(code)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/job"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ of a run without a kill."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from helpers import ServerProcess, wait_until
-from jobmedia import audio_checkpoint, write_tone_wav
+from jobmedia import Receiver, audio_checkpoint, write_tone_wav
 
 from service.jobs.store import JobState, open_store
 
@@ -49,12 +50,13 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 
 
 @pytest.fixture
-def servers(database_url: str) -> Iterator[Callable[[Path, Path], ServerProcess]]:
+def servers(database_url: str) -> Iterator[Callable[..., ServerProcess]]:
     started: list[ServerProcess] = []
 
-    def start(ckpt: Path, jobs_dir: Path) -> ServerProcess:
+    def start(ckpt: Path, jobs_dir: Path, **extra: str) -> ServerProcess:
         server = ServerProcess(
             {
+                **extra,
                 "CMAMBA_MODEL_PATH": str(ckpt),
                 "CMAMBA_JOBS_DIR": str(jobs_dir),
                 "CMAMBA_JOBS_DATABASE_URL": database_url,
@@ -159,7 +161,7 @@ def _mid_job(server: ServerProcess, job_id: str, seconds: float) -> dict[str, An
 
 @pytest.mark.parametrize("database_url", ["sqlite", "postgres"], indirect=True)
 def test_kill_9_mid_job_resumes_from_the_last_stored_part(
-    servers: Callable[[Path, Path], ServerProcess],
+    servers: Callable[..., ServerProcess],
     media: dict[str, Path],
     tmp_path: Path,
     database_url: str,
@@ -203,7 +205,7 @@ def test_kill_9_mid_job_resumes_from_the_last_stored_part(
 
 
 def test_sigterm_finishes_the_current_part_and_the_next_start_resumes(
-    servers: Callable[[Path, Path], ServerProcess],
+    servers: Callable[..., ServerProcess],
     media: dict[str, Path],
     tmp_path: Path,
     database_url: str,
@@ -232,7 +234,7 @@ def test_sigterm_finishes_the_current_part_and_the_next_start_resumes(
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 def test_two_servers_on_one_database_never_run_a_job_twice(
-    servers: Callable[[Path, Path], ServerProcess],
+    servers: Callable[..., ServerProcess],
     media: dict[str, Path],
     tmp_path: Path,
     database_url: str,
@@ -250,3 +252,49 @@ def test_two_servers_on_one_database_never_run_a_job_twice(
     processed = [_media_seconds_processed(s) for s in (first, second)]
     assert sum(processed) == pytest.approx(6 * SHORT_S, abs=0.5)
     assert all(p > 0 for p in processed), processed  # both took work
+
+
+def test_a_callback_left_pending_by_a_killed_server_is_sent_by_the_next(
+    servers: Callable[..., ServerProcess], media: dict[str, Path], tmp_path: Path
+) -> None:
+    target = Receiver(failures=1000)  # down for now
+    try:
+        allow = {"CMAMBA_JOBS_CALLBACK_ALLOW": '["127.0.0.1/32"]',
+                 "CMAMBA_JOBS_CALLBACK_SECRET": "s"}  # fmt: skip
+        jobs_dir = tmp_path / "jobs"
+        first = servers(media["ckpt"], jobs_dir, **allow, CMAMBA_JOBS_CALLBACK_BACKOFF_S="30")
+        with media["short"].open("rb") as fh:
+            answer = httpx.post(
+                f"{first.url}/v1/jobs",
+                params={"callback_url": target.url},
+                files={"file": ("short.wav", fh, "audio/wav")},
+                timeout=30,
+            )
+        job_id = answer.json()["id"]
+        assert _done(first, job_id)["state"] == "succeeded"
+        wait_until(lambda: len(target.requests) >= 1, "the first try", 30, process=first)
+        first.proc.kill()  # while it waits 30 s to try again
+        first.proc.wait(30)
+        assert _status_in_store(tmp_path, job_id) == "pending"
+
+        target.failures = len(target.requests)  # the receiver is back
+        second = servers(
+            media["ckpt"], jobs_dir, **allow, CMAMBA_JOBS_CALLBACK_ATTEMPTS="2",
+            CMAMBA_JOBS_CALLBACK_TIMEOUT_S="1", CMAMBA_JOBS_CALLBACK_BACKOFF_S="0.1",
+        )  # fmt: skip
+        status = wait_until(
+            lambda: (s := _status(second, job_id))["callback"]["state"] == "delivered" and s,
+            "the callback to be sent by the restarted server",
+            60,
+            process=second,
+        )
+        assert status["state"] == "succeeded"
+        assert len(target.requests) == target.failures + 1
+        assert json.loads(target.requests[-1]["body"])["id"] == job_id
+    finally:
+        target.close()
+
+
+def _status_in_store(tmp_path: Path, job_id: str) -> str | None:
+    record = _record(f"sqlite:///{tmp_path / 'jobs' / 'jobs.db'}", job_id)
+    return None if record is None else record.callback_state
