@@ -1,7 +1,7 @@
 """Jobs survive their server: a real ``cmamba serve`` process is killed (kill -9, and SIGTERM)
-in the middle of a job and started again on the same database (SQLite, and PostgreSQL for the
-kill -9); the job resumes from its last stored part, queued jobs run, and the result equals that
-of a run without a kill."""
+in the middle of a job and started again on the same database (SQLite and PostgreSQL); the job
+resumes from its last stored part, queued jobs run, and the result equals that of a run without
+a kill."""
 
 from __future__ import annotations
 
@@ -204,6 +204,7 @@ def test_kill_9_mid_job_resumes_from_the_last_stored_part(
     _same_timeline(_segments(second, long_id), _segments(second, fresh_id))
 
 
+@pytest.mark.parametrize("database_url", ["sqlite", "postgres"], indirect=True)
 def test_sigterm_finishes_the_current_part_and_the_next_start_resumes(
     servers: Callable[..., ServerProcess],
     media: dict[str, Path],
