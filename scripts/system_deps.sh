@@ -42,6 +42,13 @@ command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 \
 [ -x "$root/usr/sbin/haproxy" ] || missing+=(haproxy)
 # Headless Chromium for the web page tests (tests/webui, driven by Playwright).
 [ -x "$root/usr/bin/chromium" ] || missing+=(chromium)
+# PostgreSQL server binaries, any major version (tests/pg.py: the job store's shared database;
+# Debian keeps initdb and pg_ctl off PATH, under /usr/lib/postgresql/<major>/bin).
+postgresql_found=no
+for pg_ctl in "$root"/usr/lib/postgresql/*/bin/pg_ctl; do
+    [ -x "$pg_ctl" ] && [ -x "${pg_ctl%/pg_ctl}/initdb" ] && postgresql_found=yes
+done
+[ "$postgresql_found" = yes ] || missing+=(postgresql)
 
 if [ "$mode" = list ]; then
     [ "${#missing[@]}" -eq 0 ] || printf '%s\n' "${missing[@]}"

@@ -66,6 +66,12 @@ class UndecodableMediaError(InvalidInputError):
     error_type = "undecodable_media"
 
 
+class InvalidJobCursorError(InvalidInputError):
+    """A job listing's paging cursor is not one the job store handed out."""
+
+    error_type = "invalid_cursor"
+
+
 class UnsupportedMediaError(ServiceError):
     """The request or the uploaded file has a media type the service does not take."""
 
@@ -151,6 +157,66 @@ class DeadlineExceededError(ServiceError):
 
     error_type = "deadline_exceeded"
     reject_reason = "deadline"
+
+
+# Jobs: long recordings (/v1/jobs) ------------------------------------------------------------
+
+
+class JobNotFoundError(ServiceError):
+    """No job has that id (never created, deleted, or expired)."""
+
+    error_type = "job_not_found"
+
+
+class JobNotFinishedError(ServiceError):
+    """The job has no result (yet): it is queued or running, or it failed or was cancelled."""
+
+    error_type = "job_not_finished"
+
+
+class JobRequestError(ServiceError):
+    """A job request names something it may not: a path outside the import folder, a callback
+    target outside the allow-list."""
+
+    error_type = "bad_request"
+
+
+class ImportPathError(JobRequestError):
+    """The ``path`` of a job is not a file inside the configured import folder."""
+
+    error_type = "invalid_path"
+
+
+class CallbackNotAllowedError(JobRequestError):
+    """The ``callback_url`` of a job is not an allowed target."""
+
+    error_type = "callback_not_allowed"
+
+
+class MediaTooLongForJobError(InvalidInputError):
+    """The recording is longer than a job may be."""
+
+    error_type = "media_too_long"
+
+
+class TooManyJobsError(ServiceError):
+    """As many jobs as allowed are queued already; retry later."""
+
+    error_type = "too_many_jobs"
+    reject_reason = "jobs_queue_full"
+
+
+class JobStorageFullError(ServiceError):
+    """The uploads kept for jobs would pass the disk quota."""
+
+    error_type = "insufficient_storage"
+    reject_reason = "jobs_disk_quota"
+
+
+class JobsDisabledError(MediaDisabledError):
+    """This server runs no jobs (disabled, or it extracts no media)."""
+
+    error_type = "jobs_disabled"
 
 
 class StartupError(RuntimeError):

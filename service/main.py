@@ -21,11 +21,22 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 
 from service import __version__
-from service.api import docs, health, inference_protocol, metrics, openapi, predict, timeline, webui
+from service.api import (
+    docs,
+    health,
+    inference_protocol,
+    jobs,
+    metrics,
+    openapi,
+    predict,
+    timeline,
+    webui,
+)
 from service.api.auth import declare_scheme
 from service.api.errors import install_handlers
 from service.core.engine import InferenceCore
 from service.core.extraction import FeatureExtractor
+from service.jobs.service import open_jobs, unavailable_reason
 from service.metrics import ServiceMetrics
 from service.middleware import (
     RequestContextMiddleware,
@@ -84,13 +95,24 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         else settings.upload_dir
     )
     app.state.upload_dir = upload_dir
+    job_service = None  # long recordings (/v1/jobs): the store opens before the model loads
+    app.state.jobs_unavailable = unavailable_reason(settings)
+    if app.state.jobs_unavailable is None:
+        job_service = await asyncio.to_thread(open_jobs, settings, core, app.state.metrics)
+    app.state.jobs = job_service
     starting = asyncio.create_task(asyncio.to_thread(core.start), name="cmamba-startup")
     starting.add_done_callback(lambda task: task.cancelled() or task.exception())
+    if job_service is not None:
+        job_service.start()  # its workers claim nothing before the core is ready
     try:
         yield
     finally:
         core.begin_drain()
+        if job_service is not None:
+            job_service.runner.begin_drain()
         await core.wait_idle(settings.drain_timeout_s)
+        if job_service is not None:
+            await job_service.stop(settings.drain_timeout_s)
         await asyncio.to_thread(core.wait_started)
         await asyncio.to_thread(core.stop)
         if app.state.tracing is not None:
@@ -151,6 +173,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(timeline.router)
+    app.include_router(jobs.router)
     inference_protocol.install(app)  # /v2 models and inference; /v2 errors in its shape
     app.include_router(webui.router)
     app.include_router(docs.build_router(public=settings.public_docs))

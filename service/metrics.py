@@ -12,6 +12,8 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from service.jobs.store import FINISHED_STATES, JobState
+
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
@@ -19,6 +21,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 UPLOAD_BUCKETS = tuple(float(2**p) for p in range(10, 31, 2))  # 1 KiB ... 1 GiB, x4
 CLIP_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 180.0, 300.0, 600.0)
 MEMORY_BUCKETS = tuple(float(2**p) for p in range(20, 38))  # 1 MiB ... 128 GiB, x2
+JOB_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0)
 
 GPU_GAUGES = {
     "cmamba_gpu_memory_allocated_bytes": "torch allocated GPU memory",
@@ -154,6 +157,35 @@ class ServiceMetrics:
             buckets=CLIP_BUCKETS,
             registry=r,
         )
+        # Jobs: long recordings (/v1/jobs) ----------------------------------------------------
+        self.jobs = Gauge(
+            "cmamba_jobs",
+            "Jobs in the job store by state (read from the store every few seconds)",
+            ["state"],
+            registry=r,
+        )
+        self.job_duration = Histogram(
+            "cmamba_job_duration_seconds",
+            "Time from a job's start to its end, by final state",
+            ["state"],
+            buckets=JOB_BUCKETS,
+            registry=r,
+        )
+        self.job_queue_wait = Histogram(
+            "cmamba_job_queue_wait_seconds",
+            "Time from a job's submission to its first start",
+            buckets=JOB_BUCKETS,
+            registry=r,
+        )
+        self.job_media_seconds = Counter(
+            "cmamba_job_media_seconds_total",
+            "Media seconds processed by jobs (each part counted once, when stored)",
+            registry=r,
+        )
+        for state in JobState:  # every series from the start (zeros), jobs or not
+            self.jobs.labels(state=str(state))
+            if state in FINISHED_STATES:
+                self.job_duration.labels(state=str(state))
 
         # Failures that heal: counted once, just before the process exits to be restarted.
         self.fatal_errors = Counter(

@@ -38,6 +38,14 @@ def default_model_path() -> Path:
     return Path(default_checkpoint_path())
 
 
+def default_jobs_dir() -> Path:
+    """``$XDG_DATA_HOME/cmamba/jobs`` (``~/.local/share/cmamba/jobs`` when unset)."""
+    import os
+
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "cmamba" / "jobs"
+
+
 class ServiceSettings(BaseSettings):
     """Every knob of the service. The model's architecture comes from its checkpoint, not here.
 
@@ -125,6 +133,54 @@ class ServiceSettings(BaseSettings):
     public_docs: bool = Field(default=False, description="serve /docs without the token")
     drain_timeout_s: float = Field(default=30.0, ge=0.0, description="SIGTERM drain limit")
 
+    # Jobs: the API and runner of long recordings (/v1/jobs, docs/JOBS.md) --------------
+    jobs_enabled: bool = Field(
+        default=True, description="serve /v1/jobs and run jobs (needs media extraction)"
+    )
+    jobs_import_dir: Path | None = Field(
+        default=None,
+        description="folder of host files a job may name by `path` (none: uploads only)",
+    )
+    jobs_workers: int = Field(default=1, ge=0, description="jobs run at once by this process")
+    jobs_part_s: float = Field(
+        default=60.0, ge=5.0, description="a recording is extracted and stored in parts of this"
+    )
+    jobs_poll_s: float = Field(default=1.0, gt=0.0, description="idle workers look this often")
+    jobs_niceness: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="nice value added to the threads extracting job parts (online requests "
+        "get the CPUs first); 0 keeps them level",
+    )
+    jobs_part_timeout_s: float = Field(
+        default=600.0, gt=0.0, description="longest extraction and scoring of one part"
+    )
+    jobs_max_media_hours: float = Field(default=4.0, gt=0.0, description="longest recording")
+    jobs_max_queued: int = Field(default=100, ge=1, description="queued jobs before 429")
+    jobs_max_upload_bytes: int = Field(
+        default=4 * 2**30, ge=1, description="body limit of one job upload"
+    )
+    jobs_disk_quota_bytes: int = Field(
+        default=50 * 2**30, ge=1, description="all uploads kept for jobs together (507 beyond)"
+    )
+    jobs_retention_interval_s: float = Field(
+        default=600.0, gt=0.0, description="how often expired jobs are looked for"
+    )
+    jobs_callback_secret: SecretStr | None = Field(
+        default=None, description="HMAC-SHA256 key signing callback bodies"
+    )
+    jobs_callback_allow: tuple[str, ...] = Field(
+        default=(),
+        description="callback targets allowed: host names, IP addresses or CIDRs (JSON list); "
+        "empty: callbacks refused",
+    )
+    jobs_callback_attempts: int = Field(default=5, ge=1, description="tries of one callback")
+    jobs_callback_backoff_s: float = Field(
+        default=1.0, ge=0.0, description="first retry delay (doubled each try)"
+    )
+    jobs_callback_timeout_s: float = Field(default=10.0, gt=0.0, description="per try")
+
     # Logs and metrics ---------------------------------------------------------------------
     log_format: LogFormat = Field(
         default="text", description='"text" (a terminal) or "json" (one object per line)'
@@ -167,6 +223,35 @@ class ServiceSettings(BaseSettings):
     keep_alive_timeout_s: float = Field(
         default=5.0, gt=0.0, description="close an idle keep-alive connection after this"
     )
+
+    # Jobs: durable job state (long recordings, /v1/jobs) ------------------------------------
+    jobs_dir: Path = Field(
+        default_factory=default_jobs_dir,
+        description="data folder of jobs: the SQLite job database (the default) and the "
+        "uploads kept until their job ends",
+    )
+    jobs_database_url: SecretStr | None = Field(
+        default=None,
+        description='job database: "sqlite:///<path>" or "postgresql://user:password@host:'
+        'port/database" (replicas sharing one queue); default a SQLite file in jobs_dir',
+    )
+    jobs_lease_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        description="a running job's lease: its runner renews it; once it lapses (the process "
+        "died) another process takes the job over",
+    )
+    jobs_retention_s: float = Field(
+        default=7 * 24 * 3600.0,
+        gt=0.0,
+        description="finished jobs, their results and files are deleted this long after the end",
+    )
+
+    def jobs_store_url(self) -> str:
+        """The job database URL: ``jobs_database_url``, else the SQLite file in ``jobs_dir``."""
+        if self.jobs_database_url is not None:
+            return self.jobs_database_url.get_secret_value()
+        return f"sqlite:///{self.jobs_dir.expanduser().absolute() / 'jobs.db'}"
 
     @field_validator("model_path", mode="before")
     @classmethod

@@ -11,6 +11,7 @@ from typing import Any
 import helpers
 import numpy as np
 import pytest
+from pg import PostgresServer
 
 # The shared folder beside the repository (CI clones the repo with shared/ next to it).
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -30,8 +31,19 @@ PROCESS_FIXTURES = frozenset(
         "ray_prometheus",
         "tool",
         "ray_service",  # tests/ray: Ray Serve behind HAProxy
+        "postgres_server",  # a PostgreSQL server (tests/pg.py): the job store's database
     }
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_jobs_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Apps and servers the tests start keep their jobs (/v1/jobs) in a folder of this session,
+    never in the user's data folder; a test that sets ``CMAMBA_JOBS_DIR`` itself wins."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("CMAMBA_JOBS_DIR", str(tmp_path_factory.mktemp("jobs-default")))
+    yield
+    patch.undo()
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects
@@ -179,3 +191,15 @@ def stand_ins(monkeypatch: pytest.MonkeyPatch) -> Iterator[helpers.KernelStandIn
     fakes = helpers.KernelStandIns()
     fakes.install(monkeypatch)
     yield fakes
+
+
+# -- PostgreSQL (the job store's shared database) --------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One throw-away PostgreSQL server for the session (tests/pg.py); make a database per
+    test with ``postgres_server.create_database(name)``."""
+    server = PostgresServer.start()
+    yield server
+    server.stop()

@@ -17,7 +17,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "system_deps.sh"
 BASH = shutil.which("bash") or "/bin/bash"
-ALL = ["prometheus", "prometheus-alertmanager", "docker-compose", "haproxy", "chromium"]
+ALL = [
+    "prometheus",
+    "prometheus-alertmanager",
+    "docker-compose",
+    "haproxy",
+    "chromium",
+    "postgresql",
+]
 
 
 def _executable(path: Path, body: str = "exit 0") -> None:
@@ -51,6 +58,9 @@ class FakeMachine:
                 _executable(self.root / "usr/sbin/haproxy")
             elif package == "chromium":
                 _executable(self.root / "usr/bin/chromium")
+            elif package == "postgresql":
+                for tool in ("pg_ctl", "initdb"):
+                    _executable(self.root / f"usr/lib/postgresql/15/bin/{tool}")
 
     def apt_calls(self) -> list[str]:
         return self.apt_log.read_text().splitlines() if self.apt_log.exists() else []
@@ -84,7 +94,8 @@ def test_as_root_it_installs_only_what_is_missing(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert machine.apt_calls() == [
         "update -qq",
-        "install -y -qq --no-install-recommends prometheus-alertmanager docker-compose chromium",
+        "install -y -qq --no-install-recommends"
+        " prometheus-alertmanager docker-compose chromium postgresql",
     ]
 
 
@@ -100,6 +111,18 @@ def test_alertmanager_counts_as_missing_without_amtool(tmp_path: Path) -> None:
     machine.has(*ALL)
     (machine.root / "usr/bin/amtool").unlink()
     assert machine.run("--list").stdout.split() == ["prometheus-alertmanager"]
+
+
+def test_postgresql_is_found_under_any_major_version(tmp_path: Path) -> None:
+    machine = FakeMachine(tmp_path, uid=0)
+    machine.has(*(p for p in ALL if p != "postgresql"))
+    assert machine.run("--list").stdout.split() == ["postgresql"]
+    # The client alone (libpq, psql) is not the server.
+    _executable(machine.root / "usr/lib/postgresql/17/bin/psql")
+    _executable(machine.root / "usr/lib/postgresql/17/bin/pg_ctl")
+    assert machine.run("--list").stdout.split() == ["postgresql"]
+    _executable(machine.root / "usr/lib/postgresql/17/bin/initdb")
+    assert machine.run("--list").stdout == ""
 
 
 @pytest.mark.parametrize("uid", [0, 1000])
@@ -118,7 +141,7 @@ def test_dry_run_prints_the_commands_and_changes_nothing(tmp_path: Path) -> None
     assert result.returncode == 0
     assert result.stdout.splitlines() == [
         "apt-get update",
-        "apt-get install -y --no-install-recommends haproxy chromium",
+        "apt-get install -y --no-install-recommends haproxy chromium postgresql",
     ]
     assert machine.apt_calls() == []
 

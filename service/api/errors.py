@@ -21,11 +21,16 @@ from service.errors import (
     DeadlineExceededError,
     FatalServiceError,
     InvalidInputError,
+    JobNotFinishedError,
+    JobNotFoundError,
+    JobRequestError,
+    JobStorageFullError,
     MediaDisabledError,
     ModelNotFoundError,
     PayloadTooLargeError,
     RetryableError,
     ServiceError,
+    TooManyJobsError,
     UnauthorizedError,
     UnsupportedMediaError,
     error_body,
@@ -44,6 +49,11 @@ STATUS_CODES: dict[type[ServiceError], int] = {
     FatalServiceError: 503,  # unavailable: the process exits to be restarted
     RetryableError: 503,  # not_ready, draining, over_capacity, gpu_oom
     DeadlineExceededError: 504,
+    JobNotFoundError: 404,  # jobs: /v1/jobs
+    JobNotFinishedError: 409,
+    JobRequestError: 400,  # invalid_path, callback_not_allowed
+    TooManyJobsError: 429,
+    JobStorageFullError: 507,
     ServiceError: 500,
 }
 """HTTP status of each domain error; an error class takes its nearest listed ancestor's."""
@@ -60,7 +70,7 @@ def http_status(exc: ServiceError) -> int:
 
 def error_headers(exc: ServiceError, retry_after_s: int) -> dict[str, str]:
     """Extra response headers of a domain error's answer."""
-    if isinstance(exc, RetryableError):
+    if isinstance(exc, RetryableError | TooManyJobsError):
         return {"Retry-After": str(retry_after_s)}
     if isinstance(exc, UnauthorizedError):
         return {"WWW-Authenticate": "Bearer"}

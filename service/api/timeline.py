@@ -63,7 +63,8 @@ class TimelineResponse(BaseModel):
     )
 
 
-def _response(answer: TimelinePrediction, request_id: str) -> TimelineResponse:
+def timeline_response(answer: TimelinePrediction, request_id: str) -> TimelineResponse:
+    """The JSON answer of a timeline (`/v1/timeline`, and a finished job's result)."""
     timeline = answer.timeline
     return TimelineResponse(
         sentiment=Sentiment(
@@ -131,4 +132,4 @@ async def predict_timeline(
                 window_s=window,
             ),
         )
-    return timed_answer(_response(answer, request.state.request_id), answer.timings_ms)
+    return timed_answer(timeline_response(answer, request.state.request_id), answer.timings_ms)

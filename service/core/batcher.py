@@ -5,6 +5,10 @@ Clips wait in one bounded FIFO queue. The worker takes the oldest clip and waits
 ``max_batch_size`` clips; it then groups them by length bucket, so a short clip is not padded
 to a long one, and runs each group as one model call. Everything that touches the model runs
 on this one thread, including warm-up tasks handed in with :meth:`MicroBatcher.call`.
+
+Background clips (a long recording's job work) wait in a second queue: the worker takes them
+only when no online clip is queued, and never puts the two kinds into one model call, so an
+online request waits at most for the one background batch already running.
 """
 
 from __future__ import annotations
@@ -93,6 +97,7 @@ class MicroBatcher:
         self._failed: FatalServiceError | None = None
         self._holding: list[_Pending] = []
         self._queue: deque[_Pending] = deque()
+        self._background: deque[_Pending] = deque()
         self._tasks: deque[_Task] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -121,37 +126,48 @@ class MicroBatcher:
 
     @property
     def depth(self) -> int:
-        """Clips waiting for the model."""
+        """Online clips waiting for the model."""
         return len(self._queue)
+
+    @property
+    def background_depth(self) -> int:
+        """Background clips waiting for the model."""
+        return len(self._background)
 
     # -- producers ----------------------------------------------------------------------------
 
-    def submit(self, clip: ClipFeatures, deadline: float) -> Future[ClipOutcome]:
+    def submit(
+        self, clip: ClipFeatures, deadline: float, *, background: bool = False
+    ) -> Future[ClipOutcome]:
         """Queue a clip; the future resolves on the worker thread.
 
         Args:
             clip: the clip's features.
             deadline: ``time.monotonic()`` after which the clip is not run any more.
+            background: job work, run only while no online clip waits (its own queue, of the
+                same size).
 
         Raises:
             OverCapacityError: the queue is full (reason ``queue_full``).
         """
         future: Future[ClipOutcome] = Future()
         trace = request_trace_var.get() if self._tracer is not None else None
+        queue = self._background if background else self._queue
         with self._cond:
             if self._failed is not None:
                 raise FatalServiceError(self._failed.message)
             if self._stopping:
                 raise RuntimeError("the batcher is stopped")
-            if len(self._queue) >= self.max_queue_size:
+            if len(queue) >= self.max_queue_size:
                 raise OverCapacityError(
                     f"the model queue is full ({self.max_queue_size} clips waiting)",
                     reason="queue_full",
                 )
-            self._queue.append(_Pending(clip, future, time.monotonic(), deadline, trace))
+            queue.append(_Pending(clip, future, time.monotonic(), deadline, trace))
             depth = len(self._queue)
             self._cond.notify_all()
-        self._report_depth(depth)
+        if not background:
+            self._report_depth(depth)
         return future
 
     def fail(self, error: FatalServiceError) -> None:
@@ -159,8 +175,9 @@ class MicroBatcher:
         broken); the batch running now ends as it ends."""
         with self._cond:
             self._failed = error
-            dropped = list(self._queue)
+            dropped = list(self._queue) + list(self._background)
             self._queue.clear()
+            self._background.clear()
             self._cond.notify_all()
         for pending in dropped:
             if pending.future.set_running_or_notify_cancel():
@@ -227,6 +244,9 @@ class MicroBatcher:
                     return self._tasks.popleft()
                 if self._queue:
                     break
+                if self._background:  # queued together by one job: no wait for company
+                    count = min(self.max_batch_size, len(self._background))
+                    return [self._background.popleft() for _ in range(count)]
                 if self._stopping:
                     return None
                 self._cond.wait()

@@ -26,11 +26,17 @@ from service.core import assembly
 from service.core.admission import Admission
 from service.core.attribution import attribution as attribution_of
 from service.core.attribution import attribution_plan
-from service.core.extraction import FeatureBundleLike, FeatureExtractor
+from service.core.extraction import ExtractionPool, FeatureBundleLike, FeatureExtractor
 from service.core.faults import parse_fault
 from service.core.health_state import FatalFailure, HealthState
-from service.core.lifecycle import CoreState, Serving, check_checkpoint, start_serving
-from service.core.timeline import TimelinePrediction, assemble, plan_timeline
+from service.core.lifecycle import (
+    CoreState,
+    Serving,
+    check_checkpoint,
+    fatal_reporter,
+    start_serving,
+)
+from service.core.timeline import Timeline, TimelinePrediction, assemble, plan_timeline
 from service.core.trace_context import BatchTracer
 from service.core.types import Attribution, ClipFeatures, ClipOutcome, ModelIdentity, Prediction
 from service.core.validation import clip_from_bundle, clip_from_features
@@ -92,6 +98,8 @@ class InferenceCore:
         self.health = HealthState(metrics.fatal_errors, settings.ready_saturation_s)
         self.health.on_fatal(self._on_fatal)
         self._fault = parse_fault(settings.fault_injection)
+        self._background_pool: ExtractionPool | None = None  # job work (extract_bundle)
+        self._background_lock = threading.Lock()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -157,6 +165,8 @@ class InferenceCore:
         if self._serving is not None:
             broken = self.health.fatal is not None
             self._serving.stop(timeout=self.settings.drain_timeout_s, broken=broken)
+        if self._background_pool is not None:
+            self._background_pool.shutdown(wait=self.health.fatal is None)
 
     # -- health -------------------------------------------------------------------------------
 
@@ -176,6 +186,8 @@ class InferenceCore:
                 self.health.trip("model_worker", "the model worker thread is not running")
             elif serving.pool is not None and not serving.pool.alive:
                 self.health.trip("extraction_worker", "an extraction thread is not running")
+            elif self._background_pool is not None and not self._background_pool.alive:
+                self.health.trip("extraction_worker", "a job extraction thread is not running")
 
     async def check_health(self, timeout_s: float) -> None:
         """Raise when this instance should be replaced (Ray's replica health check): after a
@@ -459,19 +471,7 @@ class InferenceCore:
         bundle, wait_ms = await self.extract_bundle(
             path, transcript, deadline=deadline, remove_after=remove_after
         )
-        config = self.config
-        clip = clip_from_bundle(bundle, config, max_steps=None)  # longer clips are cut
-        plan = plan_timeline(
-            clip,
-            float(getattr(bundle, "rate_hz", 10.0)),
-            list(getattr(bundle, "segments", []) or []),
-            config.modalities,
-            self.settings.max_sequence_length,
-            media_duration_s=getattr(bundle.summary, "duration_s", None),
-            window_s=window_s,
-        )
-        outcomes = await self.run_clips(plan.clips, deadline)
-        timeline = assemble(plan, [o.result for o in outcomes if o.result is not None])
+        timeline, outcomes = await self.score_timeline(bundle, deadline, window_s=window_s)
         timings = assembly.request_timings(
             started=started,
             queue_ms=max((o.queue_ms for o in outcomes), default=0.0),
@@ -487,11 +487,51 @@ class InferenceCore:
             largest_batch=max((o.batch_size for o in outcomes), default=0),
         )
 
+    async def score_timeline(
+        self,
+        bundle: FeatureBundleLike,
+        deadline: float,
+        *,
+        window_s: float = 5.0,
+        whole_clip: bool = True,
+        background: bool = False,
+    ) -> tuple[Timeline, list[ClipOutcome]]:
+        """Segment an extracted clip and score its segments (and, with ``whole_clip``, the
+        whole clip when it fits one model call) through the micro-batcher.
+
+        The one segment path of the synchronous timeline and of the job runner, which scores a
+        long recording part by part with ``whole_clip=False`` and ``background=True`` (its clips
+        wait behind online requests, see :meth:`MicroBatcher.submit`).
+        """
+        config = self.config
+        clip = clip_from_bundle(bundle, config, max_steps=None)  # longer clips are cut
+        plan = plan_timeline(
+            clip,
+            float(getattr(bundle, "rate_hz", 10.0)),
+            list(getattr(bundle, "segments", []) or []),
+            config.modalities,
+            self.settings.max_sequence_length,
+            media_duration_s=getattr(bundle.summary, "duration_s", None),
+            window_s=window_s,
+            whole_clip=whole_clip,
+        )
+        outcomes = await self.run_clips(plan.clips, deadline, background=background)
+        timeline = assemble(plan, [o.result for o in outcomes if o.result is not None])
+        return timeline, outcomes
+
     async def extract_bundle(
-        self, path: Path, transcript: str | None, *, deadline: float, remove_after: bool
+        self,
+        path: Path,
+        transcript: str | None,
+        *,
+        deadline: float,
+        remove_after: bool,
+        background: bool = False,
     ) -> tuple[FeatureBundleLike, float]:
         """Extract a media file's features on the pool, without scoring them.
 
+        ``background`` (job work) extracts on a pool of its own (one thread per job worker,
+        the same extractor), so online requests never queue behind a long recording's parts.
         Returns the bundle and the milliseconds the job waited for a pool thread. Raises the
         same domain errors as :meth:`predict_media`.
         """
@@ -502,10 +542,9 @@ class InferenceCore:
             if serving is None:
                 raise NotReadyError("the model is still loading")
             raise MediaDisabledError(serving.media_unavailable)
+        pool = self._job_pool(serving.pool) if background else serving.pool
         stop = threading.Event()
-        job = serving.pool.submit(
-            path, transcript, deadline=deadline, remove_after=remove_after, stop=stop
-        )
+        job = pool.submit(path, transcript, deadline=deadline, remove_after=remove_after, stop=stop)
         try:
             done = await _await_extraction(job, deadline, stop)
         except ServiceError:
@@ -516,18 +555,36 @@ class InferenceCore:
             raise
         return done.bundle, done.wait_ms
 
-    async def run_clips(self, clips: Sequence[ClipFeatures], deadline: float) -> list[ClipOutcome]:
+    def _job_pool(self, online: ExtractionPool) -> ExtractionPool:
+        with self._background_lock:
+            if self._background_pool is None:
+                workers = max(1, self.settings.jobs_workers)
+                self._background_pool = ExtractionPool(
+                    online.extractor,
+                    workers,
+                    niceness=self.settings.jobs_niceness,
+                    on_death=fatal_reporter(self.health, "extraction_worker"),
+                )
+            return self._background_pool
+
+    async def run_clips(
+        self, clips: Sequence[ClipFeatures], deadline: float, *, background: bool = False
+    ) -> list[ClipOutcome]:
         """Score many clips of one request through the micro-batcher, in order.
 
         Clips are queued ``max_batch_size`` at a time (so one request never fills the queue on
-        its own); each group is batched together like concurrent requests are.
+        its own); each group is batched together like concurrent requests are. ``background``
+        clips (job work) wait while online clips are queued.
         """
         batcher = self._ready_parts().batcher
         outcomes: list[ClipOutcome] = []
         step = max(1, min(self.settings.max_batch_size, self.settings.max_queue_size))
         for first in range(0, len(clips), step):
             # Queued back to back, before any await, so the worker finds them together.
-            futures = [batcher.submit(c, deadline) for c in clips[first : first + step]]
+            futures = [
+                batcher.submit(c, deadline, background=background)
+                for c in clips[first : first + step]
+            ]
             try:
                 done = await asyncio.wait_for(
                     asyncio.gather(*(asyncio.wrap_future(f) for f in futures)),

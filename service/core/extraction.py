@@ -9,8 +9,10 @@ and the instance restarts (:mod:`service.core.health_state`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
+import os
 import queue
 import threading
 import time
@@ -105,6 +107,7 @@ class WatchedThreads:
         workers: threads.
         name: thread name prefix.
         on_death: called on the dying thread with what ended it.
+        initializer: called first on each thread (e.g. to lower its priority).
     """
 
     def __init__(
@@ -112,8 +115,11 @@ class WatchedThreads:
         workers: int,
         name: str,
         on_death: Callable[[BaseException], None] | None = None,
+        *,
+        initializer: Callable[[], None] | None = None,
     ) -> None:
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._initializer = initializer
         self._on_death = on_death
         self._closed = False
         self._failed: FatalServiceError | None = None
@@ -165,6 +171,8 @@ class WatchedThreads:
                 thread.join()
 
     def _work(self) -> None:
+        if self._initializer is not None:
+            self._initializer()
         while True:
             job = self._queue.get()
             if job is None:
@@ -195,6 +203,7 @@ class ExtractionPool:
     Args:
         extractor: a thread-safe extractor.
         workers: extraction threads (clips extracted at the same time).
+        niceness: added to the threads' nice value (background work, e.g. jobs; 0: as is).
         metrics: where to record the queue, the busy threads, the wait, the CPU time, the file
             sizes and the clip durations (nothing when None).
         on_death: called with what ended an extraction thread that died.
@@ -207,6 +216,7 @@ class ExtractionPool:
         workers: int,
         metrics: ServiceMetrics | None = None,
         *,
+        niceness: int = 0,
         on_death: Callable[[BaseException], None] | None = None,
         before_job: Callable[[], None] | None = None,
     ) -> None:
@@ -218,7 +228,12 @@ class ExtractionPool:
         if metrics is not None:
             metrics.extraction_workers.set(workers)
         self._before_job = before_job
-        self._executor = WatchedThreads(workers, "cmamba-extract", on_death)
+        self._executor = WatchedThreads(
+            workers,
+            "cmamba-extract-bg" if niceness else "cmamba-extract",
+            on_death,
+            initializer=functools.partial(_lower_priority, niceness) if niceness else None,
+        )
         # preprocessing.Extractor stops when asked; an extractor without the keyword runs on.
         self._stoppable = "should_stop" in inspect.signature(extractor.extract).parameters
 
@@ -336,6 +351,15 @@ class ExtractionPool:
     def shutdown(self, wait: bool = True) -> None:
         """Finish queued jobs and stop the threads (``wait``: until they have stopped)."""
         self._executor.shutdown(wait=wait)
+
+
+def _lower_priority(niceness: int) -> None:
+    """Raise the calling thread's nice value (Linux: per thread, inherited by the threads it
+    starts), so the scheduler prefers the other threads when the CPUs are busy."""
+    with contextlib.suppress(AttributeError, OSError):
+        thread = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, current + niceness))
 
 
 def _observe_clip(metrics: ServiceMetrics, bundle: FeatureBundleLike) -> None:

@@ -158,7 +158,7 @@ def start_serving(
         model,
         before_forward=_with_fault(before_forward, fault),
         on_oom=metrics.gpu_oom.inc,
-        on_fatal=_reporter(health, "cuda"),
+        on_fatal=fatal_reporter(health, "cuda"),
     )
     if runner.device.type == "cuda":
         metrics.enable_gpu()
@@ -179,7 +179,7 @@ def start_serving(
         on_queue_depth=lambda depth: _follow_queue(metrics, health, depth, s.max_queue_size),
         thread_init=lambda: torch.set_num_threads(threads),
         upstream=upstream if s.adaptive_batch_delay else None,
-        on_death=_reporter(health, "model_worker"),
+        on_death=fatal_reporter(health, "model_worker"),
         tracer=tracer,
     )
     metrics.queue_capacity.set(s.max_queue_size)
@@ -246,7 +246,7 @@ def _with_fault(hook: ForwardHook | None, fault: FaultPlan | None) -> ForwardHoo
     return both
 
 
-def _reporter(health: HealthState, kind: FatalKind) -> Callable[[BaseException], None]:
+def fatal_reporter(health: HealthState, kind: FatalKind) -> Callable[[BaseException], None]:
     """A callback that reports an exception as a fatal failure of ``kind``."""
 
     def report(exc: BaseException) -> None:
@@ -362,7 +362,7 @@ def _build_pool(
         extractor,
         settings.extract_workers,
         metrics,
-        on_death=_reporter(health, "extraction_worker"),
+        on_death=fatal_reporter(health, "extraction_worker"),
         before_job=fault.before_extraction if fault is not None else None,
     )
     pool.warmup()

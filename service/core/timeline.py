@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -180,9 +180,10 @@ def plan_timeline(
     *,
     media_duration_s: float | None = None,
     window_s: float = 5.0,
+    whole_clip: bool = True,
 ) -> TimelinePlan:
     """Cut a clip's grid into segments (utterances, and windows where nobody speaks) and plan
-    the scoring of each segment and, when it fits, of the whole clip."""
+    the scoring of each segment and, when it fits (and ``whole_clip``), of the whole clip."""
     duration = clip.length / rate_hz
     if media_duration_s:
         duration = min(duration, float(media_duration_s))
@@ -196,13 +197,37 @@ def plan_timeline(
     for segment in segments:
         first, stop = step_range(segment, rate_hz, clip.length)
         plans.append(attribution_plan(slice_clip(clip, first, stop), model_modalities))
-    whole = attribution_plan(clip, model_modalities) if clip.length <= max_sequence_length else None
+    fits = whole_clip and clip.length <= max_sequence_length
+    whole = attribution_plan(clip, model_modalities) if fits else None
     return TimelinePlan(duration_s=duration, segments=segments, plans=plans, whole=whole)
 
 
 def assemble(planned: TimelinePlan, results: Sequence[ClipResult]) -> Timeline:
     """Put the model's results (in the order of ``planned.clips``) together."""
     whole = planned.whole
+    scored = scored_segments(planned, results)
+    if whole is None:
+        return segment_mean(scored, planned.duration_s, clips_scored=len(results))
+    cursor = sum(len(plan.clips) for plan in planned.plans)
+    part = results[cursor : cursor + len(whole.clips)]
+    probabilities = _named(part[0].probabilities)
+    return Timeline(
+        duration_s=planned.duration_s,
+        segments=scored,
+        score=float(part[0].score),
+        label=label_of([probabilities[n] for n in CLASS_NAMES]),
+        probabilities=probabilities,
+        attribution=attribution(whole, part),
+        overall_method="clip",
+        clips_scored=len(results),
+        emotions=dict(part[0].emotions) if part[0].emotions else None,
+    )
+
+
+def scored_segments(planned: TimelinePlan, results: Sequence[ClipResult]) -> list[ScoredSegment]:
+    """Each segment's prediction and attribution, from the model's results (in the order of
+    ``planned.clips``; the whole clip's, when planned, come after the segments' and are not
+    read here)."""
     scored: list[ScoredSegment] = []
     cursor = 0
     for segment, plan in zip(planned.segments, planned.plans, strict=True):
@@ -218,39 +243,80 @@ def assemble(planned: TimelinePlan, results: Sequence[ClipResult]) -> Timeline:
                 emotions=dict(part[0].emotions) if part[0].emotions else None,
             )
         )
-    if whole is not None:
-        part = results[cursor : cursor + len(whole.clips)]
-        score = float(part[0].score)
-        probabilities = _named(part[0].probabilities)
-        emotions = dict(part[0].emotions) if part[0].emotions else None
-        overall_attribution = attribution(whole, part)
-        method = "clip"
-    else:
-        weights = [s.segment.end_s - s.segment.start_s for s in scored]
-        score = weighted_mean([s.score for s in scored], weights)
-        probabilities = {
-            name: weighted_mean([s.probabilities[name] for s in scored], weights)
-            for name in CLASS_NAMES
+    return scored
+
+
+def segment_mean(scored: list[ScoredSegment], duration_s: float, *, clips_scored: int) -> Timeline:
+    """The timeline whose overall prediction is the duration-weighted mean of its segments
+    (``overall_method`` ``"segment_mean"``): clips longer than one model call, and long
+    recordings scored part by part (:mod:`service.jobs.runner`)."""
+    weights = [s.segment.end_s - s.segment.start_s for s in scored]
+    probabilities = {
+        name: weighted_mean([s.probabilities[name] for s in scored], weights)
+        for name in CLASS_NAMES
+    }
+    emotions = None
+    if scored and all(s.emotions for s in scored):
+        names = list(scored[0].emotions or {})
+        emotions = {
+            name: weighted_mean([(s.emotions or {})[name] for s in scored], weights)
+            for name in names
         }
-        overall_attribution = mean_attribution([s.attribution for s in scored], weights)
-        emotions = None
-        if scored and all(s.emotions for s in scored):
-            names = list(scored[0].emotions or {})
-            emotions = {
-                name: weighted_mean([(s.emotions or {})[name] for s in scored], weights)
-                for name in names
-            }
-        method = "segment_mean"
     return Timeline(
-        duration_s=planned.duration_s,
+        duration_s=duration_s,
         segments=scored,
-        score=score,
+        score=weighted_mean([s.score for s in scored], weights),
         label=label_of([probabilities[n] for n in CLASS_NAMES]),
         probabilities=probabilities,
-        attribution=overall_attribution,
-        overall_method=method,
-        clips_scored=len(results),
+        attribution=mean_attribution([s.attribution for s in scored], weights),
+        overall_method="segment_mean",
+        clips_scored=clips_scored,
         emotions=emotions,
+    )
+
+
+def shifted(segment: ScoredSegment, offset_s: float, end_s: float) -> ScoredSegment:
+    """The same scored segment, its times moved by ``offset_s`` (a part's start in its
+    recording) and its end cut at ``end_s`` (the part's end: a part's last packet may
+    reach a little past it)."""
+    start = min(segment.segment.start_s + offset_s, end_s)
+    moved = replace(
+        segment.segment,
+        start_s=start,
+        end_s=max(start, min(segment.segment.end_s + offset_s, end_s)),
+    )
+    return replace(segment, segment=moved)
+
+
+def segment_record(segment: ScoredSegment) -> dict[str, Any]:
+    """A scored segment as JSON (what a job stores; :func:`segment_from_record` reads it)."""
+    return {
+        "start_s": segment.segment.start_s,
+        "end_s": segment.segment.end_s,
+        "source": segment.segment.source,
+        "transcript": segment.segment.transcript,
+        "score": segment.score,
+        "label": segment.label,
+        "probabilities": dict(segment.probabilities),
+        "attribution": dict(segment.attribution),
+        "emotions": dict(segment.emotions) if segment.emotions else None,
+    }
+
+
+def segment_from_record(record: dict[str, Any]) -> ScoredSegment:
+    """The scored segment stored by :func:`segment_record`."""
+    return ScoredSegment(
+        segment=Segment(
+            float(record["start_s"]),
+            float(record["end_s"]),
+            record.get("transcript"),
+            str(record["source"]),
+        ),
+        score=float(record["score"]),
+        label=str(record["label"]),
+        probabilities={k: float(v) for k, v in record["probabilities"].items()},
+        attribution=dict(record["attribution"]),
+        emotions=record.get("emotions"),
     )
 
 

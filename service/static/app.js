@@ -43,6 +43,7 @@ async function labelScale(name, headers) {
 
 async function analyse(file) {
   if (!file) return;
+  if (typeof jobsMode === "function" && jobsMode()) return submitJob(file); // jobs.js
   const video = $("#video");
   if (video.dataset.url) URL.revokeObjectURL(video.dataset.url);
   video.dataset.url = URL.createObjectURL(file);

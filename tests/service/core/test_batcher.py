@@ -379,3 +379,38 @@ def test_stop_runs_what_is_queued_then_refuses_new_clips(model) -> None:
     assert [o.result.score for o in results(queued) if o.result] == [1.0, 2.0, 3.0]
     with pytest.raises(RuntimeError, match="stopped"):
         batcher.submit(clip(4), far())
+
+
+# -- background work (jobs) -------------------------------------------------------------------
+
+
+def test_background_clips_wait_while_online_clips_are_queued(
+    make_batcher: Callable[..., MicroBatcher], model: RecordingModel
+) -> None:
+    batcher = make_batcher(max_batch_size=2, max_batch_delay_s=0.0)
+    gate = Gate(batcher)
+    deadline = time.monotonic() + WAIT_S
+    background = [batcher.submit(clip(n), deadline, background=True) for n in (31, 32, 33)]
+    online = [batcher.submit(clip(n), deadline) for n in (11, 12, 13)]
+    assert batcher.depth == 3 and batcher.background_depth == 3
+    gate.open()
+    for future in [*online, *background]:
+        assert future.result(WAIT_S).result is not None
+    lengths = [sorted(call[0]) for call in model.calls]
+    # Every online clip ran before any background one, and no call mixed the two.
+    assert lengths == [[11, 12], [13], [31, 32], [33]]
+
+
+def test_a_background_queue_of_its_own_size(
+    make_batcher: Callable[..., MicroBatcher], model: RecordingModel
+) -> None:
+    batcher = make_batcher(max_queue_size=2, max_batch_delay_s=0.0)
+    gate = Gate(batcher)
+    deadline = time.monotonic() + WAIT_S
+    queued = [batcher.submit(clip(5), deadline, background=True) for _ in range(2)]
+    with pytest.raises(OverCapacityError):
+        batcher.submit(clip(5), deadline, background=True)
+    online = [batcher.submit(clip(7), deadline) for _ in range(2)]  # online room is its own
+    gate.open()
+    for future in [*queued, *online]:
+        assert future.result(WAIT_S).result is not None

@@ -283,3 +283,42 @@ def test_release_frames_frees_what_the_failed_frames_held(fail: Callable[[Decode
         assert isinstance(caught, ValueError | RuntimeError)  # the exception itself is kept
     finally:
         gc.enable()
+
+
+def test_a_background_pool_runs_at_a_lower_priority() -> None:
+    """Job parts are extracted on threads whose nice value is raised (Linux: per thread), and
+    the threads they start (speech recognition's helper) inherit it; the caller's is left."""
+    import os
+    import threading
+
+    from service.core.extraction import ExtractionPool
+
+    class Probe:
+        def warmup(self) -> None:
+            pass
+
+        def extract(self, path: object, transcript: object = None) -> object:
+            return None
+
+    def nice_of_this_thread() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def nice_of_a_child() -> int:
+        seen: list[int] = []
+        child = threading.Thread(target=lambda: seen.append(nice_of_this_thread()))
+        child.start()
+        child.join()
+        return seen[0]
+
+    own = nice_of_this_thread()
+    background = ExtractionPool(Probe(), 1, niceness=5)
+    online = ExtractionPool(Probe(), 1)
+    try:
+        expected = min(19, own + 5)
+        assert background._executor.submit(nice_of_this_thread).result(10) == expected
+        assert background._executor.submit(nice_of_a_child).result(10) == expected
+        assert online._executor.submit(nice_of_this_thread).result(10) == own
+        assert nice_of_this_thread() == own
+    finally:
+        background.shutdown()
+        online.shutdown()

@@ -1,0 +1,1 @@
+"""Long recordings as jobs: durable job state (:mod:`service.jobs.store`) and the work on it."""
