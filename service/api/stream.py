@@ -274,9 +274,11 @@ async def _serve(websocket: WebSocket, settings: ServiceSettings, session: Strea
                 assert isinstance(event, StreamFailed)
                 raise event.error
     finally:
+        # Not awaited: a cancellation that meets a message arriving can be lost in wait_for
+        # (Python 3.11), and the reader then waits for the next message; it also stops at its
+        # next message once the session has ended, and its outcome is read by the callback.
         reader.cancel()
-        with contextlib.suppress(BaseException):
-            await reader
+        reader.add_done_callback(lambda task: task.cancelled() or task.exception())
 
 
 async def _read_media(
@@ -291,6 +293,8 @@ async def _read_media(
             return
         if message is None:
             raise WebSocketDisconnect(CLOSE_NORMAL)
+        if session.ended:
+            return
         if isinstance(message, str):
             try:
                 body = json.loads(message)
