@@ -21,7 +21,17 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 
 from service import __version__
-from service.api import docs, health, inference_protocol, metrics, openapi, predict, timeline, webui
+from service.api import (
+    docs,
+    health,
+    inference_protocol,
+    metrics,
+    openapi,
+    predict,
+    stream,
+    timeline,
+    webui,
+)
 from service.api.auth import declare_scheme
 from service.api.errors import install_handlers
 from service.core.engine import InferenceCore
@@ -37,6 +47,7 @@ from service.settings import ServiceSettings
 if TYPE_CHECKING:
     from model import CoupledMambaForSentiment
     from service.core.runner import ForwardHook
+    from service.core.streaming import LiveSourceFactory
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +114,7 @@ def create_app(
     model: CoupledMambaForSentiment | None = None,
     extractor: FeatureExtractor | None = None,
     before_forward: ForwardHook | None = None,
+    live_source_factory: LiveSourceFactory | None = None,
 ) -> FastAPI:
     """Build the service.
 
@@ -114,6 +126,8 @@ def create_app(
             ``preprocessing.Extractor``.
         before_forward: hook called with each padded batch before the model call (fault
             injection in tests).
+        live_source_factory: builds each live stream's feature source instead of
+            ``preprocessing.live.LiveExtractor``.
     """
     settings = settings if settings is not None else ServiceSettings()
     service_metrics = ServiceMetrics()
@@ -123,6 +137,7 @@ def create_app(
         model=model,
         extractor=extractor,
         before_forward=before_forward,
+        live_source_factory=live_source_factory,
     )
     app = FastAPI(
         title="Coupled Mamba sentiment service",
@@ -146,6 +161,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(timeline.router)
+    app.include_router(stream.router)
     inference_protocol.install(app)  # /v2 models and inference; /v2 errors in its shape
     app.include_router(webui.router)
     app.include_router(docs.build_router(public=settings.public_docs))
