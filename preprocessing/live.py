@@ -431,7 +431,8 @@ class LiveExtractor:
         self._resampler = _Resampler(self._sample_rate)
         self._audio = _AudioBuffer()
         self._faces = _LiveFaces(extractor) if "visual" in self._modalities else None
-        self._last_frame_s: float | None = None
+        self._last_frame_s: float | None = None  # newest frame pushed
+        self._taken_frame_s: float | None = None  # newest frame pushed before the last take
         self._next_row = 0
         self._all_words: list[Word] = []
         self._text = _TextRows() if "text" in self._modalities else None
@@ -537,6 +538,7 @@ class LiveExtractor:
     def _take_input(self) -> tuple[list[np.ndarray], list[tuple[np.ndarray, float]], int]:
         with self._lock:
             audio, self._pending_audio = self._pending_audio, []
+            self._taken_frame_s = self._last_frame_s
             frames: list[tuple[np.ndarray, float]] = []
             dropped = 0
             if self._faces is not None:
@@ -584,21 +586,21 @@ class LiveExtractor:
 
     def _clock_s(self) -> float:
         """Stream time: the audio received (the newest frame for a stream without audio)."""
-        if self._audio.total or self._last_frame_s is None:
+        if self._audio.total or self._taken_frame_s is None:
             return self._audio.end_s
-        return self._last_frame_s
+        return self._taken_frame_s
 
     def _final_rows(self, final: bool) -> int:
         rate = self._rate
         if final:
             end = self._clock_s()
-            if not self._audio.total and self._last_frame_s is not None:
+            if not self._audio.total and self._taken_frame_s is not None:
                 end += 1.0 / self._settings.frame_rate_hz
             return max(grid_length(end, rate), self._next_row)
         stop = math.floor((self._clock_s() - AUDIO_LOOKAHEAD_S) * rate + 1e-9)
         if self._asr is not None:
             stop = min(stop, math.floor(self._asr.commit_s * rate + 1e-9))
-        last = self._last_frame_s
+        last = self._taken_frame_s  # frames pushed since are not processed yet
         if self._faces is not None and last is not None and last > self._clock_s() - 2.0:
             # A step may still take a frame within the borrowing reach after its centre.
             reach = 0.5 / self._settings.frame_rate_hz + 0.5 / rate
