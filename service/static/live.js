@@ -122,7 +122,7 @@ function grabFrame() {
   }, "image/jpeg", 0.8);
 }
 
-async function audioTap(ctx, source) {
+async function audioTap(ctx) {
   if (ctx.audioWorklet) {
     await ctx.audioWorklet.addModule("/static/pcm-worklet.js");
     const node = new AudioWorkletNode(ctx, "pcm-tap");
@@ -132,6 +132,16 @@ async function audioTap(ctx, source) {
   const node = ctx.createScriptProcessor(4096, 1, 1); // browsers without AudioWorklet
   node.onaudioprocess = (e) => onSamples(new Float32Array(e.inputBuffer.getChannelData(0)));
   return node;
+}
+
+// An audio context at the stream's rate lets the browser resample; a browser that cannot (or
+// cannot connect a microphone to it) gets one at its own rate, resampled here.
+function audioContext(rate) {
+  try {
+    return rate ? new AudioContext({ sampleRate: rate }) : new AudioContext();
+  } catch (e) {
+    return new AudioContext();
+  }
 }
 
 async function startLive() {
@@ -145,19 +155,26 @@ async function startLive() {
   label.textContent = "–";
   label.className = "label";
   liveStatus("Asking for the microphone" + (camera ? " and camera…" : "…"));
-  let media;
+  // The audio graph is ready before the microphone opens, so that no sound is lost.
+  let ctx = audioContext(LIVE_RATE);
+  let tap, media, source;
   try {
+    tap = await audioTap(ctx);
     media = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1 }, video: camera });
+    try {
+      source = ctx.createMediaStreamSource(media);
+    } catch (e) {
+      ctx.close().catch(() => {});
+      ctx = audioContext(null);
+      tap = await audioTap(ctx);
+      source = ctx.createMediaStreamSource(media);
+    }
   } catch (e) {
+    ctx.close().catch(() => {});
+    if (media) for (const track of media.getTracks()) track.stop();
     liveStatus(`No microphone${camera ? " or camera" : ""}: ${e.message || e}`, true);
     $("#live-start").disabled = false;
     return;
-  }
-  let ctx;
-  try {
-    ctx = new AudioContext({ sampleRate: LIVE_RATE });
-  } catch (e) {
-    ctx = new AudioContext(); // the browser's own rate; resampled below
   }
   const hasVideo = camera && media.getVideoTracks().length > 0;
   const limitS = Number($("#live-limit").value);
@@ -167,6 +184,21 @@ async function startLive() {
     downsample: makeDownsampler(ctx.sampleRate, LIVE_RATE), points: [], words: [], updates: 0,
     timer: null, nodes: [], limit: limitS > 0 ? Math.round(limitS * LIVE_RATE) : Infinity,
   };
+  const mute = ctx.createGain();
+  mute.gain.value = 0; // the tap must reach the destination to run; nothing is heard
+  source.connect(tap);
+  tap.connect(mute);
+  mute.connect(ctx.destination);
+  live.nodes = [source, tap, mute];
+  ctx.resume().catch(() => {});
+  if (hasVideo) {
+    const video = $("#live-video");
+    video.srcObject = media;
+    video.classList.remove("hidden");
+    video.play().catch(() => {});
+    live.timer = setInterval(grabFrame, LIVE_FRAME_MS);
+  }
+
   $("#live-plot").dataset.updates = "0";
   const token = $("#token").value.trim();
   const protocols = ["cmamba.v1"];
@@ -189,23 +221,6 @@ async function startLive() {
   };
   ws.onmessage = (e) => onLiveMessage(state, JSON.parse(e.data));
   ws.onclose = (e) => onLiveClose(state, e);
-
-  if (hasVideo) {
-    const video = $("#live-video");
-    video.srcObject = media;
-    video.classList.remove("hidden");
-    video.play().catch(() => {});
-    live.timer = setInterval(grabFrame, LIVE_FRAME_MS);
-  }
-  const source = ctx.createMediaStreamSource(media);
-  const tap = await audioTap(ctx, source);
-  const mute = ctx.createGain();
-  mute.gain.value = 0; // the tap must reach the destination to run; nothing is heard
-  source.connect(tap);
-  tap.connect(mute);
-  mute.connect(ctx.destination);
-  live.nodes = [source, tap, mute];
-  await ctx.resume();
   $("#live-stop").disabled = false;
   liveStatus("Connecting…");
 }
@@ -262,7 +277,8 @@ function onLiveMessage(state, msg) {
   } else if (msg.type === "final") {
     const result = msg.result;
     showSentiment(result.sentiment);
-    if (result.transcript) $("#live-words").textContent = result.transcript;
+    const transcript = result.modalities && result.modalities.transcript;
+    if (transcript) $("#live-words").textContent = transcript;
     const final = $("#live-final");
     final.textContent = `Final answer over ${fmt(msg.stream_time_s, 1)} s: ${fmt(result.sentiment.score, 3)} ${result.sentiment.label} (${msg.reason}).`;
     final.dataset.score = String(result.sentiment.score);
