@@ -5,6 +5,7 @@ capture devices fed from a shared clip, streaming over WS /v1/stream to a real s
 Chromium plays ``--use-file-for-fake-audio-capture`` (a WAV) and
 ``--use-file-for-fake-video-capture`` (a Y4M) as the microphone and the camera, in a loop. The
 test converts the GRID clip ("bin blue at f two now", a face throughout) to both with PyAV.
+A screenshot of the page after the stream is saved under ``artifacts/webui/`` (git-ignored).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 from helpers import ServerProcess, tiny_checkpoint
 
 CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "webui"
 CLIP = "grid_bbaf2n.mp4"
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -218,5 +220,34 @@ def test_live_mode_streams_microphone_and_camera(
     assert abs(final_score - offline["sentiment"]["score"]) <= 0.02
     assert final_label == offline["sentiment"]["label"]
     assert abs(other["sentiment"]["score"] - offline["sentiment"]["score"]) > 0.1
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "live.png"), full_page=True)
     assert not errors, errors
     assert not outside, f"the page fetched from elsewhere: {outside}"
+
+
+def test_live_mode_with_a_token(browser: Any, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """On a server with a token the page sends the one typed in (in Sec-WebSocket-Protocol);
+    a wrong one ends the stream with 4401, says so, and releases the devices."""
+    from playwright.sync_api import expect
+
+    ckpt = tiny_checkpoint(tmp_path_factory.mktemp("live-token") / "tiny")
+    server = ServerProcess({"CMAMBA_MODEL_PATH": str(ckpt), "CMAMBA_API_KEY": "s3cret-live"})
+    try:
+        server.wait_ready()
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.fill("#token", "wrong")
+        page.click("#live-start")
+        expect(page.locator("#live-status")).to_contain_text("4401", timeout=60_000)
+        assert "error" in (page.locator("#live-status").get_attribute("class") or "")
+        assert page.evaluate("() => live === null")
+        expect(page.locator("#live-start")).to_be_enabled()
+
+        page.fill("#token", "s3cret-live")
+        page.fill("#live-limit", "1.5")
+        page.click("#live-start")
+        expect(page.locator("#live-final")).to_contain_text("Final answer", timeout=60_000)
+        expect(page.locator("#live-status")).to_contain_text("Stream ended", timeout=30_000)
+    finally:
+        server.stop()
