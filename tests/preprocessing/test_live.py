@@ -376,3 +376,13 @@ def test_pushing_from_another_thread_while_ready_runs(extractor, decoded) -> Non
     assert total == int(np.ceil(len(media.audio) / SR * 10 - 1e-6))
     dropped = sum(r.dropped_frames for r in rows)
     assert joined(rows, "visual")[1].sum() > 0 and dropped < len(media.frames)
+
+
+def test_a_stream_without_video_is_not_held_back_by_it(extractor, decoded) -> None:  # type: ignore[no-untyped-def]
+    ex = Extractor(extractor.settings, modalities=("audio", "visual"))
+    live = LiveExtractor(ex, sample_rate=SR)
+    rows = play(live, decoded("grid_mp4").audio, chunk_s=1.0)
+    check_contiguous(rows, ex.dims)
+    assert sum(r.length for r in rows[:-1]) >= 20  # rows before the end, 0.5 s behind the audio
+    assert not joined(rows, "visual")[1].any()  # no video: absent, never invented
+    assert joined(rows, "audio")[1].any()
