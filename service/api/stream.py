@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import math
-import struct
 from typing import Any, Literal
 
 import numpy as np
@@ -40,20 +39,12 @@ from service.errors import (
     error_body,
 )
 from service.settings import ServiceSettings
+from service.stream_wire import HEADER, KIND_AUDIO, KIND_VIDEO, PROTOCOL, TOKEN_PREFIX
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["stream"])
 
-PROTOCOL = "cmamba.v1"
-"""The subprotocol the server speaks (and accepts with)."""
-TOKEN_PREFIX = "cmamba.token."
-"""A subprotocol offering ``cmamba.token.<token>`` gives the bearer token."""
-
-HEADER = struct.Struct("<B3sdI")
-"""kind (1 audio, 2 video), 3 reserved bytes, timestamp (float64 s), payload length (uint32)."""
-KIND_AUDIO = 1
-KIND_VIDEO = 2
 
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
@@ -141,11 +132,6 @@ def decode_pcm(payload: bytes, audio_format: str) -> np.ndarray:
     if not np.isfinite(samples).all():
         raise StreamProtocolError("f32le audio samples must be finite")
     return samples
-
-
-def encode_frame(kind: int, timestamp: float, payload: bytes) -> bytes:
-    """A binary message of the protocol (what clients send)."""
-    return HEADER.pack(kind, b"\0\0\0", timestamp, len(payload)) + payload
 
 
 # -- server messages -------------------------------------------------------------------------------

@@ -70,11 +70,20 @@ MAX_FRAME_OTHER_SIDE = 1080
 class LiveRowsLike(Protocol):
     """What the hub reads of ``preprocessing.live.LiveRows``."""
 
-    start: int
-    features: Mapping[str, np.ndarray]
-    masks: Mapping[str, np.ndarray]
-    words: list[Any]
-    dropped_frames: int
+    @property
+    def start(self) -> int: ...
+
+    @property
+    def features(self) -> Mapping[str, np.ndarray]: ...
+
+    @property
+    def masks(self) -> Mapping[str, np.ndarray]: ...
+
+    @property
+    def words(self) -> Sequence[Any]: ...
+
+    @property
+    def dropped_frames(self) -> int: ...
 
 
 class LiveSource(Protocol):
@@ -89,7 +98,7 @@ class LiveSource(Protocol):
     def finish(self) -> LiveRowsLike: ...
 
     @property
-    def words(self) -> list[Any]: ...
+    def words(self) -> Sequence[Any]: ...
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ from helpers import profile_dims
 from live_rows import BundleRows
 from starlette.websockets import WebSocketDisconnect
 
-from service.api.stream import KIND_AUDIO, KIND_VIDEO, encode_frame
 from service.main import create_app
 from service.settings import ServiceSettings
+from service.stream_wire import KIND_AUDIO, KIND_VIDEO, encode_frame
 
 RATE = 16_000
 
@@ -311,7 +311,9 @@ MALFORMED: dict[str, tuple[Callable[[Any], None], int, str]] = {
 def test_malformed_input_ends_only_its_stream(stream_app) -> None:
     """Every malformed input ends its own stream with a close code and reason, while another
     stream keeps getting updates and ends with its final answer."""
-    streams = stream_app(stream_max_message_bytes=16384, stream_max_streams=3)
+    streams = stream_app(
+        stream_max_message_bytes=16384, stream_max_streams=3, stream_idle_timeout_s=120.0
+    )
     with streams.client.websocket_connect("/v1/stream") as healthy:
         _start(healthy, update_interval_s=0.2)
         tone = _tone(6.0)
