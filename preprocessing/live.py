@@ -9,7 +9,8 @@ whose features are final; ``finish`` ends the stream. Rows come in order, withou
 How each modality is made, and how it differs from the offline extractor on the same clip:
 
 - **Audio** (either recipe of the profile) is computed on a window of the audio received so far
-  and only for steps at least ``AUDIO_LOOKAHEAD_S`` before the end of that audio. Whisper
+  and only for steps at least ``AUDIO_LOOKAHEAD_S`` before the end of that audio (with Whisper
+  states, by ``WHISPER_MIN_STEP_S`` of steps at least: one encoder pass each). Whisper
   encoder states use a window of at most 30 s ending at the newest audio (the first 30 s of a
   stream are one window from 0, as offline); the encoder attends over the whole window, so a
   step's state misses the audio after the window's end, and the log-Mel level normalisation
@@ -56,6 +57,9 @@ from preprocessing.text import TokenEmbeddings, align_text, split_words, uniform
 SR = AUDIO_SAMPLE_RATE
 WHISPER_WINDOW_S = 30.0  # the encoder's fixed input
 AUDIO_LOOKAHEAD_S = 0.5  # audio after a step before its audio features are final
+# Whisper states cost one encoder pass over a padded 30 s window whatever the new audio: rows
+# are released by at least this much at a time (one pass per second of stream at most).
+WHISPER_MIN_STEP_S = 1.0
 LIBROSA_CONTEXT_S = 2.5  # audio each side of the steps computed with the librosa recipe
 FRAME_BACKLOG_S = 2.0  # video queued for ready() beyond this is dropped (oldest first)
 FRAME_AHEAD_S = 10.0  # a frame may not be further ahead of the stream (audio or last frame)
@@ -605,6 +609,13 @@ class LiveExtractor:
             # A step may still take a frame within the borrowing reach after its centre.
             reach = 0.5 / self._settings.frame_rate_hz + 0.5 / rate
             stop = min(stop, math.floor((last - reach) * rate - 0.5 + 1e-9) + 1)
+        if (
+            "audio" in self._modalities
+            and self._settings.audio_features == "whisper"
+            and self._audio.total
+            and stop - self._next_row < round(WHISPER_MIN_STEP_S * rate)
+        ):
+            return self._next_row  # too few new rows for an encoder pass yet
         return max(stop, self._next_row)
 
     def _rows(self, first: int, stop: int, words: list[Word], dropped: int) -> LiveRows:

@@ -386,3 +386,15 @@ def test_a_stream_without_video_is_not_held_back_by_it(extractor, decoded) -> No
     assert sum(r.length for r in rows[:-1]) >= 20  # rows before the end, 0.5 s behind the audio
     assert not joined(rows, "visual")[1].any()  # no video: absent, never invented
     assert joined(rows, "audio")[1].any()
+
+
+def test_whisper_rows_come_a_second_at_a_time(whisper_extractor, decoded) -> None:  # type: ignore[no-untyped-def]
+    """One encoder pass costs the same for any new audio: frequent ready() calls release the
+    Whisper-state rows a second (10 steps) at a time, not a pass per call."""
+    settings, recognizer = whisper_extractor.settings, whisper_extractor.recognizer
+    ex = Extractor(settings, modalities=("audio",), recognizer=recognizer)
+    live = LiveExtractor(ex, sample_rate=SR)
+    rows = play(live, decoded("jfk").audio, chunk_s=0.2)
+    check_contiguous(rows, ex.dims)
+    sizes = [r.length for r in rows[:-1] if r.length]
+    assert len(sizes) >= 5 and min(sizes) >= 10, sizes
