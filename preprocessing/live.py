@@ -9,7 +9,8 @@ whose features are final; ``finish`` ends the stream. Rows come in order, withou
 How each modality is made, and how it differs from the offline extractor on the same clip:
 
 - **Audio** (either recipe of the profile) is computed on a window of the audio received so far
-  and only for steps at least ``AUDIO_LOOKAHEAD_S`` before the end of that audio. Whisper
+  and only for steps at least ``AUDIO_LOOKAHEAD_S`` before the end of that audio (with Whisper
+  states, by ``WHISPER_MIN_STEP_S`` of steps at least: one encoder pass each). Whisper
   encoder states use a window of at most 30 s ending at the newest audio (the first 30 s of a
   stream are one window from 0, as offline); the encoder attends over the whole window, so a
   step's state misses the audio after the window's end, and the log-Mel level normalisation
@@ -56,6 +57,9 @@ from preprocessing.text import TokenEmbeddings, align_text, split_words, uniform
 SR = AUDIO_SAMPLE_RATE
 WHISPER_WINDOW_S = 30.0  # the encoder's fixed input
 AUDIO_LOOKAHEAD_S = 0.5  # audio after a step before its audio features are final
+# Whisper states cost one encoder pass over a padded 30 s window whatever the new audio: rows
+# are released by at least this much at a time (one pass per second of stream at most).
+WHISPER_MIN_STEP_S = 1.0
 LIBROSA_CONTEXT_S = 2.5  # audio each side of the steps computed with the librosa recipe
 FRAME_BACKLOG_S = 2.0  # video queued for ready() beyond this is dropped (oldest first)
 FRAME_AHEAD_S = 10.0  # a frame may not be further ahead of the stream (audio or last frame)
@@ -431,7 +435,8 @@ class LiveExtractor:
         self._resampler = _Resampler(self._sample_rate)
         self._audio = _AudioBuffer()
         self._faces = _LiveFaces(extractor) if "visual" in self._modalities else None
-        self._last_frame_s: float | None = None
+        self._last_frame_s: float | None = None  # newest frame pushed
+        self._taken_frame_s: float | None = None  # newest frame pushed before the last take
         self._next_row = 0
         self._all_words: list[Word] = []
         self._text = _TextRows() if "text" in self._modalities else None
@@ -537,6 +542,7 @@ class LiveExtractor:
     def _take_input(self) -> tuple[list[np.ndarray], list[tuple[np.ndarray, float]], int]:
         with self._lock:
             audio, self._pending_audio = self._pending_audio, []
+            self._taken_frame_s = self._last_frame_s
             frames: list[tuple[np.ndarray, float]] = []
             dropped = 0
             if self._faces is not None:
@@ -584,25 +590,32 @@ class LiveExtractor:
 
     def _clock_s(self) -> float:
         """Stream time: the audio received (the newest frame for a stream without audio)."""
-        if self._audio.total or self._last_frame_s is None:
+        if self._audio.total or self._taken_frame_s is None:
             return self._audio.end_s
-        return self._last_frame_s
+        return self._taken_frame_s
 
     def _final_rows(self, final: bool) -> int:
         rate = self._rate
         if final:
             end = self._clock_s()
-            if not self._audio.total and self._last_frame_s is not None:
+            if not self._audio.total and self._taken_frame_s is not None:
                 end += 1.0 / self._settings.frame_rate_hz
             return max(grid_length(end, rate), self._next_row)
         stop = math.floor((self._clock_s() - AUDIO_LOOKAHEAD_S) * rate + 1e-9)
         if self._asr is not None:
             stop = min(stop, math.floor(self._asr.commit_s * rate + 1e-9))
-        last = self._last_frame_s
+        last = self._taken_frame_s  # frames pushed since are not processed yet
         if self._faces is not None and last is not None and last > self._clock_s() - 2.0:
             # A step may still take a frame within the borrowing reach after its centre.
             reach = 0.5 / self._settings.frame_rate_hz + 0.5 / rate
             stop = min(stop, math.floor((last - reach) * rate - 0.5 + 1e-9) + 1)
+        if (
+            "audio" in self._modalities
+            and self._settings.audio_features == "whisper"
+            and self._audio.total
+            and stop - self._next_row < round(WHISPER_MIN_STEP_S * rate)
+        ):
+            return self._next_row  # too few new rows for an encoder pass yet
         return max(stop, self._next_row)
 
     def _rows(self, first: int, stop: int, words: list[Word], dropped: int) -> LiveRows:

@@ -297,3 +297,104 @@ def test_chunked_grid_helpers_equal_the_whole_grid() -> None:
         part, part_mask = visual_on_grid(values, found, frame_times, 5, 10.0, 5.0, first_step=first)
         np.testing.assert_allclose(part, vis[first : first + 5], atol=1e-6)
         assert np.array_equal(part_mask, vis_mask[first : first + 5])
+
+
+def test_large_frames_are_scaled_as_the_decoder_scales_them(extractor, clip) -> None:  # type: ignore[no-untyped-def]
+    import av
+
+    with av.open(str(clip("jfk").parent / "obama.jpg")) as image:
+        portrait = next(image.decode(video=0)).to_ndarray(format="rgb24")  # 910x1137, a face
+    assert max(portrait.shape[:2]) > extractor.settings.frame_max_side
+    ex = Extractor(extractor.settings, modalities=("visual",))
+    live = LiveExtractor(ex, sample_rate=SR)
+    for i in range(10):
+        live.push_frame(portrait, i * 0.2)
+    rows = [live.ready(), live.finish()]
+    assert check_contiguous(rows, ex.dims) == 20
+    assert joined(rows, "visual")[1].all()
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_over_a_long_stream(extractor) -> None:  # type: ignore[no-untyped-def]
+    """Two minutes of a voiced tone in 1 s pieces: what the stream holds after the second
+    minute is no more than after the first (audio, frames and words are dropped once used)."""
+    import tracemalloc
+
+    ex = Extractor(extractor.settings, modalities=("audio", "visual"))
+    live = LiveExtractor(ex, sample_rate=SR)
+    t = np.arange(SR) / SR
+    second = (0.2 * np.sin(2 * np.pi * 180 * t)).astype(np.float32)
+    frame = np.full((48, 64, 3), 90, np.uint8)
+    held: list[int] = []
+    rows = 0
+    tracemalloc.start()
+    try:
+        for i in range(120):
+            live.push_audio(second)
+            live.push_frame(frame, float(i))
+            rows += live.ready().length
+            if i in (59, 119):
+                held.append(tracemalloc.get_traced_memory()[0])
+    finally:
+        tracemalloc.stop()
+    assert rows >= 1185  # the rows kept coming (up to the newest frame)
+    assert held[1] <= held[0] + 256 * 1024, held
+
+
+def test_pushing_from_another_thread_while_ready_runs(extractor, decoded) -> None:  # type: ignore[no-untyped-def]
+    import threading
+
+    media = decoded("grid_mp4")
+    ex = Extractor(extractor.settings, modalities=("audio", "visual"))
+    live = LiveExtractor(ex, sample_rate=SR)
+    done = threading.Event()
+    failures: list[BaseException] = []
+
+    def push() -> None:
+        try:
+            step = SR // 10
+            f = 0
+            for start in range(0, len(media.audio), step):
+                live.push_audio(media.audio[start : start + step])
+                while f < len(media.frames) and media.frame_times[f] <= (start + step) / SR:
+                    live.push_frame(media.frames[f], float(media.frame_times[f]))
+                    f += 1
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+        finally:
+            done.set()
+
+    pusher = threading.Thread(target=push)
+    pusher.start()
+    rows = []
+    while not done.is_set():
+        rows.append(live.ready())
+    pusher.join()
+    rows.append(live.finish())
+    assert not failures
+    total = check_contiguous(rows, ex.dims)
+    assert total == int(np.ceil(len(media.audio) / SR * 10 - 1e-6))
+    dropped = sum(r.dropped_frames for r in rows)
+    assert joined(rows, "visual")[1].sum() > 0 and dropped < len(media.frames)
+
+
+def test_a_stream_without_video_is_not_held_back_by_it(extractor, decoded) -> None:  # type: ignore[no-untyped-def]
+    ex = Extractor(extractor.settings, modalities=("audio", "visual"))
+    live = LiveExtractor(ex, sample_rate=SR)
+    rows = play(live, decoded("grid_mp4").audio, chunk_s=1.0)
+    check_contiguous(rows, ex.dims)
+    assert sum(r.length for r in rows[:-1]) >= 20  # rows before the end, 0.5 s behind the audio
+    assert not joined(rows, "visual")[1].any()  # no video: absent, never invented
+    assert joined(rows, "audio")[1].any()
+
+
+def test_whisper_rows_come_a_second_at_a_time(whisper_extractor, decoded) -> None:  # type: ignore[no-untyped-def]
+    """One encoder pass costs the same for any new audio: frequent ready() calls release the
+    Whisper-state rows a second (10 steps) at a time, not a pass per call."""
+    settings, recognizer = whisper_extractor.settings, whisper_extractor.recognizer
+    ex = Extractor(settings, modalities=("audio",), recognizer=recognizer)
+    live = LiveExtractor(ex, sample_rate=SR)
+    rows = play(live, decoded("jfk").audio, chunk_s=0.2)
+    check_contiguous(rows, ex.dims)
+    sizes = [r.length for r in rows[:-1] if r.length]
+    assert len(sizes) >= 5 and min(sizes) >= 10, sizes
