@@ -157,7 +157,9 @@ class ServiceSettings(BaseSettings):
         default=2**20, ge=1024, description="largest WebSocket message of a stream"
     )
     stream_drop_video_lag_s: float = Field(
-        default=1.0, ge=0.0, description="drop video frames while a stream lags more than this"
+        default=2.0,
+        ge=0.0,
+        description="drop video frames while more audio than this waits for live features",
     )
     stream_tick_s: float = Field(
         default=0.05, gt=0.0, description="how often the stream hub looks for due updates"

@@ -251,8 +251,15 @@ class StreamSession:
 
     @property
     def lag_s(self) -> float:
-        """Audio received but not yet scored, in seconds."""
+        """Audio received but not yet scored, in seconds (includes the live features' own
+        delay: rows wait for speech recognition)."""
         return max(0.0, self.received_s - self.stream_time_s)
+
+    @property
+    def queued_s(self) -> float:
+        """Audio received and not yet handed to the live features, in seconds: how far the
+        server is behind the stream (what decides dropping video frames)."""
+        return max(0.0, self.received_s - self._extract_from_s)
 
     # -- input (event loop) -------------------------------------------------------------------
 
@@ -290,7 +297,7 @@ class StreamSession:
         if self.stop_reason is not None or self.ended:
             return
         self.frames_received += 1
-        if self.lag_s > self._hub.settings.stream_drop_video_lag_s:
+        if self.queued_s > self._hub.settings.stream_drop_video_lag_s:
             self._count_dropped(1)
             return
         with self._lock:
