@@ -54,6 +54,7 @@ WS_CLOSE_CODES: dict[type[ServiceError], int] = {
     InvalidInputError: 4400,  # stream_protocol and the other bad-input kinds
     UnauthorizedError: 4401,
     TooManyStreamsError: 4429,
+    MediaDisabledError: 4501,  # this server makes no live features
     RetryableError: 4503,  # not_ready, draining
     ServiceError: 1011,
 }

@@ -447,3 +447,11 @@ def test_jpeg_size_is_read_from_the_header() -> None:
     for bad in (b"", b"\xff\xd8", b"\x89PNG\r\n", data[:20]):
         with pytest.raises(StreamProtocolError):
             jpeg_size(bad)
+
+
+def test_a_features_only_server_refuses_streams(features_app) -> None:
+    client = features_app()  # no media extractor, so no live features
+    with client.websocket_connect("/v1/stream") as ws:
+        _start_only(ws)
+        closed, error = _closed_with(ws)
+    assert closed == 4501 and error is not None and error["error"]["type"] == "media_disabled"
