@@ -259,9 +259,11 @@ def render(conc: list[dict[str, Any]], long: dict[str, Any], rescore: list[dict[
     for mode in ("audio", "audio + video"):
         ok = [r["streams"] for r in conc if r["mode"] == mode and r["ok"]]
         under = [r["streams"] for r in conc if r["mode"] == mode and r["under_1s"]]
+        tried = max(r["streams"] for r in conc if r["mode"] == mode)
+        most = " (the most this run tried)" if ok and max(ok) == tried else ""
         lines.append(f"- {mode}: kept up with real time (lag not growing) at "
-                     f"**{max(ok) if ok else 0}** concurrent stream(s); lag p99 under 1 s at "
-                     f"**{max(under) if under else 0}**.")  # fmt: skip
+                     f"**{max(ok) if ok else 0}** concurrent stream(s){most}; lag p99 under 1 s "
+                     f"at **{max(under) if under else 0}**.")  # fmt: skip
     lines += [
         "",
         "`keeps up`: every stream's median lag over its last third of updates is at most "
@@ -293,6 +295,7 @@ def render(conc: list[dict[str, Any]], long: dict[str, Any], rescore: list[dict[
     for r in rescore:
         lines.append(f"| {r['minutes']} min | {r['rows']} | {r['step_ms']:.1f} | "
                      f"{r['window_ms']:.1f} | **{r['ratio']:.0f}x** |")  # fmt: skip
+    lines += ["", f"Run: `{' '.join(['bench/stream.py', *sys.argv[1:]])}`."]
     return "\n".join(lines)
 
 
