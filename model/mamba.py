@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Self, cast
+from typing import TYPE_CHECKING, Self, cast
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,9 @@ from model.ops.fast_path import (
     stack_modalities,
 )
 from model.ops.mamba_kernels import KernelChoice
+
+if TYPE_CHECKING:
+    from model.streaming import StreamState
 
 
 @dataclass
@@ -635,13 +638,22 @@ class CoupledMambaForSentiment(nn.Module):
         return [(start, min(length, start + size)) for start in range(0, length, size)]
 
     def _encode_chunks(
-        self, features: dict[str, Tensor], valid: Tensor, chunks: list[tuple[int, int]]
+        self,
+        features: dict[str, Tensor],
+        valid: Tensor,
+        chunks: list[tuple[int, int]],
+        states: list[LayerState | None] | None = None,
     ) -> Iterator[Tensor]:
         """Run the layers over the chunks in time order, carrying each layer's state; yield
-        each chunk's hidden states (M, b, c, d) after the final norms, zero at masked steps."""
-        carry = len(chunks) > 1
+        each chunk's hidden states (M, b, c, d) after the final norms, zero at masked steps.
+
+        ``states``, when given, holds each layer's state before the first chunk (None: the
+        sequence starts here) and is updated in place to the state after the last chunk (the
+        streaming step, ``model.streaming``)."""
+        carry = len(chunks) > 1 or states is not None
         path = self.fast_path
-        states: list[LayerState | None] = [None] * len(self.layers)
+        if states is None:
+            states = [None] * len(self.layers)
         for start, end in chunks:
             hidden = self._project(features, valid, start, end)  # (M, b, c, d)
             maskf = valid[:, :, start:end].to(hidden.dtype)  # (M, b, c)
@@ -699,8 +711,12 @@ class CoupledMambaForSentiment(nn.Module):
             ):
                 pool.add(hidden, mask[:, :, start:end])
             pooled = pool.result()
+        return self._heads(pooled, mask.any(dim=-1))
+
+    def _heads(self, pooled: Tensor, present: Tensor) -> SentimentOutput:
+        """Fusion and heads on pooled hidden states (M, b, d) and presence (M, b) bool."""
         pooled = pooled.transpose(0, 1)  # (b, M, d)
-        present = mask.any(dim=-1).transpose(0, 1)  # (b, M)
+        present = present.transpose(0, 1)  # (b, M)
         fused, weights = self.fusion(pooled, present)  # (b, d), (b, M)
         low, high = self.config.label_scale
         raw = self.regression_head(fused).squeeze(-1)  # (b,)
@@ -718,6 +734,38 @@ class CoupledMambaForSentiment(nn.Module):
                 torch.softmax(emotion_logits, dim=-1) if emotion_logits is not None else None
             ),
         )
+
+    # -- streaming ------------------------------------------------------------------------------
+
+    def init_stream_state(self, batch: int = 1) -> StreamState:
+        """The state of ``batch`` streams before their first step (``model.streaming``)."""
+        from model.streaming import init_stream_state
+
+        return init_stream_state(self, batch)
+
+    def step(
+        self,
+        features: dict[str, Tensor],
+        masks: dict[str, Tensor],
+        state: StreamState,
+        lengths: Tensor | list[int] | None = None,
+    ) -> tuple[SentimentOutput, StreamState]:
+        """Advance ``state`` by the next steps of each stream and answer on all steps so far.
+
+        Args:
+            features: {modality: (b, c, F_m)} the streams' next steps, as in ``forward``.
+            masks: {modality: (b, c) bool}, True at valid steps; as in ``forward``.
+            state: the streams' state after their earlier steps (``init_stream_state``).
+            lengths: (b,) steps of each stream in this chunk (the rest is padding and is
+                ignored entirely); None: all c. A stream with 0 steps keeps its state.
+
+        Returns:
+            The answer of each stream on everything it has seen (what ``forward`` on the whole
+            sequence gives, up to float rounding), and the new state (``state`` is unchanged).
+        """
+        from model.streaming import stream_step
+
+        return stream_step(self, features, masks, state, lengths)
 
     # -- metadata -------------------------------------------------------------------------------
 

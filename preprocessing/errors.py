@@ -59,6 +59,13 @@ class ExtractionStoppedError(PreprocessingError):
     kind = "extraction_stopped"
 
 
+class LiveInputError(PreprocessingError):
+    """A live stream was handed input it cannot use (not finite, wrong shape or type, time
+    going backwards, or input after the end of the stream); the stream's state is unchanged."""
+
+    kind = "invalid_stream_input"
+
+
 class ModelLoadError(PreprocessingError):
     """A bundled model is missing, or its version or checksum differs from the pinned one."""
 
@@ -68,6 +75,7 @@ class ModelLoadError(PreprocessingError):
 __all__ = [
     "CorruptMediaError",
     "ExtractionStoppedError",
+    "LiveInputError",
     "MediaTooLargeError",
     "MediaTooLongError",
     "ModelLoadError",

@@ -306,6 +306,17 @@ def _check_audio_rate(rate: int, channels: int, settings: ExtractorSettings) -> 
         )
 
 
+def next_frame_sample_s(time_s: float, period_s: float) -> float:
+    """When the next video frame is sampled after one kept at ``time_s``: the next multiple of
+    the sampling period (frames earlier than that, less 1 us, are skipped)."""
+    return (math.floor(max(time_s, 0.0) / period_s + 1e-6) + 1) * period_s
+
+
+def scaled_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """A frame's size scaled down so its longer side fits ``max_side`` (even sizes)."""
+    return _scaled_size(width, height, max_side)
+
+
 def _scaled_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     scale = min(1.0, max_side / max(width, height))
     # Even sizes keep swscale's chroma handling exact.
@@ -581,5 +592,4 @@ class _FrameSink:
         else:
             self.frames.append(rgb)
         self.times.append(max(t, 0.0))
-        # Next sample at the next multiple of the period after t.
-        self._next_s = (math.floor(max(t, 0.0) / self._period + 1e-6) + 1) * self._period
+        self._next_s = next_frame_sample_s(t, self._period)

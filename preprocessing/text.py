@@ -315,6 +315,8 @@ def align_text(
     rate_hz: float,
     *,
     words_per_s: float = NOMINAL_WORDS_PER_S,
+    first_step: int = 0,
+    steps: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Place token embeddings on the time grid.
 
@@ -324,7 +326,9 @@ def align_text(
     rate (:func:`uniform_word_times`). ``duration_s`` None means "as long as the words".
 
     Returns ``features`` (L, 384) float32 and ``mask`` (L,) bool with
-    ``L = grid_length(duration_s, rate_hz)``.
+    ``L = grid_length(duration_s, rate_hz)``. ``first_step`` and ``steps`` return only the grid
+    steps ``[first_step, first_step + steps)`` of that grid (``steps`` None: to its end), each
+    equal to the same step of the whole grid (the live extractor places words chunk by chunk).
     """
     n_words = len(tokens.words)
     if word_times is None:
@@ -335,13 +339,15 @@ def align_text(
             raise ValueError(f"{len(times)} word times for {n_words} words")
     if duration_s is None:
         duration_s = float(times[:, 1].max()) if n_words else 0.0
-    length = grid_length(duration_s, rate_hz)
+    full_length = grid_length(duration_s, rate_hz)
+    first = min(max(first_step, 0), full_length)
+    length = full_length - first if steps is None else min(max(steps, 0), full_length - first)
     features = np.zeros((length, TEXT_DIM), dtype=np.float32)
     mask = np.zeros((length,), dtype=bool)
-    if len(tokens) == 0:
+    if len(tokens) == 0 or length == 0:
         return features, mask
 
-    end_of_grid = length / rate_hz
+    end_of_grid = full_length / rate_hz
     cell = 1.0 / rate_hz
     starts = np.clip(times[:, 0], 0.0, end_of_grid)
     ends = np.clip(np.maximum(times[:, 1], times[:, 0] + cell), 0.0, end_of_grid)
@@ -356,15 +362,15 @@ def align_text(
     tok_start = starts[word_index] + rank * span
     tok_end = tok_start + span
 
-    # Enumerate (token, cell) pairs that overlap.
-    c0 = np.floor(tok_start * rate_hz).astype(np.int64)
-    c1 = np.minimum(np.ceil(tok_end * rate_hz).astype(np.int64), length)
+    # Enumerate (token, cell) pairs that overlap, cells counted from ``first``.
+    c0 = np.maximum(np.floor(tok_start * rate_hz).astype(np.int64) - first, 0)
+    c1 = np.minimum(np.ceil(tok_end * rate_hz).astype(np.int64) - first, length)
     counts = np.maximum(c1 - c0, 0)
     tok_of_pair = np.repeat(np.arange(len(tokens)), counts)
     offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
     cell_of_pair = c0[tok_of_pair] + offsets
-    overlap = np.minimum(tok_end[tok_of_pair], (cell_of_pair + 1) * cell) - np.maximum(
-        tok_start[tok_of_pair], cell_of_pair * cell
+    overlap = np.minimum(tok_end[tok_of_pair], (cell_of_pair + first + 1) * cell) - np.maximum(
+        tok_start[tok_of_pair], (cell_of_pair + first) * cell
     )
     keep = overlap > 1e-9
     tok_of_pair, cell_of_pair, overlap = tok_of_pair[keep], cell_of_pair[keep], overlap[keep]

@@ -209,6 +209,8 @@ def visual_on_grid(
     length: int,
     rate_hz: float,
     frame_rate_hz: float,
+    *,
+    first_step: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-frame features averaged into grid cells.
 
@@ -218,6 +220,9 @@ def visual_on_grid(
     are masked. Column 0 of ``values`` must be the per-frame face flag (``face_present``); the
     other columns are averaged whatever their number (the 17 landmark features, or the face
     encoder's features). Returns (length, D) float32 and (length,) bool.
+
+    ``first_step``: the cells are grid steps ``[first_step, first_step + length)`` (times stay
+    absolute); each equals the same step of a grid from 0 given the same frames around it.
     """
     dim = int(values.shape[1]) if np.ndim(values) == 2 else VISUAL_DIM
     features = np.zeros((length, dim), dtype=np.float32)
@@ -225,9 +230,9 @@ def visual_on_grid(
     if len(times_s) == 0:
         return features, mask
     times = np.asarray(times_s, dtype=np.float64)
-    cells = np.floor(times * rate_hz + 1e-9).astype(np.int64)
+    cells = np.floor(times * rate_hz + 1e-9).astype(np.int64) - first_step
     # Cells without a frame of their own borrow the nearest frame in time.
-    centres = (np.arange(length) + 0.5) / rate_hz
+    centres = (np.arange(length) + first_step + 0.5) / rate_hz
     nearest = np.clip(np.searchsorted(times, centres), 1, len(times) - 1)
     left_closer = np.abs(centres - times[nearest - 1]) <= np.abs(times[nearest] - centres)
     nearest = np.where(left_closer, nearest - 1, nearest)

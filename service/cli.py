@@ -16,6 +16,7 @@ from service import __version__
 COMMANDS: dict[str, str] = {
     "serve": "serve the REST API (uvicorn)",
     "predict": "predict the sentiment of a media file, locally or against a running server",
+    "stream": "play a media file to a running server's live stream and print the updates",
     "extract": "build a training dataset (MMSA pickle layout) from a CSV of labelled media",
     "train": "train a Coupled Mamba checkpoint",
     "evaluate": "evaluate a checkpoint on a dataset or on rated texts",

@@ -219,6 +219,27 @@ class JobsDisabledError(MediaDisabledError):
     error_type = "jobs_disabled"
 
 
+# Live streams (WS /v1/stream): each ends its own stream with a close code
+# (service.api.errors.WS_CLOSE_CODES).
+
+
+class StreamProtocolError(InvalidInputError):
+    """A live stream's message breaks the protocol (docs/STREAMING.md)."""
+
+    error_type = "stream_protocol"
+
+
+class StreamMessageTooLargeError(PayloadTooLargeError):
+    """A live stream's message is over ``stream_max_message_bytes``."""
+
+
+class TooManyStreamsError(OverCapacityError):
+    """``stream_max_streams`` live streams are already open."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="streams")
+
+
 class StartupError(RuntimeError):
     """The service cannot start (missing checkpoint, mismatched extractor...)."""
 

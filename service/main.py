@@ -29,6 +29,7 @@ from service.api import (
     metrics,
     openapi,
     predict,
+    stream,
     timeline,
     webui,
 )
@@ -49,6 +50,7 @@ from service.tracing import tracing_from_environment
 if TYPE_CHECKING:
     from model import CoupledMambaForSentiment
     from service.core.runner import ForwardHook
+    from service.core.streaming import LiveSourceFactory
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +130,7 @@ def create_app(
     model: CoupledMambaForSentiment | None = None,
     extractor: FeatureExtractor | None = None,
     before_forward: ForwardHook | None = None,
+    live_source_factory: LiveSourceFactory | None = None,
 ) -> FastAPI:
     """Build the service.
 
@@ -139,6 +142,8 @@ def create_app(
             ``preprocessing.Extractor``.
         before_forward: hook called with each padded batch before the model call (fault
             injection in tests).
+        live_source_factory: builds each live stream's feature source instead of
+            ``preprocessing.live.LiveExtractor``.
     """
     settings = settings if settings is not None else ServiceSettings()
     service_metrics = ServiceMetrics()
@@ -150,6 +155,7 @@ def create_app(
         extractor=extractor,
         before_forward=before_forward,
         tracer=tracing,
+        live_source_factory=live_source_factory,
     )
     app = FastAPI(
         title="Coupled Mamba sentiment service",
@@ -174,6 +180,7 @@ def create_app(
     app.include_router(metrics.router)
     app.include_router(timeline.router)
     app.include_router(jobs.router)
+    app.include_router(stream.router)
     inference_protocol.install(app)  # /v2 models and inference; /v2 errors in its shape
     app.include_router(webui.router)
     app.include_router(docs.build_router(public=settings.public_docs))

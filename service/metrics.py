@@ -201,6 +201,32 @@ class ServiceMetrics:
             "cmamba_queue_capacity", "Most clips the model queue holds", registry=r
         )
 
+        # Live streams (WS /v1/stream).
+        self.stream_active = Gauge("cmamba_stream_active", "Live streams open now", registry=r)
+        self.stream_updates = Counter(
+            "cmamba_stream_updates_total", "Updates sent to live streams", registry=r
+        )
+        self.stream_lag = Histogram(
+            "cmamba_stream_lag_seconds",
+            "How far each update's answer is behind the audio received (seconds of stream)",
+            buckets=(0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0),
+            registry=r,
+        )
+        self.stream_update_latency = Histogram(
+            "cmamba_stream_update_latency_seconds",
+            "Compute time of each update (live features and the model step)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stream_dropped_frames = Counter(
+            "cmamba_stream_dropped_frames_total",
+            "Video frames of live streams dropped because the server was behind",
+            registry=r,
+        )
+        self.stream_ended = Counter(
+            "cmamba_stream_ended_total", "Live streams ended, by reason", ["reason"], registry=r
+        )
+
     def enable_gpu(self) -> None:
         """Export the GPU memory figures (the model runs on CUDA). Idempotent."""
         if not self._gpu_enabled:

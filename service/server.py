@@ -66,7 +66,8 @@ class DrainingServer(uvicorn.Server):
             self._drain_started = time.monotonic()
         if self._drain_started is not None and not self.should_exit:
             waited = time.monotonic() - self._drain_started
-            if self.core.inflight == 0 or waited >= self.drain_timeout_s:
+            idle = self.core.inflight == 0 and self.core.active_streams == 0
+            if idle or waited >= self.drain_timeout_s:
                 logger.info("drained in %.1f s (%d still in flight)", waited, self.core.inflight)
                 self.should_exit = True
         return await super().on_tick(counter)

@@ -253,6 +253,29 @@ class ServiceSettings(BaseSettings):
             return self.jobs_database_url.get_secret_value()
         return f"sqlite:///{self.jobs_dir.expanduser().absolute() / 'jobs.db'}"
 
+    # Live streams (WS /v1/stream, docs/STREAMING.md).
+    stream_max_streams: int = Field(default=8, ge=0, description="concurrent live streams")
+    stream_idle_timeout_s: float = Field(
+        default=10.0, gt=0.0, description="end a stream that sends nothing for this long"
+    )
+    stream_max_duration_s: float = Field(
+        default=3600.0, gt=0.0, description="longest stream, in seconds of audio"
+    )
+    stream_max_message_bytes: int = Field(
+        default=2**20, ge=1024, description="largest WebSocket message of a stream"
+    )
+    stream_drop_video_lag_s: float = Field(
+        default=2.0,
+        ge=0.0,
+        description="drop video frames while more audio than this waits for live features",
+    )
+    stream_tick_s: float = Field(
+        default=0.05, gt=0.0, description="how often the stream hub looks for due updates"
+    )
+    stream_extract_workers: int = Field(
+        default=2, ge=1, description="threads making live features (all streams share them)"
+    )
+
     @field_validator("model_path", mode="before")
     @classmethod
     def _embedded_names(cls, value: Any) -> Any:

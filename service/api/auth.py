@@ -46,8 +46,21 @@ def check_bearer(request: Request) -> None:
         return
     scheme, token = get_authorization_scheme_param(request.headers.get("authorization"))
     given = token if scheme.lower() == "bearer" else ""
-    if not hmac.compare_digest(given.encode(), settings.api_key.get_secret_value().encode()):
-        raise UnauthorizedError("a valid bearer token is required (Authorization: Bearer ...)")
+    check_token(settings, given, "a valid bearer token is required (Authorization: Bearer ...)")
+
+
+def check_token(settings: ServiceSettings, given: str | None, refusal: str) -> None:
+    """Refuse ``given`` unless it is the configured token (no-op when none is configured).
+
+    Raises:
+        UnauthorizedError: a token is configured and ``given`` is not it (``refusal`` says how
+            to give it).
+    """
+    if settings.api_key is None:
+        return
+    expected = settings.api_key.get_secret_value().encode()
+    if not hmac.compare_digest((given or "").encode(), expected):
+        raise UnauthorizedError(refusal)
 
 
 class BearerRoute(APIRoute):

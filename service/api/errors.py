@@ -30,7 +30,9 @@ from service.errors import (
     PayloadTooLargeError,
     RetryableError,
     ServiceError,
+    StreamMessageTooLargeError,
     TooManyJobsError,
+    TooManyStreamsError,
     UnauthorizedError,
     UnsupportedMediaError,
     error_body,
@@ -57,6 +59,28 @@ STATUS_CODES: dict[type[ServiceError], int] = {
     ServiceError: 500,
 }
 """HTTP status of each domain error; an error class takes its nearest listed ancestor's."""
+
+
+WS_CLOSE_CODES: dict[type[ServiceError], int] = {
+    StreamMessageTooLargeError: 4413,
+    InvalidInputError: 4400,  # stream_protocol and the other bad-input kinds
+    UnauthorizedError: 4401,
+    TooManyStreamsError: 4429,
+    MediaDisabledError: 4501,  # this server makes no live features
+    RetryableError: 4503,  # not_ready, draining
+    ServiceError: 1011,
+}
+"""WebSocket close code of each domain error that ends a live stream (docs/STREAMING.md); an
+error class takes its nearest listed ancestor's."""
+
+
+def ws_close_code(exc: ServiceError) -> int:
+    """The close code a live stream ended by ``exc`` is closed with."""
+    for cls in type(exc).__mro__:
+        code = WS_CLOSE_CODES.get(cls)
+        if code is not None:
+            return code
+    return 1011
 
 
 def http_status(exc: ServiceError) -> int:

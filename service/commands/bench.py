@@ -17,6 +17,7 @@ BENCHMARKS: dict[str, str] = {
     "load": "load.py",
     "fusion": "fusion_efficiency.py",
     "ray": "ray_replicas.py",
+    "stream": "stream.py",
 }
 
 

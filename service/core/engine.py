@@ -36,6 +36,13 @@ from service.core.lifecycle import (
     fatal_reporter,
     start_serving,
 )
+from service.core.streaming import (
+    LiveSourceFactory,
+    StreamHub,
+    StreamOptions,
+    StreamSession,
+    live_extractor_factory,
+)
 from service.core.timeline import Timeline, TimelinePrediction, assemble, plan_timeline
 from service.core.trace_context import BatchTracer
 from service.core.types import Attribution, ClipFeatures, ClipOutcome, ModelIdentity, Prediction
@@ -72,6 +79,8 @@ class InferenceCore:
             ``preprocessing.Extractor`` for the checkpoint's modalities.
         before_forward: hook handed to the model runner (called before each model call).
         tracer: opens a span per model call, linked to the traced requests (tracing on).
+        live_source_factory: builds each live stream's feature source instead of
+            ``preprocessing.live.LiveExtractor`` over the server's extractor.
     """
 
     def __init__(
@@ -83,6 +92,7 @@ class InferenceCore:
         extractor: FeatureExtractor | None = None,
         before_forward: ForwardHook | None = None,
         tracer: BatchTracer | None = None,
+        live_source_factory: LiveSourceFactory | None = None,
     ) -> None:
         self.settings = settings
         self._tracer = tracer
@@ -100,6 +110,8 @@ class InferenceCore:
         self._fault = parse_fault(settings.fault_injection)
         self._background_pool: ExtractionPool | None = None  # job work (extract_bundle)
         self._background_lock = threading.Lock()
+        self._live_source_factory = live_source_factory
+        self._streams: StreamHub | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -151,10 +163,18 @@ class InferenceCore:
             logger.info("draining: %d requests in flight", self.inflight)
         self.metrics.ready.set(0)
         self._admission.wake_idle_waiters()
+        if self._streams is not None:
+            self._streams.begin_drain()  # every live stream ends with a final answer
 
     async def wait_idle(self, timeout: float) -> bool:
-        """Wait until no request is in flight; False if ``timeout`` passed first."""
-        return await self._admission.wait_idle(timeout)
+        """Wait until no request is in flight and no live stream is open; False if
+        ``timeout`` passed first."""
+        started = time.monotonic()
+        idle = await self._admission.wait_idle(timeout)
+        if self._streams is not None:
+            left = max(0.0, timeout - (time.monotonic() - started))
+            idle = await self._streams.wait_closed(left) and idle
+        return idle
 
     def stop(self) -> None:
         """Finish queued work and stop the worker and the pool (blocking; after a fatal
@@ -162,6 +182,8 @@ class InferenceCore:
         if self.state is not CoreState.FAILED:
             self.state = CoreState.STOPPED
         self.metrics.ready.set(0)
+        if self._streams is not None:
+            self._streams.shutdown()
         if self._serving is not None:
             broken = self.health.fatal is not None
             self._serving.stop(timeout=self.settings.drain_timeout_s, broken=broken)
@@ -256,6 +278,8 @@ class InferenceCore:
             serving.batcher.fail(error)
             if serving.pool is not None:
                 serving.pool.fail(error)
+        if self._streams is not None:
+            self._streams.fail_all(error)  # each live stream ends with close code 4503
 
     @property
     def worker_alive(self) -> bool:
@@ -264,6 +288,16 @@ class InferenceCore:
     @property
     def inflight(self) -> int:
         return self._admission.inflight
+
+    @property
+    def stream_rate_hz(self) -> float:
+        """The live feature grid's rate (steps per second)."""
+        return self._stream_hub().rate_hz
+
+    @property
+    def active_streams(self) -> int:
+        """Live streams open now."""
+        return self._streams.active if self._streams is not None else 0
 
     @property
     def queue_depth(self) -> int:
@@ -317,6 +351,49 @@ class InferenceCore:
                 else f"the model is not available: {self.startup_error or 'worker stopped'}"
             )
         return None
+
+    # -- live streams -------------------------------------------------------------------------
+
+    async def open_stream(self, options: StreamOptions) -> StreamSession:
+        """Start a live stream (:mod:`service.core.streaming`); call from the event loop.
+
+        Raises:
+            NotReadyError, DrainingError: the server takes no new stream now.
+            MediaDisabledError: this server makes no live features.
+            TooManyStreamsError: ``stream_max_streams`` streams are open.
+            StreamProtocolError: the live feature source refuses the options.
+        """
+        refusal = self._refusal()
+        if refusal is not None:
+            raise refusal
+        return await self._stream_hub().open(options)
+
+    def _stream_hub(self) -> StreamHub:
+        if self._streams is not None:
+            return self._streams
+        serving = self._ready_parts()
+        factory = self._live_source_factory
+        rate_hz = 10.0
+        if factory is None:
+            if serving.pool is None:
+                raise MediaDisabledError(serving.media_unavailable)
+            extractor = serving.pool.extractor
+            try:
+                factory = live_extractor_factory(extractor)
+            except ImportError as exc:
+                raise MediaDisabledError("this build makes no live features") from exc
+            rate_hz = float(getattr(getattr(extractor, "settings", None), "rate_hz", rate_hz))
+        self._streams = StreamHub(
+            self.settings,
+            self.metrics,
+            batcher=serving.batcher,
+            runner=serving.runner,
+            identity=serving.identity,
+            source_factory=factory,
+            modalities=serving.model.config.modalities,
+            rate_hz=rate_hz,
+        )
+        return self._streams
 
     # -- use cases ----------------------------------------------------------------------------
 

@@ -10,14 +10,25 @@ import gc
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from model import CoupledMambaForSentiment
 from model.ops import NonFiniteInputError
-from service.core.types import ClipFeatures, ClipOutcome, ClipResult, MemorySnapshot
+from service.core.types import (
+    ClipFeatures,
+    ClipOutcome,
+    ClipResult,
+    MemorySnapshot,
+    StreamStep,
+    StreamStepOutcome,
+)
 from service.errors import FatalServiceError, GpuOutOfMemoryError, InvalidInputError
+
+if TYPE_CHECKING:
+    from model.streaming import StreamState
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +241,83 @@ class ModelRunner:
             )
             for i in range(len(clips))
         ]
+
+    # -- live streams -----------------------------------------------------------------------
+
+    def new_stream_state(self) -> StreamState:
+        """A fresh stream's model state (``model.streaming``)."""
+        return self.model.init_stream_state(1)
+
+    def step_streams(self, steps: Sequence[StreamStep]) -> list[StreamStepOutcome]:
+        """Advance many streams by their new rows in ONE batched model step.
+
+        Each stream's rows are padded to the longest; the padding is ignored through the
+        streams' lengths (``CoupledMambaForSentiment.step``). A failing batch is retried one
+        stream at a time, so one stream's failure (non-finite features) never fails the others.
+        """
+        if not steps:
+            return []
+        try:
+            return self._step(steps)
+        except Exception as exc:
+            if is_fatal_device_error(exc):  # the device is gone: no stream can go on here
+                if self._on_fatal is not None:
+                    self._on_fatal(exc)
+                fatal = FatalServiceError(f"the device failed ({exc}); the instance restarts")
+                return [StreamStepOutcome(None, step.state, fatal, 0.0) for step in steps]
+            if len(steps) == 1:
+                return [StreamStepOutcome(None, steps[0].state, _clip_error(exc), 0.0)]
+            logger.warning(
+                "stream step failed on %d streams (%s); retrying one by one",
+                len(steps),
+                type(exc).__name__,
+            )
+        return [outcome for step in steps for outcome in self.step_streams([step])]
+
+    def _step(self, steps: Sequence[StreamStep]) -> list[StreamStepOutcome]:
+        from model.streaming import StreamState
+
+        start = time.perf_counter()
+        lengths = [step.rows.length for step in steps]
+        features, masks = self._pad(
+            [ClipFeatures(s.rows.features, s.rows.masks, s.rows.length) for s in steps],
+            max(max(lengths), 1),
+        )
+        state = StreamState.cat([step.state for step in steps])
+        with torch.inference_mode():
+            out, new_state = self.model.step(features, masks, state, lengths=lengths)
+            scores = out.score.float().cpu().numpy()  # (b,)
+            probabilities = out.probabilities.float().cpu().numpy()  # (b, 3)
+            emotions = (
+                out.emotion_probabilities.float().cpu().numpy()
+                if out.emotion_probabilities is not None
+                else None
+            )
+            present = out.present.cpu().numpy()  # (b, M)
+        finite = np.isfinite(scores) & np.isfinite(probabilities).all(axis=1)
+        if emotions is not None:
+            finite &= np.isfinite(emotions).all(axis=1)
+        if len(steps) > 1 and not finite.all():
+            raise NonFiniteInputError("a stream's features overflowed the model")
+        model_ms = (time.perf_counter() - start) * 1000.0
+        names = self.config.emotion_classes
+        outcomes = []
+        for i, (step, single) in enumerate(zip(steps, new_state.split(), strict=True)):
+            if not finite[i]:
+                outcomes.append(StreamStepOutcome(None, step.state, _overflow_error(), model_ms))
+                continue
+            result = ClipResult(
+                score=float(scores[i]),
+                probabilities=tuple(float(p) for p in probabilities[i]),
+                emotions=(
+                    dict(zip(names, map(float, emotions[i]), strict=True))
+                    if emotions is not None
+                    else None
+                ),
+            )
+            used = tuple(m for m, p in zip(self.config.modalities, present[i], strict=True) if p)
+            outcomes.append(StreamStepOutcome(result, single, None, model_ms, used))
+        return outcomes
 
     def _free_memory(self) -> None:
         gc.collect()

@@ -90,3 +90,34 @@ class Prediction:
     padded_length: int
     attribution: Attribution | None = None  # when asked for
     emotions: dict[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class StreamRows:
+    """New rows of one live stream: float32 ``(length, F_m)`` features and bool ``(length,)``
+    masks per modality (as in :class:`ClipFeatures`; ``length`` may be 0)."""
+
+    features: Mapping[str, np.ndarray]
+    masks: Mapping[str, np.ndarray]
+    length: int
+
+
+@dataclass(frozen=True)
+class StreamStep:
+    """One stream's part of a batched model step: its model state and its new rows."""
+
+    state: Any  # model.streaming.StreamState (a torch object; only the runner reads it)
+    rows: StreamRows
+
+
+@dataclass(frozen=True)
+class StreamStepOutcome:
+    """What the model worker hands back for one stream: its answer on everything so far and
+    its new state, or the error (the state is then the old one)."""
+
+    result: ClipResult | None
+    state: Any
+    error: BaseException | None
+    model_ms: float
+    used: tuple[str, ...] = ()
+    """modalities with at least one valid step so far"""

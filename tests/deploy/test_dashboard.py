@@ -124,6 +124,10 @@ def test_dashboard_shows_what_operators_need(
         "upload sizes": uses("cmamba_upload_bytes_bucket"),
         "clip durations": uses("cmamba_clip_seconds_bucket"),
         "GPU peak memory per batch": uses("cmamba_gpu_batch_peak_memory_bytes_bucket"),
+        "live streams": uses("cmamba_stream_active"),
+        "live stream updates": uses("cmamba_stream_updates_total"),
+        "live stream lag": uses("cmamba_stream_lag_seconds_bucket"),
+        "live stream dropped frames": uses("cmamba_stream_dropped_frames_total"),
     }
     missing = [need for need, predicate in needs.items() if not panels_with(predicate)]
     assert not missing, f"no panel shows: {missing}"

@@ -16,7 +16,7 @@ from model import load_checkpoint
 from model.ops import NonFiniteInputError
 from service.core.faults import CUDA_ERROR_MESSAGE
 from service.core.runner import ModelRunner, is_fatal_device_error
-from service.core.types import ClipFeatures
+from service.core.types import ClipFeatures, StreamRows, StreamStep
 from service.errors import FatalServiceError, GpuOutOfMemoryError, InvalidInputError
 
 DIMS = {"text": 3, "audio": 2}
@@ -228,6 +228,33 @@ def test_a_cuda_error_fails_the_batch_at_once_and_is_reported() -> None:
     assert model.calls == [4]
     assert len(reported) == 1 and "illegal memory access" in str(reported[0])
     assert raised.value.__cause__ is reported[0]
+
+
+def test_a_cuda_error_in_a_stream_step_ends_every_stream_and_is_reported(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = load_checkpoint(checkpoint, scan_backend="ref")
+    reported: list[BaseException] = []
+    runner = ModelRunner(model, on_fatal=reported.append)
+    dims = model.config.feature_dims
+    rows = StreamRows(
+        features={m: np.ones((3, dims[m]), dtype=np.float32) for m in model.config.modalities},
+        masks={m: np.ones(3, dtype=np.bool_) for m in model.config.modalities},
+        length=3,
+    )
+    steps = [StreamStep(runner.new_stream_state(), rows) for _ in range(2)]
+    assert all(o.error is None for o in runner.step_streams(steps))  # sound: both step
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(CUDA_ERROR_MESSAGE)
+
+    monkeypatch.setattr(model, "step", broken)
+    outcomes = runner.step_streams(steps)
+    # Not retried stream by stream (the context is gone): each stream fails with the fatal
+    # error, keeps its old state, and the failure is reported once.
+    assert [type(o.error) for o in outcomes] == [FatalServiceError, FatalServiceError]
+    assert [o.state for o in outcomes] == [s.state for s in steps]
+    assert len(reported) == 1 and "illegal memory access" in str(reported[0])
 
 
 def test_a_cuda_out_of_memory_message_still_takes_the_halving_path() -> None:
