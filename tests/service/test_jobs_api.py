@@ -447,3 +447,30 @@ def test_a_recording_whose_header_length_is_negative_is_measured_from_its_packet
     assert status["state"] == "succeeded", status
     assert status["progress"]["media_seconds"] == pytest.approx(42.0, abs=0.1)
     assert status["progress"]["done_seconds"] == pytest.approx(42.0, abs=0.1)
+
+
+@pytest.mark.parametrize("length", [float("nan"), float("inf")])
+def test_a_recording_whose_packets_give_no_finite_length_fails_clearly(
+    jobs_app: Callable[..., TestClient],
+    recording: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    length: float,
+) -> None:
+    """Packet times give no such length in practice; should the planner's measure ever be
+    NaN or infinite the job fails with a clear error instead of being retried forever."""
+    import dataclasses
+
+    from preprocessing import parts
+
+    real = parts.plan_parts
+
+    def plan_with_length(*args: Any, **kwargs: Any) -> parts.PartPlan:
+        return dataclasses.replace(real(*args, **kwargs), duration_s=length)
+
+    monkeypatch.setattr(parts, "plan_parts", plan_with_length)
+    client = jobs_app()
+    status = finished(client, submit(client, recording).headers["location"], timeout=60)
+    assert status["state"] == "failed", status
+    assert status["error"]["type"] == "undecodable_media"
+    assert "length could not be read" in status["error"]["message"]
+    assert status["attempts"] == 1
