@@ -37,6 +37,7 @@ from service.api.auth import declare_scheme
 from service.api.errors import install_handlers
 from service.core.engine import InferenceCore
 from service.core.extraction import FeatureExtractor
+from service.errors import StartupError
 from service.jobs.service import open_jobs, unavailable_reason
 from service.metrics import ServiceMetrics
 from service.middleware import (
@@ -88,6 +89,15 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: ServiceSettings = app.state.settings
     core: InferenceCore = app.state.core
     core.check()  # a missing checkpoint stops the server here, with a clear message
+    job_service = None  # long recordings (/v1/jobs): the store opens before the model loads
+    app.state.jobs_unavailable = unavailable_reason(settings)
+    if app.state.jobs_unavailable is None:
+        try:
+            job_service = await asyncio.to_thread(open_jobs, settings, core, app.state.metrics)
+        except StartupError as exc:  # an unreachable database: the server does not start
+            logger.error("startup failed: %s", exc)
+            raise
+    app.state.jobs = job_service
     own_dir = settings.upload_dir is None
     if own_dir:
         remove_stale_upload_dirs(Path(tempfile.gettempdir()))
@@ -97,11 +107,6 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         else settings.upload_dir
     )
     app.state.upload_dir = upload_dir
-    job_service = None  # long recordings (/v1/jobs): the store opens before the model loads
-    app.state.jobs_unavailable = unavailable_reason(settings)
-    if app.state.jobs_unavailable is None:
-        job_service = await asyncio.to_thread(open_jobs, settings, core, app.state.metrics)
-    app.state.jobs = job_service
     starting = asyncio.create_task(asyncio.to_thread(core.start), name="cmamba-startup")
     starting.add_done_callback(lambda task: task.cancelled() or task.exception())
     if job_service is not None:

@@ -156,6 +156,12 @@ class ServiceSettings(BaseSettings):
     jobs_part_timeout_s: float = Field(
         default=600.0, gt=0.0, description="longest extraction and scoring of one part"
     )
+    jobs_max_attempts: int = Field(
+        default=5,
+        ge=1,
+        description="claims of one job before it fails (a job that keeps crashing its process "
+        "is not run forever); a drained stop counts as one",
+    )
     jobs_max_media_hours: float = Field(default=4.0, gt=0.0, description="longest recording")
     jobs_max_queued: int = Field(default=100, ge=1, description="queued jobs before 429")
     jobs_max_upload_bytes: int = Field(

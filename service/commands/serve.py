@@ -260,10 +260,18 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
     )
     server = DrainingServer(config, app.state.core, settings.drain_timeout_s)
-    server.run()
+    code = 0
+    try:
+        server.run()
+        code = server.exit_code
+    except SystemExit as exc:
+        # uvicorn ends a startup that failed in the app (an unreachable job database, logged as
+        # "startup failed: ...") with its own status 3, which this command keeps for a fatal
+        # failure: a failed startup exits 1, as one of the model does.
+        code = 1 if exc.code == uvicorn.config.STARTUP_FAILURE else int(exc.code or 0)
     # Everything is drained and stopped; skip the native libraries' teardown at interpreter
     # exit (ASR, face mesh and torch thread pools take seconds to unwind).
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(server.exit_code)
+    os._exit(code)

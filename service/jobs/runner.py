@@ -12,7 +12,14 @@ claims it and skips the parts already stored. Memory stays that of one part.
 While a job runs its lease is renewed every third of ``jobs_lease_s``; a renewal or a store
 write refused (the job was cancelled or deleted, or the lease was lost) stops the job after the
 current step. Draining (SIGTERM) stops claiming and lets the current part finish and be stored;
-the job stays RUNNING and its lease lapses, so the next start resumes it.
+the job is then released (``QUEUED`` again, its parts kept), so the next start, here or in
+another replica, resumes it at once.
+
+Each worker holds its leases under an owner name of its own (the process's name and the
+worker's number): when a lease lapses and another worker of the same process claims the job,
+the first one's writes are refused like those of any other stale runner. A job claimed more
+than ``jobs_max_attempts`` times (its parts keep killing the process) fails instead of running
+again.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import time
@@ -36,6 +44,7 @@ from service.errors import (
     DeadlineExceededError,
     MediaTooLongForJobError,
     ServiceError,
+    UndecodableMediaError,
     from_preprocessing_error,
 )
 from service.jobs.store import JobRecord, JobState, JobStore, utc_now
@@ -49,8 +58,14 @@ FinishedHook = Callable[[JobRecord], Awaitable[None]]
 
 
 def process_owner() -> str:
-    """A lease owner name unique to this process: host, pid and a random tag."""
+    """A name unique to this process: host, pid and a random tag (the prefix of its workers'
+    lease owner names, :func:`worker_owner`)."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def worker_owner(process: str, worker: int) -> str:
+    """The lease owner name of worker ``worker`` of the process named ``process``."""
+    return f"{process}/w{worker}"
 
 
 class _LeaseLost(Exception):
@@ -58,7 +73,7 @@ class _LeaseLost(Exception):
 
 
 class _Drained(Exception):
-    """The process drains: the job is left RUNNING for the next start."""
+    """The process drains: the job is released for the next start."""
 
 
 class JobRunner:
@@ -70,7 +85,7 @@ class JobRunner:
         settings: ``jobs_*`` settings.
         metrics: where job durations, queue waits and media seconds go.
         on_finished: awaited with each job's final record (callbacks).
-        owner: this process's lease owner name.
+        owner: this process's name, the prefix of its workers' lease owner names.
     """
 
     def __init__(
@@ -99,7 +114,10 @@ class JobRunner:
     def start(self) -> None:
         """Start the workers (on the running event loop)."""
         for n in range(self.settings.jobs_workers):
-            self._tasks.append(asyncio.create_task(self._work(), name=f"cmamba-job-worker-{n}"))
+            owner = worker_owner(self.owner, n)
+            self._tasks.append(
+                asyncio.create_task(self._work(owner), name=f"cmamba-job-worker-{n}")
+            )
 
     def wake(self) -> None:
         """A job was queued: an idle worker looks now instead of at its next poll."""
@@ -125,15 +143,13 @@ class JobRunner:
 
     # -- the worker loop ----------------------------------------------------------------------
 
-    async def _work(self) -> None:
+    async def _work(self, owner: str) -> None:
         settings = self.settings
         while not self._draining.is_set():
             job = None
             if self.core.ready:
                 try:
-                    job = await asyncio.to_thread(
-                        self.store.claim, self.owner, settings.jobs_lease_s
-                    )
+                    job = await asyncio.to_thread(self.store.claim, owner, settings.jobs_lease_s)
                 except Exception:
                     logger.exception("claiming a job failed")
             if job is None:
@@ -142,33 +158,53 @@ class JobRunner:
                     await asyncio.wait_for(self._wake.wait(), settings.jobs_poll_s)
                 continue
             try:
-                await self._run(job)
+                await self._run(job, owner)
             except Exception:  # a bug or a store outage: the lease lapses, the job is retried
                 logger.exception("job %s stopped on an unexpected error", job.id)
 
-    async def _run(self, job: JobRecord) -> None:
+    async def _run(self, job: JobRecord, owner: str) -> None:
         logger.info("job %s: started (attempt %d)", job.id, job.attempts)
         if job.attempts == 1 and job.started_at is not None:
             self.metrics.job_queue_wait.observe(_seconds(job.created_at, job.started_at))
+        limit = self.settings.jobs_max_attempts
+        if job.attempts > limit:
+            logger.error("job %s: claimed %d times, over the limit: failed", job.id, job.attempts)
+            refused: dict[str, Any] = {
+                "type": "too_many_attempts",
+                "message": f"the job was started {job.attempts} times without finishing (the "
+                f"limit is {limit}): its media may stop the server; it is not run again",
+            }
+            await self._finish(job, owner, JobState.FAILED, refused)
+            return
         lost = asyncio.Event()
-        renewer = asyncio.create_task(self._renew(job.id, lost), name=f"cmamba-lease-{job.id}")
+        renewer = asyncio.create_task(
+            self._renew(job.id, owner, lost), name=f"cmamba-lease-{job.id}"
+        )
         try:
-            state, error = await self._process(job, lost)
+            state, error = await self._process(job, owner, lost)
         except _LeaseLost:
             logger.info("job %s: no longer ours (cancelled, deleted or taken over)", job.id)
             await self._ended(job.id)
             return
         except _Drained:
-            logger.info("job %s: left running for the next start (draining)", job.id)
+            released = await asyncio.to_thread(self.store.release, job.id, owner)
+            logger.info(
+                "job %s: %s for the next start (draining)",
+                job.id,
+                "queued again" if released else "no longer ours, not released",
+            )
             return
         finally:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
             self.running.pop(job.id, None)
-        finished = await asyncio.to_thread(
-            self.store.finish, job.id, self.owner, state, error=error
-        )
+        await self._finish(job, owner, state, error)
+
+    async def _finish(
+        self, job: JobRecord, owner: str, state: JobState, error: dict[str, Any] | None
+    ) -> None:
+        finished = await asyncio.to_thread(self.store.finish, job.id, owner, state, error=error)
         if not finished:
             logger.info("job %s: ended as %s, but it is no longer ours", job.id, state)
             await self._ended(job.id)
@@ -192,13 +228,13 @@ class JobRunner:
         if self._on_finished is not None:
             await self._on_finished(record)
 
-    async def _renew(self, job_id: str, lost: asyncio.Event) -> None:
+    async def _renew(self, job_id: str, owner: str, lost: asyncio.Event) -> None:
         every = self.settings.jobs_lease_s / 3.0
         while True:
             await asyncio.sleep(every)
             try:
                 ok = await asyncio.to_thread(
-                    self.store.renew, job_id, self.owner, self.settings.jobs_lease_s
+                    self.store.renew, job_id, owner, self.settings.jobs_lease_s
                 )
             except Exception:
                 logger.exception("job %s: renewing the lease failed", job_id)
@@ -210,7 +246,7 @@ class JobRunner:
     # -- one job ------------------------------------------------------------------------------
 
     async def _process(
-        self, job: JobRecord, lost: asyncio.Event
+        self, job: JobRecord, owner: str, lost: asyncio.Event
     ) -> tuple[JobState, dict[str, Any] | None]:
         """Run the parts of ``job`` not stored yet; its final state and error."""
         from preprocessing.errors import PreprocessingError
@@ -218,13 +254,19 @@ class JobRunner:
 
         settings = self.settings
         media = Path(job.media_path)
-        await self._step(job, lost, done_seconds=job.done_seconds, stage="planning")
+        await self._step(job, owner, lost, done_seconds=job.done_seconds, stage="planning")
         try:
             plan = await asyncio.to_thread(plan_parts, media, settings.jobs_part_s)
         except PreprocessingError as exc:
             return JobState.FAILED, _error(from_preprocessing_error(exc))
         except OSError as exc:
             return JobState.FAILED, {"type": "media_missing", "message": f"the media: {exc}"}
+        if not (math.isfinite(plan.duration_s) and plan.duration_s > 0):
+            return JobState.FAILED, _error(
+                UndecodableMediaError(
+                    f"the recording's length could not be read ({plan.duration_s!r} s)"
+                )
+            )
         limit_s = settings.jobs_max_media_hours * 3600.0
         if plan.duration_s > limit_s:
             return JobState.FAILED, _error(
@@ -238,7 +280,7 @@ class JobRunner:
         done_s = sum(float(p["end_s"]) - float(p["start_s"]) for p in stored)
         count = len(plan.bounds)
         await self._step(
-            job, lost, done_seconds=done_s, stage=f"part {len(done)}/{count}",
+            job, owner, lost, done_seconds=done_s, stage=f"part {len(done)}/{count}",
             media_seconds=plan.duration_s,
         )  # fmt: skip
         for index, (start_s, end_s) in enumerate(plan.bounds):
@@ -255,17 +297,20 @@ class JobRunner:
                 if self._draining.is_set() and not self.core.ready:
                     raise _Drained from exc
                 return JobState.FAILED, _error(exc, part=index, start_s=start_s)
-            if not await asyncio.to_thread(self.store.add_segment, job.id, self.owner, index, part):
+            if not await asyncio.to_thread(self.store.add_segment, job.id, owner, index, part):
                 raise _LeaseLost
             self.metrics.job_media_seconds.inc(end_s - start_s)
             done.add(index)
             done_s += end_s - start_s
-            await self._step(job, lost, done_seconds=done_s, stage=f"part {len(done)}/{count}")
+            await self._step(
+                job, owner, lost, done_seconds=done_s, stage=f"part {len(done)}/{count}"
+            )
         return JobState.SUCCEEDED, None
 
     async def _step(
         self,
         job: JobRecord,
+        owner: str,
         lost: asyncio.Event,
         *,
         done_seconds: float,
@@ -275,7 +320,7 @@ class JobRunner:
         ok = await asyncio.to_thread(
             self.store.progress,
             job.id,
-            self.owner,
+            owner,
             done_seconds=done_seconds,
             stage=stage,
             media_seconds=media_seconds,
@@ -345,4 +390,4 @@ def _seconds(first: datetime, last: datetime) -> float:
     return max(0.0, (last - first).total_seconds())
 
 
-__all__ = ["FinishedHook", "JobRunner", "process_owner", "utc_now"]
+__all__ = ["FinishedHook", "JobRunner", "process_owner", "utc_now", "worker_owner"]

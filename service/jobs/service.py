@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -31,6 +32,7 @@ from service.errors import (
     JobNotFoundError,
     JobStorageFullError,
     MediaTooLongForJobError,
+    StartupError,
     TooManyJobsError,
     from_preprocessing_error,
 )
@@ -430,7 +432,9 @@ class _Probed:
 
 
 def _probe(path: Path) -> _Probed:
-    """The container and the header's duration of a job's media (no decoding)."""
+    """The container and the header's duration of a job's media (no decoding). A duration
+    that is not a finite positive number (a broken or hostile header: Matroska's is a float) is
+    taken as unknown: the runner measures the length from the packets."""
     from preprocessing.errors import PreprocessingError
     from preprocessing.parts import probe_duration
 
@@ -438,6 +442,8 @@ def _probe(path: Path) -> _Probed:
         container, duration = probe_duration(path)
     except PreprocessingError as exc:
         raise from_preprocessing_error(exc) from exc
+    if duration is not None and not (math.isfinite(duration) and duration > 0):
+        duration = None
     return _Probed(container=container, duration_s=duration)
 
 
@@ -455,16 +461,21 @@ def open_jobs(
     settings: ServiceSettings, core: InferenceCore, metrics: ServiceMetrics
 ) -> JobService:
     """Open and migrate the job store of ``settings`` and build the job service on it
-    (blocking: call it off the event loop)."""
-    from service.jobs.store import open_store
+    (blocking: call it off the event loop). Raises :class:`StartupError` when the store cannot
+    be used (an unreachable database, a newer schema): its message names the database without
+    its password."""
+    from service.jobs.store import JobStoreError, open_store
 
     settings.jobs_dir.mkdir(parents=True, exist_ok=True)
-    store = open_store(settings.jobs_store_url())
     try:
-        store.migrate()
-    except BaseException:
-        store.close()
-        raise
+        store = open_store(settings.jobs_store_url())
+        try:
+            store.migrate()
+        except BaseException:
+            store.close()
+            raise
+    except JobStoreError as exc:
+        raise StartupError(f"the job store cannot be used: {exc}") from None
     return JobService(store, core, settings, metrics)
 
 

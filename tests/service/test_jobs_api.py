@@ -340,3 +340,137 @@ def test_deleting_a_running_job_stops_it(
     processed = metric(client.get("/metrics").text, "cmamba_job_media_seconds_total")
     assert processed < 240.0 * 0.5 + 42.0  # the deleted job was not run to its end
     assert not list((tmp_path / "jobs" / "parts").iterdir())  # no part file left behind
+
+
+def _store_of(tmp_path: Path) -> Any:
+    from service.jobs.store import open_store
+
+    return open_store(f"sqlite:///{tmp_path / 'jobs' / 'jobs.db'}")
+
+
+def test_each_worker_of_a_process_holds_its_leases_under_its_own_name(
+    jobs_app: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    """Two workers of one process run two jobs at once, each under an owner name of its own: a
+    worker whose lease lapsed cannot write over the job that its neighbour has claimed since."""
+    client = jobs_app(jobs_workers=2, jobs_part_s=5.0)
+    locations = [
+        submit(client, write_tone_wav(tmp_path / f"long{n}.wav", 90.0, seed=n)).headers["location"]
+        for n in range(2)
+    ]
+    store = _store_of(tmp_path)
+    try:
+        ids = [location.rsplit("/", 1)[1] for location in locations]
+
+        def both_running() -> list[Any] | None:
+            records = [store.get(job_id) for job_id in ids]
+            running = all(r is not None and r.state == "running" for r in records)
+            return records if running else None
+
+        records = wait_until(both_running, "both jobs to run at once", 60, interval=0.02)
+    finally:
+        store.close()
+    owners = [r.lease_owner for r in records]
+    assert owners[0] != owners[1], owners
+    # Names of one process: the same host, pid and tag, then the worker.
+    assert owners[0].rsplit("/", 1)[0] == owners[1].rsplit("/", 1)[0], owners
+    for location in locations:
+        assert finished(client, location)["state"] == "succeeded"
+
+
+def test_a_job_that_keeps_crashing_its_process_fails_once_over_the_limit(
+    jobs_app: Callable[..., TestClient], recording: Path, tmp_path: Path
+) -> None:
+    queued = jobs_app(jobs_workers=0)  # queues only
+    location = submit(queued, recording).headers["location"]
+    job_id = location.rsplit("/", 1)[1]
+    store = _store_of(tmp_path)
+    try:
+        for crash in range(2):  # two processes claimed it and died mid-job (leases lapse)
+            wait_until(
+                lambda n=crash: store.claim(f"crashed-{n}", 0.05),
+                "the lapsed lease to be claimed again",
+                10,
+                interval=0.02,
+            )
+        record = store.get(job_id)
+        assert record is not None and record.attempts == 2 and record.state == "running"
+    finally:
+        store.close()
+    client = jobs_app(jobs_max_attempts=2)  # the same store, with a worker
+    status = finished(client, location)
+    assert status["state"] == "failed", status
+    assert status["attempts"] == 3
+    assert status["error"]["type"] == "too_many_attempts"
+    assert "3 times" in status["error"]["message"] and "limit is 2" in status["error"]["message"]
+    assert not list((tmp_path / "jobs" / "uploads").iterdir())  # its upload is removed
+    # The worker goes on to the next job.
+    assert finished(client, submit(client, recording).headers["location"])["state"] == "succeeded"
+
+
+def _matroska_with_header_duration(source: Path, out: Path, duration: float) -> Path:
+    """``source``'s packets copied into Matroska, the header's Duration (an EBML float) then
+    set to ``duration`` (a broken or hostile header: the packets are fine)."""
+    import struct
+
+    import av
+
+    with av.open(str(source)) as src, av.open(str(out), "w", format="matroska") as sink:
+        stream = src.streams.audio[0]
+        target = sink.add_stream_from_template(stream)
+        for packet in src.demux(stream):
+            if packet.dts is None:
+                continue
+            packet.stream = target
+            sink.mux(packet)
+    data = bytearray(out.read_bytes())
+    at = data.find(b"\x44\x89\x88")  # the Duration element, an 8-byte float
+    assert at > 0, "no Duration element"
+    data[at + 3 : at + 11] = struct.pack(">d", duration)
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_a_recording_whose_header_length_is_negative_is_measured_from_its_packets(
+    jobs_app: Callable[..., TestClient], recording: Path, tmp_path: Path
+) -> None:
+    from preprocessing.parts import probe_duration
+
+    broken = _matroska_with_header_duration(recording, tmp_path / "broken.mkv", -5000.0)
+    assert probe_duration(broken)[1] == pytest.approx(-5.0)  # what the header claims
+    client = jobs_app()
+    with broken.open("rb") as fh:
+        answer = client.post("/v1/jobs", files={"file": ("broken.mkv", fh, "video/x-matroska")})
+    assert answer.status_code == 202, answer.text
+    assert answer.json()["progress"]["media_seconds"] is None  # unknown until planned
+    status = finished(client, answer.headers["location"])
+    assert status["state"] == "succeeded", status
+    assert status["progress"]["media_seconds"] == pytest.approx(42.0, abs=0.1)
+    assert status["progress"]["done_seconds"] == pytest.approx(42.0, abs=0.1)
+
+
+@pytest.mark.parametrize("length", [float("nan"), float("inf")])
+def test_a_recording_whose_packets_give_no_finite_length_fails_clearly(
+    jobs_app: Callable[..., TestClient],
+    recording: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    length: float,
+) -> None:
+    """Packet times give no such length in practice; should the planner's measure ever be
+    NaN or infinite the job fails with a clear error instead of being retried forever."""
+    import dataclasses
+
+    from preprocessing import parts
+
+    real = parts.plan_parts
+
+    def plan_with_length(*args: Any, **kwargs: Any) -> parts.PartPlan:
+        return dataclasses.replace(real(*args, **kwargs), duration_s=length)
+
+    monkeypatch.setattr(parts, "plan_parts", plan_with_length)
+    client = jobs_app()
+    status = finished(client, submit(client, recording).headers["location"], timeout=60)
+    assert status["state"] == "failed", status
+    assert status["error"]["type"] == "undecodable_media"
+    assert "length could not be read" in status["error"]["message"]
+    assert status["attempts"] == 1

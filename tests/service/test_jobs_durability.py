@@ -6,6 +6,9 @@ a kill."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,12 +16,14 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import ServerProcess, wait_until
+from helpers import ServerProcess, free_port, wait_until
 from jobmedia import Receiver, audio_checkpoint, write_tone_wav
 
 from service.jobs.store import JobState, open_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+REPO = Path(__file__).resolve().parents[2]
 
 LONG_S = 300.0
 SHORT_S = 20.0
@@ -223,7 +228,9 @@ def test_sigterm_finishes_the_current_part_and_the_next_start_resumes(
     assert sorted(p["index"] for p in stored) == list(range(len(stored)))
     assert seen["progress"]["done_seconds"] <= stored_s < LONG_S
     record = _record(database_url, job_id)
-    assert record.state is JobState.RUNNING and record.error is None  # left for the next start
+    # Released by the drain: queued again at once (no lease to wait out), its parts kept.
+    assert record.state is JobState.QUEUED and record.error is None
+    assert record.lease_owner is None and record.attempts == 1
 
     second = servers(media["ckpt"], jobs_dir)
     status = _done(second, job_id)
@@ -299,3 +306,28 @@ def test_a_callback_left_pending_by_a_killed_server_is_sent_by_the_next(
 def _status_in_store(tmp_path: Path, job_id: str) -> str | None:
     record = _record(f"sqlite:///{tmp_path / 'jobs' / 'jobs.db'}", job_id)
     return None if record is None else record.callback_state
+
+
+def test_an_unreachable_job_database_fails_the_startup_clearly(tmp_path: Path) -> None:
+    """``cmamba serve`` on a PostgreSQL URL where nothing listens: a startup failure that
+    names the database (its password hidden) and a non-zero exit, not a server without jobs."""
+    port = free_port()  # closed: nothing listens there
+    url = f"postgresql://cmamba:pa55-w0rd@127.0.0.1:{port}/jobs"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("CMAMBA_")},
+        "CMAMBA_JOBS_DATABASE_URL": url,
+        "CMAMBA_JOBS_DIR": str(tmp_path / "jobs"),
+        "CMAMBA_MODEL_PATH": str(REPO / "model" / "checkpoints" / "default"),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(free_port())],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "startup failed: the job store cannot be used" in result.stderr, result.stderr[-3000:]
+    assert f"postgresql://cmamba:***@127.0.0.1:{port}/jobs" in result.stderr
+    assert "pa55-w0rd" not in result.stderr + result.stdout
