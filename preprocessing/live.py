@@ -33,12 +33,21 @@ How each modality is made, and how it differs from the offline extractor on the 
   recognition: its words are placed at the nominal speaking rate from t = 0, as offline (not
   squeezed into the clip, whose length is unknown while it streams).
 
+**Provisional steps.** ``ready`` also returns, in ``LiveRows.provisional``, the steps after the
+final ones up to the audio received, made from what there is so far: audio from the same
+encoder pass as the final steps (a Whisper window ends at the newest audio anyway; with less
+than ``WHISPER_MIN_STEP_S`` of final steps it is the one pass of the call), visual from the
+frames processed, text from the committed words (masked where speech is not recognised yet).
+They are not final: the next call makes them again. A caller scores them from a COPY of its
+model state, to answer on everything received without waiting for the recognition delay.
+
 Memory per stream stays bounded: audio older than what the windows and recognition still need
 is dropped, and so are frames and words before the next row.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from collections import deque
@@ -101,6 +110,11 @@ class LiveRows:
     masks: dict[str, np.ndarray]  # modality -> (n,) bool (False = modality absent there)
     words: list[Word]  # words that became final in this call
     dropped_frames: int  # video frames dropped since the last call (ready() fell behind)
+    provisional: LiveRows | None = None
+    """``ready()`` only: the steps after these up to the audio received, NOT final (audio and
+    visual from what there is so far, text from the words committed so far: masked where speech
+    is not recognised yet). A preview to score from a copy of the model state; the next call
+    returns these steps again, final or provisional."""
 
     @property
     def length(self) -> int:
@@ -438,6 +452,9 @@ class LiveExtractor:
         self._last_frame_s: float | None = None  # newest frame pushed
         self._taken_frame_s: float | None = None  # newest frame pushed before the last take
         self._next_row = 0
+        # Whisper states of the windows computed in this ready(): the provisional steps read the
+        # same window as the final ones (it ends at the newest audio), so no second pass.
+        self._window_cache: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._all_words: list[Word] = []
         self._text = _TextRows() if "text" in self._modalities else None
         self._asr: _LiveAsr | None = None
@@ -570,6 +587,7 @@ class LiveExtractor:
                 assert self._text is not None
                 if len(tokens.words) == len(new_words):
                     self._text.add(tokens, times)
+        self._window_cache = {}  # one Whisper pass per window in this call, final and tail
         stop = self._final_rows(final)
         if final and self._hint:
             new_words += self._hint
@@ -580,6 +598,12 @@ class LiveExtractor:
             self._hint = [w for w in self._hint if w.end_s > done]
         self._all_words += new_words
         rows = self._rows(self._next_row, stop, new_words, dropped)
+        if not final:
+            tail = self._provisional_stop(stop)
+            if tail > stop:
+                preview = self._rows(stop, tail, [], 0)
+                rows = dataclasses.replace(rows, provisional=preview)
+        self._window_cache = {}
         self._next_row = max(self._next_row, stop)
         self._forget()
         if final:
@@ -617,6 +641,11 @@ class LiveExtractor:
         ):
             return self._next_row  # too few new rows for an encoder pass yet
         return max(stop, self._next_row)
+
+    def _provisional_stop(self, stop: int) -> int:
+        """End of the provisional steps after ``stop``: every step that starts in the audio
+        received (the newest frame for a stream without audio)."""
+        return max(stop, math.floor(self._clock_s() * self._rate + 1e-9))
 
     def _rows(self, first: int, stop: int, words: list[Word], dropped: int) -> LiveRows:
         steps = stop - first
@@ -658,7 +687,13 @@ class LiveExtractor:
                 w1_s = min(end_s, upto / rate + LIBROSA_CONTEXT_S)
             window = self._audio.seconds(w0 / rate, w1_s)
             length = max(grid_length(len(window) / SR, rate), upto - w0)
-            feats, mask = self._audio_recipe(window, length)
+            key = (w0, len(window), length)
+            cached = self._window_cache.get(key) if whisper else None
+            if cached is None:
+                cached = self._audio_recipe(window, length)
+                if whisper:
+                    self._window_cache[key] = cached
+            feats, mask = cached
             parts.append((feats[row - w0 : upto - w0], mask[row - w0 : upto - w0]))
             row = upto
         return (

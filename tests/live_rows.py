@@ -5,7 +5,7 @@ producer of a stream's features, whose whole sequence is known to the test."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -18,12 +18,14 @@ class Rows:
     masks: dict[str, np.ndarray]
     words: list[Any] = field(default_factory=list)
     dropped_frames: int = 0
+    provisional: Rows | None = None
 
 
 class BundleRows:
     """Rows of ``features``/``masks`` (L steps at ``rate_hz``) final ``lookahead`` rows after
     the audio covering them has arrived; ``finish`` gives the rest of the rows the audio
-    covers."""
+    covers. With ``provisional``, ``ready`` also previews the rows after the final ones up to
+    the audio received (the true rows: what a perfect preview would give)."""
 
     def __init__(
         self,
@@ -33,7 +35,9 @@ class BundleRows:
         sample_rate: int,
         rate_hz: float = 10.0,
         lookahead: int = 3,
+        provisional: bool = False,
     ) -> None:
+        self.provisional = provisional
         self.features = features
         self.masks = masks
         self.length = len(next(iter(masks.values())))
@@ -61,8 +65,17 @@ class BundleRows:
         )
 
     def ready(self) -> Rows:
-        covered = math.floor(self.received / self.sample_rate * self.rate_hz) - self.lookahead
-        return self._rows(min(self.length, max(0, covered)))
+        received = math.floor(self.received / self.sample_rate * self.rate_hz)
+        rows = self._rows(min(self.length, max(0, received - self.lookahead)))
+        tail = min(self.length, received)
+        if not self.provisional or tail <= self.next:
+            return rows
+        preview = Rows(
+            start=self.next,
+            features={m: f[self.next : tail] for m, f in self.features.items()},
+            masks={m: k[self.next : tail] for m, k in self.masks.items()},
+        )
+        return replace(rows, provisional=preview)
 
     def finish(self) -> Rows:
         covered = math.ceil(self.received / self.sample_rate * self.rate_hz)

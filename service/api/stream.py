@@ -160,6 +160,9 @@ def update_message(update: StreamUpdate) -> dict[str, Any]:
         "latency_ms": round(update.latency_ms, 3),
         "lag_s": round(update.lag_s, 3),
         "dropped_frames": update.dropped_frames,
+        "committed_time_s": round(update.committed_time_s, 3),
+        "provisional_s": round(update.provisional_s, 3),
+        "committed_lag_s": round(update.committed_lag_s, 3),
     }
 
 

@@ -85,6 +85,11 @@ class LiveRowsLike(Protocol):
     @property
     def dropped_frames(self) -> int: ...
 
+    @property
+    def provisional(self) -> LiveRowsLike | None:
+        """The steps after these up to the audio received, not final (``ready`` only)."""
+        ...
+
 
 class LiveSource(Protocol):
     """What the hub needs of ``preprocessing.live.LiveExtractor`` (one per stream)."""
@@ -153,6 +158,19 @@ class StreamUpdate:
     latency_ms: float
     lag_s: float
     dropped_frames: int
+    committed_time_s: float = 0.0
+    """stream time of the final rows (the committed model state); ``stream_time_s`` adds the
+    provisional tail"""
+
+    @property
+    def provisional_s(self) -> float:
+        """Seconds of the answer's stream time scored from provisional rows."""
+        return max(0.0, self.stream_time_s - self.committed_time_s)
+
+    @property
+    def committed_lag_s(self) -> float:
+        """The lag of the committed answer alone (``received_s - committed_time_s``)."""
+        return max(0.0, self.received_s - self.committed_time_s)
 
 
 @dataclass(frozen=True)
@@ -183,6 +201,7 @@ StreamEvent = StreamUpdate | StreamFinal | StreamFailed
 @dataclass
 class _Extracted:
     rows: StreamRows
+    provisional: StreamRows | None  # the steps after ``rows`` up to the audio received
     words: list[StreamWord]
     dropped_frames: int
     started: float  # perf_counter when the feature job started
@@ -251,8 +270,9 @@ class StreamSession:
 
     @property
     def lag_s(self) -> float:
-        """Audio received but not yet scored, in seconds (includes the live features' own
-        delay: rows wait for speech recognition)."""
+        """Audio received but not yet scored by the committed state, in seconds (includes the
+        live features' own delay: rows wait for speech recognition). An update's ``lag_s``
+        also counts its provisional rows as scored (:meth:`apply`)."""
         return max(0.0, self.received_s - self.stream_time_s)
 
     @property
@@ -349,14 +369,20 @@ class StreamSession:
             if _is_preprocessing_error(exc):
                 raise StreamProtocolError(str(exc)) from exc
             raise
-        features = {m: np.asarray(rows.features[m], dtype=np.float32) for m in rows.features}
-        masks = {m: np.asarray(rows.masks[m], dtype=np.bool_) for m in rows.masks}
-        length = next((len(mask) for mask in masks.values()), 0)
+        committed = _stream_rows(rows)
+        features, masks, length = committed.features, committed.masks, committed.length
         if rows.start != self.rows_scored:
             raise RuntimeError(f"live rows start at {rows.start}, expected {self.rows_scored}")
         words = [StreamWord(str(w.text), float(w.start_s), float(w.end_s)) for w in rows.words]
+        preview = None if final else rows.provisional
+        provisional = None
+        if preview is not None and preview.start == rows.start + length:
+            provisional = _stream_rows(preview)
+            if not provisional.length:
+                provisional = None
         return _Extracted(
             rows=StreamRows(features=features, masks=masks, length=length),
+            provisional=provisional,
             words=words,
             dropped_frames=int(rows.dropped_frames),
             started=started,
@@ -379,9 +405,25 @@ class StreamSession:
         assert self.extracted is not None
         return StreamStep(state=self._state, rows=self.extracted.rows)
 
-    def apply(self, outcome: StreamStepOutcome | None) -> StreamEvent | None:
-        """Take the model step's outcome (None: no rows to score) and make the event to send:
-        an update, the final answer, or nothing (no new rows)."""
+    def provisional_input(self, committed: StreamStepOutcome | None) -> StreamStep | None:
+        """The provisional step after the committed one (the model worker): the provisional
+        rows from the committed state (``committed``'s new state, else the current one). The
+        step is functional, so that state is left as it is; None: nothing to preview."""
+        extracted = self.extracted
+        if extracted is None or extracted.provisional is None:
+            return None
+        if committed is None:
+            return StreamStep(state=self._state, rows=extracted.provisional)
+        if committed.error is not None or committed.result is None:
+            return None
+        return StreamStep(state=committed.state, rows=extracted.provisional)
+
+    def apply(
+        self, outcome: StreamStepOutcome | None, preview: StreamStepOutcome | None = None
+    ) -> StreamEvent | None:
+        """Take the model step's outcome (None: no rows to score) and the provisional step's
+        (None: none; its state is discarded) and make the event to send: an update, the final
+        answer, or nothing (no new rows)."""
         extracted = self.extracted
         assert extracted is not None
         self.extracted = None
@@ -399,21 +441,34 @@ class StreamSession:
         self.words_total += len(extracted.words)
         if extracted.final:
             return self._final()
-        if outcome is None or self.result is None:
+        result, used, covered_s = self.result, self.used, self.stream_time_s
+        if (
+            preview is not None
+            and preview.error is None
+            and preview.result is not None
+            and extracted.provisional is not None
+        ):
+            result, used = preview.result, preview.used
+            covered_s += extracted.provisional.length / self._hub.rate_hz
+        elif outcome is None:
+            return None
+        if result is None:
             return None
         self.seq += 1
         dropped, self._dropped_since_update = self._dropped_since_update, 0
+        received_s = self.received_s
         return StreamUpdate(
             seq=self.seq,
-            stream_time_s=self.stream_time_s,
-            received_s=self.received_s,
-            result=self.result,
+            stream_time_s=covered_s,
+            received_s=received_s,
+            result=result,
             words=extracted.words,
             words_total=self.words_total,
-            active=self.used,
+            active=used,
             latency_ms=(time.perf_counter() - extracted.started) * 1000.0,
-            lag_s=self.lag_s,
+            lag_s=max(0.0, received_s - covered_s),
             dropped_frames=dropped,
+            committed_time_s=self.stream_time_s,
         )
 
     def _final(self) -> StreamFinal:
@@ -639,25 +694,29 @@ class StreamHub:
         self.wake()
 
     async def _step(self, sessions: list[StreamSession]) -> None:
-        """ONE batched model step for every stream with new rows, then their events."""
+        """ONE batched model step for every stream with new rows, then ONE batched provisional
+        step for every stream with provisional rows (one trip to the model worker), then their
+        events."""
         with_rows = [s for s in sessions if s.extracted is not None and s.extracted.rows.length]
+        previews = [
+            s for s in sessions if s.extracted is not None and s.extracted.provisional is not None
+        ]
         outcomes: dict[str, StreamStepOutcome] = {}
-        if with_rows:
-            steps = [s.step_input() for s in with_rows]
+        provisional: dict[str, StreamStepOutcome] = {}
+        if with_rows or previews:
             try:
-                done = await asyncio.wrap_future(
-                    self._batcher.call(lambda: self._runner.step_streams(steps))
+                outcomes, provisional = await asyncio.wrap_future(
+                    self._batcher.call(functools.partial(self._model_steps, with_rows, previews))
                 )
             except Exception as exc:
-                for session in with_rows:
+                for session in {s.id: s for s in with_rows + previews}.values():
                     self._fail(session, exc)
                 return
-            outcomes = {s.id: o for s, o in zip(with_rows, done, strict=True)}
         for session in sessions:
             if session.ended:
                 continue
             try:
-                event = session.apply(outcomes.get(session.id))
+                event = session.apply(outcomes.get(session.id), provisional.get(session.id))
             except Exception as exc:
                 self._fail(session, exc)
                 continue
@@ -672,6 +731,23 @@ class StreamHub:
             elif isinstance(event, StreamFinal):
                 self.forget(session, event.reason)
 
+    def _model_steps(
+        self, with_rows: list[StreamSession], previews: list[StreamSession]
+    ) -> tuple[dict[str, StreamStepOutcome], dict[str, StreamStepOutcome]]:
+        """On the model worker: the committed step, then the provisional step from its states
+        (a failed provisional step only leaves that update without its preview)."""
+        done = self._runner.step_streams([s.step_input() for s in with_rows])
+        outcomes = {s.id: o for s, o in zip(with_rows, done, strict=True)}
+        owners: list[StreamSession] = []
+        steps: list[StreamStep] = []
+        for session in previews:
+            step = session.provisional_input(outcomes.get(session.id))
+            if step is not None:
+                owners.append(session)
+                steps.append(step)
+        tails = self._runner.step_streams(steps) if steps else []
+        return outcomes, {s.id: o for s, o in zip(owners, tails, strict=True)}
+
     def _fail(self, session: StreamSession, error: BaseException) -> None:
         if session.ended:
             return
@@ -680,6 +756,14 @@ class StreamHub:
             error = ServiceError("internal error in the live stream")
         session.outbox.put_nowait(StreamFailed(error))
         self.forget(session, "error")
+
+
+def _stream_rows(rows: LiveRowsLike) -> StreamRows:
+    features = {m: np.asarray(rows.features[m], dtype=np.float32) for m in rows.features}
+    masks = {m: np.asarray(rows.masks[m], dtype=np.bool_) for m in rows.masks}
+    return StreamRows(
+        features=features, masks=masks, length=next((len(k) for k in masks.values()), 0)
+    )
 
 
 def decode_jpeg(data: bytes) -> np.ndarray:

@@ -398,3 +398,58 @@ def test_whisper_rows_come_a_second_at_a_time(whisper_extractor, decoded) -> Non
     check_contiguous(rows, ex.dims)
     sizes = [r.length for r in rows[:-1] if r.length]
     assert len(sizes) >= 5 and min(sizes) >= 10, sizes
+
+
+def test_provisional_rows_reach_the_audio_received_in_the_same_pass(  # type: ignore[no-untyped-def]
+    whisper_extractor, decoded, monkeypatch
+) -> None:
+    """ready() previews the steps after the final ones up to the audio received, from the
+    encoder pass the final steps use (at most one pass per call), close to what those steps
+    become once final; finish() previews nothing."""
+    import preprocessing.speech_states as speech_states
+
+    settings, recognizer = whisper_extractor.settings, whisper_extractor.recognizer
+    ex = Extractor(settings, modalities=("audio",), recognizer=recognizer)
+    passes = [0]
+    encode = speech_states.encode_windows
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        passes[0] += 1
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(speech_states, "encode_windows", counted)
+    live = LiveExtractor(ex, sample_rate=SR)
+    audio = decoded("jfk").audio
+    step = int(0.5 * SR)
+    rows: list[LiveRows] = []
+    previews: list[LiveRows] = []
+    for start in range(0, len(audio), step):
+        live.push_audio(audio[start : start + step])
+        before = passes[0]
+        r = live.ready()
+        assert passes[0] - before <= 1  # the preview costs no second pass
+        rows.append(r)
+        preview = r.provisional
+        assert preview is not None
+        assert preview.start == r.start + r.length
+        assert preview.start + preview.length == int(min(start + step, len(audio)) / SR * 10)
+        assert preview.features["audio"].shape == (preview.length, ex.dims["audio"])
+        previews.append(preview)
+    last = live.finish()
+    assert last.provisional is None
+    rows.append(last)
+    total = check_contiguous(rows, ex.dims)
+    feats, mask = joined(rows, "audio")
+    # A previewed step against the same step once final (more right context then).
+    x, y, both = [], [], []
+    for p in previews:
+        idx = np.arange(p.start, p.start + p.length)
+        idx = idx[idx < total]
+        x.append(p.features["audio"][: len(idx)])
+        y.append(feats[idx])
+        both.append(p.masks["audio"][: len(idx)] & mask[idx])
+    xs, ys, ok = np.concatenate(x), np.concatenate(y), np.concatenate(both)
+    xs, ys = xs[ok], ys[ok]
+    cosine = (xs * ys).sum(1) / np.linalg.norm(xs, axis=1) / np.linalg.norm(ys, axis=1)
+    assert len(xs) >= 50
+    assert np.median(cosine) >= 0.9, np.median(cosine)

@@ -48,7 +48,11 @@ class Streams:
 def stream_app(
     checkpoint: Path, start_client: Callable[..., TestClient]
 ) -> Iterator[Callable[..., Streams]]:
-    def build(rows: Callable[[], tuple[dict, dict]] | None = None, **overrides: Any) -> Streams:
+    def build(
+        rows: Callable[[], tuple[dict, dict]] | None = None,
+        preview: bool = False,
+        **overrides: Any,
+    ) -> Streams:
         values: dict[str, Any] = {
             "model_path": checkpoint,
             "enable_media": False,
@@ -62,7 +66,9 @@ def stream_app(
 
         def factory(options: Any) -> BundleRows:
             features, masks = streams.rows()
-            source = BundleRows(features, masks, sample_rate=options.sample_rate)
+            source = BundleRows(
+                features, masks, sample_rate=options.sample_rate, provisional=preview
+            )
             with lock:
                 streams.sources.append(source)
             return source
@@ -137,11 +143,14 @@ def clip(real_extractor: Any, shared_media: Path) -> tuple[Any, np.ndarray]:
 
 
 @pytest.mark.slow
-def test_final_answer_equals_predict_features(stream_app, clip) -> None:
+@pytest.mark.parametrize("preview", [False, True], ids=["committed", "provisional"])
+def test_final_answer_equals_predict_features(stream_app, clip, preview) -> None:
+    """With provisional rows too: each provisional step runs on a copy of the committed state,
+    so the final answer is still the model on the whole clip."""
     bundle, audio = clip
     features = {m: np.asarray(f, np.float32) for m, f in bundle.features.items()}
     masks = {m: np.asarray(k, np.bool_) for m, k in bundle.masks.items()}
-    streams = stream_app(rows=lambda: (features, masks))
+    streams = stream_app(rows=lambda: (features, masks), preview=preview)
     with streams.client.websocket_connect("/v1/stream") as ws:
         ready = _start(ws, update_interval_s=0.2)
         assert ready["modalities"] == ["text", "audio", "visual"] and ready["rate_hz"] == 10.0
@@ -186,6 +195,18 @@ def test_final_answer_equals_predict_features(stream_app, clip) -> None:
     assert updates[-1]["sentiment"]["score"] == pytest.approx(
         want_prefix["sentiment"]["score"], abs=1e-4
     )
+    # The source holds rows back 3 steps (0.3 s) after their audio; a provisional update
+    # covers them, a committed one does not.
+    provisional = [u["provisional_s"] for u in updates]
+    if preview:
+        assert max(provisional) >= 0.2 and sum(p > 0 for p in provisional) >= len(updates) // 2
+    else:
+        assert provisional == [0.0] * len(updates)
+    for u in updates:
+        assert u["committed_time_s"] <= u["stream_time_s"]
+        assert u["provisional_s"] == pytest.approx(
+            u["stream_time_s"] - u["committed_time_s"], abs=2e-3
+        )
 
 
 def test_s16le_audio_and_update_fields(stream_app) -> None:
@@ -200,10 +221,43 @@ def test_s16le_audio_and_update_fields(stream_app) -> None:
     first = updates[0]
     assert set(first) == {"type", "seq", "stream_time_s", "received_s", "sentiment", "emotions",
                           "words", "words_total", "modalities", "latency_ms", "lag_s",
-                          "dropped_frames"}  # fmt: skip
+                          "dropped_frames", "committed_time_s", "provisional_s",
+                          "committed_lag_s"}  # fmt: skip
     assert first["modalities"]["active"] == ["text", "audio", "visual"]
     assert first["lag_s"] == pytest.approx(first["received_s"] - first["stream_time_s"], abs=1e-3)
+    assert first["committed_lag_s"] == pytest.approx(first["lag_s"], abs=1e-3)  # no preview
     assert final["result"]["modalities"]["steps"] == 40
+
+
+def test_provisional_updates_cover_more_and_lag_less(stream_app) -> None:
+    """The same stream with and without provisional rows: the provisional answer covers the
+    rows held back, its lag is the audio received minus the time it covers (docs/STREAMING.md),
+    and the committed part is reported as it would be without the preview."""
+    covered: dict[bool, list[dict[str, Any]]] = {}
+    for preview in (False, True):
+        streams = stream_app(preview=preview)
+        with streams.client.websocket_connect("/v1/stream") as ws:
+            _start(ws, update_interval_s=0.5)
+            _send_audio(ws, _tone(5.0), piece_s=0.5)
+            ws.send_text(json.dumps({"type": "stop"}))
+            updates, final = _until_final(ws)
+        assert updates and final["result"]["modalities"]["steps"] == 50
+        for u in updates:
+            assert u["lag_s"] == pytest.approx(
+                max(0.0, u["received_s"] - u["stream_time_s"]), abs=2e-3
+            )
+            assert u["committed_lag_s"] == pytest.approx(
+                max(0.0, u["received_s"] - u["committed_time_s"]), abs=2e-3
+            )
+            assert u["lag_s"] <= u["committed_lag_s"] + 1e-9
+        covered[preview] = [u for u in updates if u["committed_time_s"] > 0]
+    # The source holds rows back 3 steps after their audio: a provisional update covers those
+    # 0.3 s more than its committed part, and its lag is 0.3 s less.
+    assert covered[True] and covered[False]
+    for u in covered[True]:
+        assert u["provisional_s"] == pytest.approx(0.3, abs=1e-3)
+        assert u["lag_s"] == pytest.approx(max(0.0, u["committed_lag_s"] - 0.3), abs=2e-3)
+    assert all(u["provisional_s"] == 0 for u in covered[False])
 
 
 def _expect_refused(client: TestClient, send: Callable[[Any], None], code: int, kind: str) -> None:
