@@ -213,13 +213,14 @@ def test_live_mode_streams_microphone_and_camera(
     assert streamed == pytest.approx(clip_s, abs=0.001)
     # The live features differ from the file's by design: words recognised utterance by
     # utterance, frames grabbed by the page at its own instants and sent as 320-pixel JPEGs,
-    # audio through Chromium's capture and resampler. Measured over four runs: 0.0002 to
-    # 0.003 apart (0.9747 offline with this tiny checkpoint), where another clip scores 0.26
-    # away. 0.02 tells the same clip from another one by a wide margin and leaves room for
-    # the capture's timing.
-    assert abs(final_score - offline["sentiment"]["score"]) <= 0.02
+    # audio through Chromium's capture and resampler. Measured: 0.0002 to 0.003 apart on a
+    # quiet machine, 0.05 with the two cores saturated by other work (0.9747 offline with this
+    # tiny checkpoint), where another clip scores 0.26 away. The live answer must be the same
+    # clip's: within a third of the distance to the other clip's score.
+    distance = abs(other["sentiment"]["score"] - offline["sentiment"]["score"])
+    assert distance > 0.1
+    assert abs(final_score - offline["sentiment"]["score"]) <= distance / 3
     assert final_label == offline["sentiment"]["label"]
-    assert abs(other["sentiment"]["score"] - offline["sentiment"]["score"]) > 0.1
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "live.png"), full_page=True)
     assert not errors, errors
