@@ -45,7 +45,9 @@ They are not final: the next call makes them again. A caller scores them from a 
 model state, to answer on everything received without waiting for the recognition delay.
 
 Memory per stream stays bounded: audio older than what the windows and recognition still need
-is dropped, and so are frames and words before the next row.
+is dropped, and so are frames and words before the next row; ``ready`` waits for the
+recognition thread when more than ``ASR_BACKLOG_S`` of audio waits for it (recognition slower
+than the stream), so the audio it holds is bounded too.
 """
 
 from __future__ import annotations
@@ -76,6 +78,9 @@ WHISPER_MIN_STEP_S = 1.0
 LIBROSA_CONTEXT_S = 2.5  # audio each side of the steps computed with the librosa recipe
 FRAME_BACKLOG_S = 2.0  # video queued for ready() beyond this is dropped (oldest first)
 FRAME_AHEAD_S = 10.0  # a frame may not be further ahead of the stream (audio or last frame)
+# Audio handed to the recognition thread and not passed over yet beyond this makes ready() wait
+# for it (memory stays bounded when recognition is slower than the stream; never dropped).
+ASR_BACKLOG_S = 10.0
 MIN_SAMPLE_RATE = 8_000
 MAX_SAMPLE_RATE = 192_000
 _KEEP_S = 1.0  # frames and words kept before the next row (a frame may be borrowed back)
@@ -285,6 +290,8 @@ class _AsrWorker:
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._passing = False  # the thread is over audio taken from _incoming
+        self._fed = 0  # samples handed over
+        self._passed = 0  # samples the thread has passed over
 
     @property
     def busy(self) -> bool:
@@ -299,6 +306,7 @@ class _AsrWorker:
             if self._stopped or self._final:
                 return
             self._incoming += [c for c in chunks if len(c)]
+            self._fed += sum(len(c) for c in chunks)
             self._final = final
             if self._thread is None and (self._incoming or final):
                 with _AsrWorker._count_lock:
@@ -306,7 +314,19 @@ class _AsrWorker:
                     name = f"cmamba-live-asr-{_AsrWorker._count}"
                 self._thread = threading.Thread(target=self._run, name=name, daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            self._cond.notify_all()
+
+    def wait_backlog(self, limit_s: float) -> None:
+        """Wait until at most ``limit_s`` of the audio handed over is not passed over yet."""
+        with self._cond:
+            while (
+                self._fed - self._passed > limit_s * SR
+                and self._error is None
+                and not self._stopped
+                and self._thread is not None
+                and self._thread.is_alive()
+            ):
+                self._cond.wait(0.1)
 
     def collect(self) -> tuple[list[tuple[list[Word], TokenEmbeddings | None]], float]:
         """The commits made since the last call and the commit point (audio before it is
@@ -323,13 +343,14 @@ class _AsrWorker:
         if thread is not None:
             thread.join()
 
-    def stop(self) -> None:
-        """End the thread after the pass under way; later audio is ignored."""
+    def stop(self, wait: bool = True) -> None:
+        """End the thread after the pass under way (``wait``: wait for that); later audio is
+        ignored."""
         with self._cond:
             self._stopped = True
-            self._cond.notify()
+            self._cond.notify_all()
         thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
+        if wait and thread is not None and thread is not threading.current_thread():
             thread.join()
 
     def _run(self) -> None:
@@ -343,6 +364,7 @@ class _AsrWorker:
                     chunks, self._incoming = self._incoming, []
                     final = self._final
                     self._passing = True
+                    taken = self._fed
                 for chunk in chunks:
                     self._audio.append(chunk)
                 words = self._asr.step(self._audio, final) if self._audio.total else []
@@ -355,11 +377,14 @@ class _AsrWorker:
                         self._committed.append((words, tokens))
                     self._commit_s = self._asr.commit_s
                     self._passing = False
+                    self._passed = taken
+                    self._cond.notify_all()
                     if final:
                         return
         except BaseException as exc:  # handed to the stream's next ready() / finish()
             with self._cond:
                 self._error = exc
+                self._cond.notify_all()
 
 
 class _TextRows:
@@ -580,8 +605,9 @@ class LiveExtractor:
             self._asr = _AsrWorker(
                 extractor.recognizer, extractor.text_encoder, asr or LiveAsrSettings()
             )
-            # A stream dropped without finish() or close() stops its recogniser too.
-            weakref.finalize(self, self._asr.stop).atexit = False
+            # A stream dropped without finish() or close() stops its recogniser too (without
+            # waiting: the collector may run on any thread).
+            weakref.finalize(self, self._asr.stop, False).atexit = False
 
     # -- input (cheap; any thread) --------------------------------------------------------------
 
@@ -714,6 +740,8 @@ class LiveExtractor:
         if self._asr is not None:
             if final:
                 self._asr.join()
+            else:
+                self._asr.wait_backlog(ASR_BACKLOG_S)
             committed, self._commit_s = self._asr.collect()
             assert self._text is not None
             for words, tokens in committed:

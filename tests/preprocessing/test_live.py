@@ -570,3 +570,31 @@ def test_close_stops_the_recogniser_and_leaves_no_thread(held, decoded) -> None:
     with pytest.raises(LiveInputError):
         live.push_audio(audio[3 * SR : 4 * SR])
     live.close()  # again: harmless
+
+
+def test_ready_waits_for_the_recogniser_beyond_the_backlog_bound(held, decoded) -> None:  # type: ignore[no-untyped-def]
+    """Memory stays bounded when recognition is slower than the stream: with more than
+    ASR_BACKLOG_S of audio handed to a held recogniser, ready() waits for it (no audio is
+    dropped); released, it returns and the stream goes on."""
+    import threading
+
+    from preprocessing.live import ASR_BACKLOG_S
+
+    ex, recognizer = held
+    audio = np.tile(decoded("jfk").audio, 2)
+    live = LiveExtractor(ex, sample_rate=SR, asr=LiveAsrSettings(vad=False))
+    live.push_audio(audio[: 2 * SR])
+    rows = [live.ready()]
+    wait_for(recognizer.started.is_set)
+    over = 2 * SR + int((ASR_BACKLOG_S + 2) * SR)
+    live.push_audio(audio[2 * SR : over])
+    waiter = threading.Thread(target=lambda: rows.append(live.ready()))
+    waiter.start()
+    waiter.join(3.0)
+    assert waiter.is_alive()  # waiting for the held pass, not dropping audio
+    recognizer.release.set()
+    waiter.join(120)
+    assert not waiter.is_alive()
+    live.push_audio(audio[over:])
+    rows.append(live.finish())
+    assert check_contiguous(rows, ex.dims) == int(np.ceil(len(audio) / SR * 10 - 1e-6))
