@@ -282,8 +282,10 @@ class _AsrWorker:
         self._encoder = text_encoder
         self._audio = _AudioBuffer()
         self._cond = threading.Condition()
-        self._incoming: list[np.ndarray] = []
-        self._final = False
+        # Each feed is passed over on its own, in order (chunks, final, samples fed by its
+        # end): the passes cut the audio where the feeds do, however late the thread runs.
+        self._incoming: deque[tuple[list[np.ndarray], bool, int]] = deque()
+        self._final = False  # the end of the stream was fed
         self._stopped = False
         self._committed: list[tuple[list[Word], TokenEmbeddings | None]] = []
         self._commit_s = 0.0
@@ -305,10 +307,13 @@ class _AsrWorker:
         with self._cond:
             if self._stopped or self._final:
                 return
-            self._incoming += [c for c in chunks if len(c)]
+            chunks = [c for c in chunks if len(c)]
+            if not chunks and not final:
+                return
             self._fed += sum(len(c) for c in chunks)
             self._final = final
-            if self._thread is None and (self._incoming or final):
+            self._incoming.append((chunks, final, self._fed))
+            if self._thread is None:
                 with _AsrWorker._count_lock:
                     _AsrWorker._count += 1
                     name = f"cmamba-live-asr-{_AsrWorker._count}"
@@ -357,14 +362,12 @@ class _AsrWorker:
         try:
             while True:
                 with self._cond:
-                    while not (self._incoming or self._final or self._stopped):
+                    while not (self._incoming or self._stopped):
                         self._cond.wait()
                     if self._stopped:
                         return
-                    chunks, self._incoming = self._incoming, []
-                    final = self._final
+                    chunks, final, taken = self._incoming.popleft()
                     self._passing = True
-                    taken = self._fed
                 for chunk in chunks:
                     self._audio.append(chunk)
                 words = self._asr.step(self._audio, final) if self._audio.total else []
