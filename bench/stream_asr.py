@@ -7,8 +7,9 @@ with ``ready()`` after each piece (``finish()`` at the end), for a few
 :class:`preprocessing.live.LiveAsrSettings`. Reported per setting: word error rate against the
 offline extractor's transcript of the same audio and against the clip's reference transcript
 (../shared/media/SOURCES.md), and the word delay: from a word's end in the audio to the moment
-the call that made it final returned (the stream time of that call, plus the call's own compute
-time, as if the stream were played in real time). "all" is one stream of every clip back to back
+the stream's recognition thread committed it (the stream time of the ``ready()`` call that
+handed it the audio, plus that call's compute and the pass, as if the stream were played in real
+time; the words are taken by the next call). "all" is one stream of every clip back to back
 with 1 s of silence between them (28 s); words emitted only by ``finish()`` are counted with the
 end of the stream. CPU: the recognition's wall time per second of audio (one thread).
 
@@ -93,6 +94,7 @@ def stream(extractor, audio: np.ndarray, setting: Setting) -> tuple[list[str], l
     words: list[str] = []
     delays: list[float] = []
     compute = 0.0
+    available = 0.0  # when the words the next ready() takes were committed (played in real time)
     for start in range(0, len(audio) + step, step):
         piece = audio[start : start + step]
         final = start + step >= len(audio) + step
@@ -101,11 +103,16 @@ def stream(extractor, audio: np.ndarray, setting: Setting) -> tuple[list[str], l
         now = min(start + step, len(audio)) / SR
         began = time.perf_counter()
         rows = live.finish() if final else live.ready()
+        # Recognition runs on the stream's own thread: the pass this call handed audio to
+        # counts with the call, and its words are taken by the next call.
+        while live.recognising:
+            time.sleep(0.002)
         spent = time.perf_counter() - began
         compute += spent
         for word in rows.words:
             words.append(word.text)
-            delays.append(now + spent - word.end_s)
+            delays.append((now + spent if final else available) - word.end_s)
+        available = now + spent
         if final:
             break
     return words, delays, compute

@@ -24,12 +24,15 @@ How each modality is made, and how it differs from the offline extractor on the 
   frames are used. When ``ready`` falls behind, queued frames beyond ``FRAME_BACKLOG_S`` of
   video are dropped (oldest first, counted in ``dropped_frames``); audio is never dropped.
 - **Text**: speech is recognised with the offline recogniser on the audio not yet committed
-  (see :class:`LiveAsrSettings`): an utterance is committed when Silero VAD (bundled with
-  faster-whisper) finds a pause after it, and a long utterance in a sliding window whose words
-  are committed once they end ``guard_s`` before the window's end. Committed words are embedded
-  once per commit (MiniLM sees the words of that commit, not the whole transcript) and placed
-  by the offline ``align_text``. A text step is final once the audio up to its end is
-  committed, so text delays the rows by the recognition delay. A ``transcript_hint`` replaces
+  (see :class:`LiveAsrSettings`), on a thread of the stream's own: ``ready`` hands it the new
+  audio and takes the words it committed meanwhile, never waiting for a pass (``finish`` waits
+  for the last one; ``close`` stops the thread). An utterance is committed when Silero VAD
+  (bundled with faster-whisper) finds a pause after it, and a long utterance in a sliding
+  window whose words are committed once they end ``guard_s`` before the window's end.
+  Committed words are embedded once per commit (MiniLM sees the words of that commit, not the
+  whole transcript) and placed by the offline ``align_text``. A text step is final once the
+  audio up to its end is committed, so text delays the final rows by the recognition delay
+  (the provisional rows mask text there). A ``transcript_hint`` replaces
   recognition: its words are placed at the nominal speaking rate from t = 0, as offline (not
   squeezed into the clip, whose length is unknown while it streams).
 
@@ -42,7 +45,9 @@ They are not final: the next call makes them again. A caller scores them from a 
 model state, to answer on everything received without waiting for the recognition delay.
 
 Memory per stream stays bounded: audio older than what the windows and recognition still need
-is dropped, and so are frames and words before the next row.
+is dropped, and so are frames and words before the next row; ``ready`` waits for the
+recognition thread when more than ``ASR_BACKLOG_S`` of audio waits for it (recognition slower
+than the stream), so the audio it holds is bounded too.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -72,6 +78,9 @@ WHISPER_MIN_STEP_S = 1.0
 LIBROSA_CONTEXT_S = 2.5  # audio each side of the steps computed with the librosa recipe
 FRAME_BACKLOG_S = 2.0  # video queued for ready() beyond this is dropped (oldest first)
 FRAME_AHEAD_S = 10.0  # a frame may not be further ahead of the stream (audio or last frame)
+# Audio handed to the recognition thread and not passed over yet beyond this makes ready() wait
+# for it (memory stays bounded when recognition is slower than the stream; never dropped).
+ASR_BACKLOG_S = 10.0
 MIN_SAMPLE_RATE = 8_000
 MAX_SAMPLE_RATE = 192_000
 _KEEP_S = 1.0  # frames and words kept before the next row (a frame may be borrowed back)
@@ -253,6 +262,132 @@ class _LiveAsr:
         if end_s - self.commit_s >= cfg.window_s:  # a long utterance: slide
             words += self._slide(audio, end_s)
         return words
+
+
+class _AsrWorker:
+    """A stream's speech recognition on its own thread, off the path of ``ready``.
+
+    ``feed`` hands it the stream's 16 kHz audio (and the end of the stream); the thread runs
+    :class:`_LiveAsr` passes on its own copy of the audio that is not committed yet, embeds
+    the words of each commit and keeps them until ``collect`` takes them with the commit
+    point. ``join`` waits for the last pass after the end; ``stop`` ends the thread after the
+    pass under way (if any) without running another.
+    """
+
+    _count = 0
+    _count_lock = threading.Lock()
+
+    def __init__(self, recognizer: Any, text_encoder: Any, settings: LiveAsrSettings) -> None:
+        self._asr = _LiveAsr(recognizer, settings)
+        self._encoder = text_encoder
+        self._audio = _AudioBuffer()
+        self._cond = threading.Condition()
+        # Each feed is passed over on its own, in order (chunks, final, samples fed by its
+        # end): the passes cut the audio where the feeds do, however late the thread runs.
+        self._incoming: deque[tuple[list[np.ndarray], bool, int]] = deque()
+        self._final = False  # the end of the stream was fed
+        self._stopped = False
+        self._committed: list[tuple[list[Word], TokenEmbeddings | None]] = []
+        self._commit_s = 0.0
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._passing = False  # the thread is over audio taken from _incoming
+        self._fed = 0  # samples handed over
+        self._passed = 0  # samples the thread has passed over
+
+    @property
+    def busy(self) -> bool:
+        """Audio handed over is not passed over yet (a pass under way or to come)."""
+        with self._cond:
+            running = self._thread is not None and self._thread.is_alive()
+            return running and (self._passing or bool(self._incoming))
+
+    def feed(self, chunks: list[np.ndarray], final: bool) -> None:
+        """Queue audio for recognition (``final``: the stream ends after it)."""
+        with self._cond:
+            if self._stopped or self._final:
+                return
+            chunks = [c for c in chunks if len(c)]
+            if not chunks and not final:
+                return
+            self._fed += sum(len(c) for c in chunks)
+            self._final = final
+            self._incoming.append((chunks, final, self._fed))
+            if self._thread is None:
+                with _AsrWorker._count_lock:
+                    _AsrWorker._count += 1
+                    name = f"cmamba-live-asr-{_AsrWorker._count}"
+                self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def wait_backlog(self, limit_s: float) -> None:
+        """Wait until at most ``limit_s`` of the audio handed over is not passed over yet."""
+        with self._cond:
+            while (
+                self._fed - self._passed > limit_s * SR
+                and self._error is None
+                and not self._stopped
+                and self._thread is not None
+                and self._thread.is_alive()
+            ):
+                self._cond.wait(0.1)
+
+    def collect(self) -> tuple[list[tuple[list[Word], TokenEmbeddings | None]], float]:
+        """The commits made since the last call and the commit point (audio before it is
+        recognised); re-raises a failure of the recognition thread."""
+        with self._cond:
+            if self._error is not None:
+                raise self._error
+            committed, self._committed = self._committed, []
+            return committed, self._commit_s
+
+    def join(self) -> None:
+        """Wait until the thread has ended (after the final pass, or after ``stop``)."""
+        thread = self._thread
+        if thread is not None:
+            thread.join()
+
+    def stop(self, wait: bool = True) -> None:
+        """End the thread after the pass under way (``wait``: wait for that); later audio is
+        ignored."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        thread = self._thread
+        if wait and thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._incoming or self._stopped):
+                        self._cond.wait()
+                    if self._stopped:
+                        return
+                    chunks, final, taken = self._incoming.popleft()
+                    self._passing = True
+                for chunk in chunks:
+                    self._audio.append(chunk)
+                words = self._asr.step(self._audio, final) if self._audio.total else []
+                tokens = None
+                if words:
+                    tokens = self._encoder.encode_words([w.text for w in words])
+                self._audio.trim(max(0.0, self._asr.commit_s - 0.1))
+                with self._cond:
+                    if words:
+                        self._committed.append((words, tokens))
+                    self._commit_s = self._asr.commit_s
+                    self._passing = False
+                    self._passed = taken
+                    self._cond.notify_all()
+                    if final:
+                        return
+        except BaseException as exc:  # handed to the stream's next ready() / finish()
+            with self._cond:
+                self._error = exc
+                self._cond.notify_all()
 
 
 class _TextRows:
@@ -457,7 +592,8 @@ class LiveExtractor:
         self._window_cache: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._all_words: list[Word] = []
         self._text = _TextRows() if "text" in self._modalities else None
-        self._asr: _LiveAsr | None = None
+        self._asr: _AsrWorker | None = None
+        self._commit_s = 0.0  # audio before this is recognised (what the recogniser reported)
         self._hint: list[Word] = []
         hint = transcript_hint.strip() if transcript_hint and transcript_hint.strip() else None
         if self._text is not None and hint is not None:
@@ -469,7 +605,12 @@ class LiveExtractor:
                 for w, t in zip(split_words(hint), times, strict=True)
             ]
         elif self._text is not None:
-            self._asr = _LiveAsr(extractor.recognizer, asr or LiveAsrSettings())
+            self._asr = _AsrWorker(
+                extractor.recognizer, extractor.text_encoder, asr or LiveAsrSettings()
+            )
+            # A stream dropped without finish() or close() stops its recogniser too (without
+            # waiting: the collector may run on any thread).
+            weakref.finalize(self, self._asr.stop, False).atexit = False
 
     # -- input (cheap; any thread) --------------------------------------------------------------
 
@@ -540,6 +681,12 @@ class LiveExtractor:
         return list(self._all_words)
 
     @property
+    def recognising(self) -> bool:
+        """The recogniser has audio handed to it by ``ready`` that it has not passed over yet
+        (its words come in a later call)."""
+        return self._asr is not None and self._asr.busy
+
+    @property
     def stream_seconds(self) -> float:
         """Seconds of audio received."""
         return self._received_samples / self._sample_rate
@@ -555,6 +702,15 @@ class LiveExtractor:
         with self._lock:
             self._finished = True
         return self._advance(final=True)
+
+    def close(self) -> None:
+        """End the stream without its last rows (the client went away, the server stops):
+        refuse more input and stop the recognition thread, waiting for a pass under way.
+        ``finish`` needs no ``close`` (its recogniser has ended); calling both is harmless."""
+        with self._lock:
+            self._finished = True
+        if self._asr is not None:
+            self._asr.stop()
 
     def _take_input(self) -> tuple[list[np.ndarray], list[tuple[np.ndarray, float]], int]:
         with self._lock:
@@ -572,21 +728,30 @@ class LiveExtractor:
         if self._closed:
             return self._rows(self._next_row, self._next_row, [], 0)
         audio, frames, dropped = self._take_input()
-        for chunk in audio:
-            self._audio.append(self._resampler(chunk))
+        resampled = [self._resampler(chunk) for chunk in audio]
         if final:
-            self._audio.append(self._resampler(None))
+            resampled.append(self._resampler(None))
+        for chunk in resampled:
+            self._audio.append(chunk)
+        new_words: list[Word] = []
+        if self._asr is not None:
+            # Recognition runs on its own thread while this call makes the other features;
+            # this call takes the words committed meanwhile (at the end: all of them).
+            self._asr.feed(resampled, final)
         if self._faces is not None:
             self._faces.process(frames)
-        new_words: list[Word] = []
-        if self._asr is not None and self._audio.total:
-            new_words = self._asr.step(self._audio, final)
-            if new_words:
-                tokens = self._extractor.text_encoder.encode_words([w.text for w in new_words])
-                times = np.array([(w.start_s, w.end_s) for w in new_words], np.float64)
-                assert self._text is not None
-                if len(tokens.words) == len(new_words):
+        if self._asr is not None:
+            if final:
+                self._asr.join()
+            else:
+                self._asr.wait_backlog(ASR_BACKLOG_S)
+            committed, self._commit_s = self._asr.collect()
+            assert self._text is not None
+            for words, tokens in committed:
+                times = np.array([(w.start_s, w.end_s) for w in words], np.float64)
+                if tokens is not None and len(tokens.words) == len(words):
                     self._text.add(tokens, times)
+                new_words += words
         self._window_cache = {}  # one Whisper pass per window in this call, final and tail
         stop = self._final_rows(final)
         if final and self._hint:
@@ -627,7 +792,7 @@ class LiveExtractor:
             return max(grid_length(end, rate), self._next_row)
         stop = math.floor((self._clock_s() - AUDIO_LOOKAHEAD_S) * rate + 1e-9)
         if self._asr is not None:
-            stop = min(stop, math.floor(self._asr.commit_s * rate + 1e-9))
+            stop = min(stop, math.floor(self._commit_s * rate + 1e-9))
         last = self._taken_frame_s  # frames pushed since are not processed yet
         if self._faces is not None and last is not None and last > self._clock_s() - 2.0:
             # A step may still take a frame within the borrowing reach after its centre.
@@ -733,8 +898,6 @@ class LiveExtractor:
             keep = min(keep, max(0.0, self._audio.end_s - WHISPER_WINDOW_S))
         else:
             keep = next_s - LIBROSA_CONTEXT_S
-        if self._asr is not None:
-            keep = min(keep, self._asr.commit_s)
         self._audio.trim(max(0.0, keep - 0.1))
         if self._faces is not None:
             self._faces.forget_before(next_s)

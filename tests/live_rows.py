@@ -47,6 +47,7 @@ class BundleRows:
         self.received = 0
         self.frames: list[float] = []
         self.next = 0
+        self.closed = False
 
     def push_audio(self, samples: np.ndarray) -> None:
         assert samples.dtype == np.float32 and samples.ndim == 1
@@ -80,6 +81,9 @@ class BundleRows:
     def finish(self) -> Rows:
         covered = math.ceil(self.received / self.sample_rate * self.rate_hz)
         return self._rows(min(self.length, covered))
+
+    def close(self) -> None:
+        self.closed = True
 
     @property
     def words(self) -> list[Any]:

@@ -102,6 +102,11 @@ class LiveSource(Protocol):
 
     def finish(self) -> LiveRowsLike: ...
 
+    def close(self) -> None:
+        """Release what the stream holds (its recognition thread); may wait for work under way,
+        so the hub calls it on a hub thread. Harmless after ``finish``."""
+        ...
+
     @property
     def words(self) -> Sequence[Any]: ...
 
@@ -390,6 +395,13 @@ class StreamSession:
             final=final,
         )
 
+    def close_source(self) -> None:
+        """Release the live source (a hub thread; never raises)."""
+        try:
+            self._source.close()
+        except Exception:
+            logger.exception("closing live stream %s failed", self.id)
+
     def start_job(self) -> None:
         self._busy = True
         self._extract_from_s = self.received_s
@@ -618,8 +630,17 @@ class StreamHub:
             session.ended = True
             self.metrics.stream_ended.labels(reason=reason).inc()
             self.metrics.stream_active.set(self.active)
+            self._close_source(session)
         if not self._sessions:
             self._idle.set()
+
+    def _close_source(self, session: StreamSession) -> None:
+        """Close an ended stream's source on a hub thread: it may wait for a recognition pass
+        under way, which the event loop must not."""
+        try:
+            self._executor.submit(session.close_source)
+        except RuntimeError:  # the pool is shut down (the server stops): close here
+            session.close_source()
 
     def wake(self) -> None:
         self._wake.set()

@@ -6,7 +6,7 @@ audio rows within a measured bound, streaming words close to the offline transcr
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import pytest
 
 from preprocessing import Extractor, ExtractorSettings
 from preprocessing.errors import LiveInputError, PreprocessingError
-from preprocessing.live import FRAME_BACKLOG_S, LiveExtractor, LiveRows
+from preprocessing.live import FRAME_BACKLOG_S, LiveAsrSettings, LiveExtractor, LiveRows
 from preprocessing.media import decode_media
 from preprocessing.text import TokenEmbeddings, align_text
 from preprocessing.visual import visual_on_grid
@@ -29,9 +29,12 @@ def play(
     frames: list[np.ndarray] | None = None,
     times: np.ndarray | None = None,
     chunk_s: float = 1.0,
+    recogniser_keeps_up: bool = False,
 ) -> list[LiveRows]:
     """Feed a decoded clip in ``chunk_s`` pieces, frames up to each piece's end, ready() after
-    each piece, then finish()."""
+    each piece, then finish(). ``recogniser_keeps_up``: after each ready(), wait until the
+    stream's recognition thread has passed over the audio handed to it (as it does on a stream
+    played at real time when it keeps up), rather than feeding faster than it recognises."""
     out: list[LiveRows] = []
     step = int(chunk_s * SR)
     frames = frames or []
@@ -44,6 +47,8 @@ def play(
             live.push_frame(frames[next_frame], float(times[next_frame]))
             next_frame += 1
         out.append(live.ready())
+        if recogniser_keeps_up:
+            wait_for(lambda: not live.recognising)
     for i in range(next_frame, len(frames)):
         live.push_frame(frames[i], float(times[i]))
     out.append(live.finish())
@@ -139,7 +144,7 @@ def test_speech_states_and_streaming_words_on_a_speech(whisper_extractor, clip, 
     offline = whisper_extractor.extract(clip("jfk"))
     audio = decoded("jfk").audio
     live = LiveExtractor(whisper_extractor, sample_rate=SR)
-    rows = play(live, audio, chunk_s=1.0)
+    rows = play(live, audio, chunk_s=1.0, recogniser_keeps_up=True)
     total = check_contiguous(rows, whisper_extractor.dims)
     assert abs(total - offline.length) <= 1
     assert sum(r.length for r in rows[:-1]) > total // 2  # most rows came before the end
@@ -453,3 +458,143 @@ def test_provisional_rows_reach_the_audio_received_in_the_same_pass(  # type: ig
     cosine = (xs * ys).sum(1) / np.linalg.norm(xs, axis=1) / np.linalg.norm(ys, axis=1)
     assert len(xs) >= 50
     assert np.median(cosine) >= 0.9, np.median(cosine)
+
+
+class HeldRecognizer:
+    """The real recogniser, its passes held until ``release`` is set (to catch one under way);
+    ``active``: passes under way now."""
+
+    def __init__(self, real: Any) -> None:
+        import threading
+
+        self._real = real
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.active = 0
+
+    def transcribe(self, audio: np.ndarray) -> Any:
+        self.active += 1
+        self.started.set()
+        try:
+            assert self.release.wait(300), "a recognition pass was never released"
+            return self._real.transcribe(audio)
+        finally:
+            self.active -= 1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+def recognition_threads() -> set[Any]:
+    import threading
+
+    return {t for t in threading.enumerate() if t.name.startswith("cmamba-live-asr")}
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def held(extractor: Extractor) -> Iterator[tuple[Extractor, HeldRecognizer]]:
+    recognizer = HeldRecognizer(extractor.recognizer)
+    ex = Extractor(
+        extractor.settings,
+        modalities=("text", "audio"),
+        text_encoder=extractor.text_encoder,
+        recognizer=recognizer,  # type: ignore[arg-type]
+    )
+    yield ex, recognizer
+    recognizer.release.set()
+
+
+@pytest.mark.slow
+def test_ready_does_not_wait_for_a_recognition_under_way(held, decoded) -> None:  # type: ignore[no-untyped-def]
+    """Recognition runs on the stream's own thread: ready() returns while a pass is held,
+    with the audio rows previewed and the text masked there (no words committed yet); the
+    words come once the pass is done, and finish() leaves no recognition thread behind."""
+    ex, recognizer = held
+    audio = decoded("jfk").audio
+    before = recognition_threads()
+    live = LiveExtractor(ex, sample_rate=SR, asr=LiveAsrSettings(vad=False))
+    live.push_audio(audio[: 3 * SR])
+    rows = [live.ready()]
+    wait_for(recognizer.started.is_set)
+    live.push_audio(audio[3 * SR : 6 * SR])
+    rows.append(live.ready())
+    # ready() came back while the pass it would have waited for is still held.
+    assert recognizer.active == 1 and not recognizer.release.is_set()
+    preview = rows[-1].provisional
+    assert preview is not None and preview.start + preview.length == 60
+    assert preview.masks["audio"].any() and not preview.masks["text"].any()
+    assert sum(r.length for r in rows) == 0  # text of no step is final yet
+    ours = recognition_threads() - before
+    assert len(ours) == 1 and all(t.is_alive() for t in ours)
+    recognizer.release.set()
+    wait_for(lambda: recognizer.active == 0)
+    live.push_audio(audio[6 * SR :])
+    rows.append(live.ready())
+    rows.append(live.finish())
+    total = check_contiguous(rows, ex.dims)
+    assert total == int(np.ceil(len(audio) / SR * 10 - 1e-6))
+    assert len(live.words) >= 15
+    assert joined(rows, "text")[1].any()
+    assert not any(t.is_alive() for t in ours)  # finish() ended the recogniser
+
+
+def test_close_stops_the_recogniser_and_leaves_no_thread(held, decoded) -> None:  # type: ignore[no-untyped-def]
+    """A stream closed without finish() (the client went away) during a recognition pass:
+    close() waits for that pass and ends the thread; the stream takes no more input."""
+    import threading
+
+    ex, recognizer = held
+    audio = decoded("jfk").audio
+    before = recognition_threads()
+    live = LiveExtractor(ex, sample_rate=SR, asr=LiveAsrSettings(vad=False))
+    live.push_audio(audio[: 3 * SR])
+    live.ready()
+    wait_for(recognizer.started.is_set)
+    ours = recognition_threads() - before
+    assert len(ours) == 1
+    closer = threading.Thread(target=live.close)
+    closer.start()
+    recognizer.release.set()
+    closer.join(60)
+    assert not closer.is_alive()
+    assert not any(t.is_alive() for t in ours)
+    with pytest.raises(LiveInputError):
+        live.push_audio(audio[3 * SR : 4 * SR])
+    live.close()  # again: harmless
+
+
+def test_ready_waits_for_the_recogniser_beyond_the_backlog_bound(held, decoded) -> None:  # type: ignore[no-untyped-def]
+    """Memory stays bounded when recognition is slower than the stream: with more than
+    ASR_BACKLOG_S of audio handed to a held recogniser, ready() waits for it (no audio is
+    dropped); released, it returns and the stream goes on."""
+    import threading
+
+    from preprocessing.live import ASR_BACKLOG_S
+
+    ex, recognizer = held
+    audio = np.tile(decoded("jfk").audio, 2)
+    live = LiveExtractor(ex, sample_rate=SR, asr=LiveAsrSettings(vad=False))
+    live.push_audio(audio[: 2 * SR])
+    rows = [live.ready()]
+    wait_for(recognizer.started.is_set)
+    over = 2 * SR + int((ASR_BACKLOG_S + 2) * SR)
+    live.push_audio(audio[2 * SR : over])
+    waiter = threading.Thread(target=lambda: rows.append(live.ready()))
+    waiter.start()
+    waiter.join(3.0)
+    assert waiter.is_alive()  # waiting for the held pass, not dropping audio
+    recognizer.release.set()
+    waiter.join(120)
+    assert not waiter.is_alive()
+    live.push_audio(audio[over:])
+    rows.append(live.finish())
+    assert check_contiguous(rows, ex.dims) == int(np.ceil(len(audio) / SR * 10 - 1e-6))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -386,6 +387,16 @@ def test_malformed_input_ends_only_its_stream(stream_app) -> None:
     health = streams.client.get("/v2/health/ready")
     assert health.status_code == 200
     assert streams.client.app.state.core.active_streams == 0  # type: ignore[attr-defined]
+    # Every stream's source was closed once it ended (refused, failed or finished).
+    _wait_closed(streams)
+
+
+def _wait_closed(streams: Streams, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(source.closed for source in streams.sources):
+        assert time.monotonic() < deadline, [s.closed for s in streams.sources]
+        time.sleep(0.01)
+    assert streams.sources
 
 
 def test_too_many_streams_are_refused(stream_app) -> None:
@@ -524,4 +535,5 @@ def test_a_fatal_failure_ends_every_stream_and_refuses_new_ones(stream_app) -> N
         closed, error = _closed_with(ws)
     assert closed == 4503 and error is not None, (closed, error)
     assert error["error"]["type"] == "unavailable"
+    _wait_closed(streams)  # the failed stream's source (its recogniser) is released
     _expect_refused(client, _start_only, 4503, "unavailable")
