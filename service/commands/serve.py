@@ -187,8 +187,12 @@ def run_ray(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
     ray.init(address=args.ray_address, _temp_dir=args.ray_temp_dir)
     # After ray.init, which installs its own handler (kill the local Ray, exit 1): SIGTERM
-    # (docker stop, systemd) stops in order like Ctrl-C, HAProxy first, and exits 0.
+    # (docker stop, systemd) stops in order like Ctrl-C, HAProxy first, and exits 0. SIGINT is
+    # set too: started in the background by a script, the command inherits SIGINT ignored
+    # (POSIX shells do that to background jobs), and `kill -INT` would then do nothing, where
+    # the single-process server (uvicorn's own handlers) stops.
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
     try:
         serve.start(http_options=http_options)
         app = build_deployment(
