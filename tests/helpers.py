@@ -1,5 +1,6 @@
 """Helpers shared by the test folders: free ports, waiting, a ``cmamba serve`` process, tiny
-checkpoints, /v1/predict/features bodies, and stand-ins for the optional CUDA kernels.
+checkpoints, /v1/predict/features bodies, stand-ins for the optional CUDA kernels, and generated
+audio+video clips.
 
 pyproject.toml puts ``tests/`` on ``sys.path`` (``pythonpath``), so test files and conftests
 import these with ``from helpers import ...``; tests/conftest.py also offers the common ones as
@@ -332,3 +333,51 @@ class KernelStandIns:
         monkeypatch.setitem(sys.modules, "mamba_ssm", types.ModuleType("mamba_ssm"))
         monkeypatch.setitem(sys.modules, "mamba_ssm.ops", types.ModuleType("mamba_ssm.ops"))
         monkeypatch.setitem(sys.modules, "mamba_ssm.ops.selective_scan_interface", interface)
+
+
+# -- generated media -------------------------------------------------------------------------------
+
+
+def write_av_clip(
+    path: Path,
+    seconds: float,
+    frame: Callable[[int], np.ndarray],
+    sound: np.ndarray,
+    *,
+    fps: int = 5,
+    rate: int = 16_000,
+    video_options: Mapping[str, str] | None = None,
+) -> Path:
+    """Write an H.264 + AAC (mono) MP4 of ``seconds`` at ``fps`` to ``path`` and return it.
+
+    ``frame(i)`` is the i-th picture (RGB, uint8, height x width x 3; its size is the clip's);
+    ``sound`` is the mono float32 signal at ``rate`` Hz, muxed alongside the pictures in
+    pieces of 1024 samples. ``video_options`` are libx264's (default: preset ultrafast).
+    """
+    import av
+
+    height, width = frame(0).shape[:2]
+    with av.open(str(path), "w", format="mp4") as out:
+        video = out.add_stream("libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.options = dict(video_options or {"preset": "ultrafast"})
+        audio = out.add_stream("aac", rate=rate)
+        audio.layout = "mono"
+        sample = 0
+        for i in range(int(seconds * fps)):
+            picture = av.VideoFrame.from_ndarray(frame(i), format="rgb24")
+            picture.pts = i
+            for packet in video.encode(picture):
+                out.mux(packet)
+            while sample < int((i + 1) / fps * rate):
+                chunk = av.AudioFrame.from_ndarray(
+                    sound[None, sample : sample + 1024], format="flt", layout="mono"
+                )
+                chunk.sample_rate, chunk.pts = rate, sample
+                for packet in audio.encode(chunk):
+                    out.mux(packet)
+                sample += 1024
+        for stream in (video, audio):
+            for packet in stream.encode(None):
+                out.mux(packet)
+    return path

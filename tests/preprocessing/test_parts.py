@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import write_av_clip
 from jobmedia import write_tone_wav
 
 from preprocessing.errors import UnsupportedMediaError
@@ -18,39 +19,19 @@ GOP = 12  # a keyframe every 2.4 s
 
 
 def write_video(path: Path, seconds: float) -> Path:
-    """H.264 (keyframe every GOP frames, B-frames allowed) + AAC in MP4; the frame number is
-    painted into the picture's brightness."""
-    import av
-
+    """H.264 (keyframe every GOP frames, B-frames allowed) + AAC in MP4, 64x48 with a 220 Hz
+    tone; the frame number is painted into the picture's brightness."""
     rate = 16_000
-    with av.open(str(path), "w", format="mp4") as out:
-        video = out.add_stream("libx264", rate=FPS)
-        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
-        video.options = {"preset": "ultrafast", "g": str(GOP), "keyint_min": str(GOP)}
-        audio = out.add_stream("aac", rate=rate)
-        audio.layout = "mono"
-        t = np.arange(int(seconds * rate)) / rate
-        tone = (0.2 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
-        sample = 0
-        for i in range(int(seconds * FPS)):
-            frame = av.VideoFrame.from_ndarray(
-                np.full((48, 64, 3), (i * 3) % 256, np.uint8), format="rgb24"
-            )
-            frame.pts = i
-            for packet in video.encode(frame):
-                out.mux(packet)
-            while sample < int((i + 1) / FPS * rate):
-                chunk = av.AudioFrame.from_ndarray(
-                    tone[None, sample : sample + 1024], format="flt", layout="mono"
-                )
-                chunk.sample_rate, chunk.pts = rate, sample
-                for packet in audio.encode(chunk):
-                    out.mux(packet)
-                sample += 1024
-        for stream in (video, audio):
-            for packet in stream.encode(None):
-                out.mux(packet)
-    return path
+    t = np.arange(int(seconds * rate)) / rate
+    return write_av_clip(
+        path,
+        seconds,
+        lambda i: np.full((48, 64, 3), (i * 3) % 256, np.uint8),
+        (0.2 * np.sin(2 * np.pi * 220 * t)).astype(np.float32),
+        fps=FPS,
+        rate=rate,
+        video_options={"preset": "ultrafast", "g": str(GOP), "keyint_min": str(GOP)},
+    )
 
 
 def keyframe_times(path: Path) -> list[float]:

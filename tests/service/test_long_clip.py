@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import write_av_clip
 
 REPO = Path(__file__).resolve().parents[2]
 SECONDS = 600.0
@@ -55,23 +56,18 @@ with TestClient(create_app(settings)) as client:
 def make_long_clip(path: Path, seconds: float = SECONDS) -> Path:
     """An H.264 + AAC MP4, 320x240 at 5 fps, with a 180/360 Hz hum that comes and goes every
     2 s (audio without speech, video without a face): cheap to make, decode and analyse."""
-    import av
-
     rate = 16_000
     width, height = SIZE
     rows, cols = np.mgrid[0:height, 0:width]
     patterns = [
-        av.VideoFrame.from_ndarray(
-            np.stack(
-                [
-                    (cols * 255 // width + 30 * k) % 256,
-                    rows * 255 // height,
-                    np.full_like(cols, 40 * k),
-                ],
-                axis=-1,
-            ).astype(np.uint8),
-            format="rgb24",
-        )
+        np.stack(
+            [
+                (cols * 255 // width + 30 * k) % 256,
+                rows * 255 // height,
+                np.full_like(cols, 40 * k),
+            ],
+            axis=-1,
+        ).astype(np.uint8)
         for k in range(6)
     ]
     t = np.arange(int(seconds * rate)) / rate
@@ -79,30 +75,15 @@ def make_long_clip(path: Path, seconds: float = SECONDS) -> Path:
     hum = (0.2 * gate * (np.sin(2 * np.pi * 180 * t) + 0.5 * np.sin(2 * np.pi * 360 * t))).astype(
         np.float32
     )
-    with av.open(str(path), "w", format="mp4") as out:
-        video = out.add_stream("libx264", rate=FPS)
-        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-        video.options = {"preset": "ultrafast", "crf": "35"}
-        audio = out.add_stream("aac", rate=rate)
-        audio.layout = "mono"
-        sample = 0
-        for i in range(int(seconds * FPS)):
-            frame = patterns[(i // 10) % len(patterns)]
-            frame.pts = i
-            for packet in video.encode(frame):
-                out.mux(packet)
-            while sample < int((i + 1) / FPS * rate):
-                chunk = av.AudioFrame.from_ndarray(
-                    hum[None, sample : sample + 1024], format="flt", layout="mono"
-                )
-                chunk.sample_rate, chunk.pts = rate, sample
-                for packet in audio.encode(chunk):
-                    out.mux(packet)
-                sample += 1024
-        for stream in (video, audio):
-            for packet in stream.encode(None):
-                out.mux(packet)
-    return path
+    return write_av_clip(
+        path,
+        seconds,
+        lambda i: patterns[(i // 10) % len(patterns)],
+        hum,
+        fps=FPS,
+        rate=rate,
+        video_options={"preset": "ultrafast", "crf": "35"},
+    )
 
 
 def test_a_ten_minute_clip_streams_in_bounded_memory(

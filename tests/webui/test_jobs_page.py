@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from helpers import ServerProcess
 from jobmedia import audio_checkpoint, write_tone_wav
 
-CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "webui"
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -37,24 +37,9 @@ def jobs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def page_context(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    if not CHROMIUM.exists():
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    profile = tmp_path_factory.mktemp("chromium-profile")
-    with sync_api.sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            str(profile),
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update"],
-            viewport={"width": 1280, "height": 1300},
-        )  # fmt: skip
-        try:
-            yield context
-        finally:
-            context.close()
+def page_context(launch_chromium: Any) -> Iterator[object]:
+    with launch_chromium(height=1300) as context:
+        yield context
 
 
 def test_a_job_is_listed_with_its_progress_and_opens_as_a_timeline(

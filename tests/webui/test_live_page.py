@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 from helpers import ServerProcess, tiny_checkpoint
 
-CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "webui"
 CLIP = "grid_bbaf2n.mp4"
 
@@ -82,39 +81,18 @@ def devices(
 
 
 @pytest.fixture(scope="module")
-def browser(
-    tmp_path_factory: pytest.TempPathFactory, devices: tuple[Path, Path, float]
-) -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
+def browser(launch_chromium: Any, devices: tuple[Path, Path, float]) -> Iterator[Any]:
+    """Chromium whose microphone and camera play the clip's WAV and Y4M in a loop."""
     wav, y4m, _ = devices
-    args = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
+    fake_devices = [
         "--autoplay-policy=no-user-gesture-required",
         "--use-fake-ui-for-media-stream",
         "--use-fake-device-for-media-stream",
         f"--use-file-for-fake-audio-capture={wav}",
         f"--use-file-for-fake-video-capture={y4m}",
     ]
-    with sync_api.sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-live")),
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=args,
-            viewport={"width": 1280, "height": 1100},
-        )
-        try:
-            yield context
-        finally:
-            context.close()
+    with launch_chromium(fake_devices) as context:
+        yield context
 
 
 def sent_seconds(page: Any) -> float:

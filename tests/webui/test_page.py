@@ -1,8 +1,8 @@
 """The web page at ``/`` in a real browser: Debian's headless Chromium driven by Playwright,
 against a real server (``cmamba serve`` on a free port, the real extractor, a tiny checkpoint).
 
-The browser is the system's ``/usr/bin/chromium`` (``apt-get install chromium``); Playwright's
-own browser download is never used. Without either, the test is skipped. A screenshot of the
+The browser is the system's ``/usr/bin/chromium`` (``apt-get install chromium``), started by
+tests/webui/conftest.py; without it or Playwright, the test is skipped. A screenshot of the
 page with its answer is saved under ``artifacts/webui/`` (git-ignored) for people to look at.
 """
 
@@ -11,24 +11,14 @@ from __future__ import annotations
 import base64
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from helpers import ServerProcess, tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
-CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO / "artifacts" / "webui"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -46,23 +36,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    if not CHROMIUM.exists():
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    profile = tmp_path_factory.mktemp("chromium-profile")
-    with sync_api.sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            str(profile),
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1280, "height": 1100},
-        )
-        try:
-            yield context
-        finally:
-            context.close()
+def browser(launch_chromium: Any) -> Iterator[object]:
+    with launch_chromium() as context:
+        yield context
 
 
 def test_the_page_shows_sentiment_over_time_of_an_uploaded_clip(
