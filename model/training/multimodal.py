@@ -31,11 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
+from torch import Tensor
 
 from model.config import MODALITY_ORDER, CoupledMambaConfig
 from model.mamba import CoupledMambaForSentiment
 from model.ops import NonFiniteInputError
-from model.training.data import Sample, collate, length_bucketed_batches
+from model.training.data import Batch, Sample, collate, length_bucketed_batches
 from model.training.emotions import auc
 from model.training.metrics import rated_text_metrics
 from model.training.trainer import lr_factor
@@ -443,6 +444,10 @@ class MultimodalTrainSettings:
     mix: MixRecipe = field(default_factory=MixRecipe)
     # Extra factor on a source's loss weight (after the 1 / label-spread weighting).
     source_boost: dict[str, float] = field(default_factory=dict)
+    # With a ``teacher`` passed to ``train_multimodal``: the weight of the squared distance
+    # between the model's score and the teacher's on the same item (the teacher reads only its
+    # own modalities; items holding none of them are not distilled).
+    distill_weight: float = 0.0
 
 
 @dataclass
@@ -490,10 +495,13 @@ def train_multimodal(
     settings: MultimodalTrainSettings,
     log: Callable[[str], None] = print,
     select: Callable[[dict[str, Any]], float] = selection_score,
+    teacher: CoupledMambaForSentiment | None = None,
 ) -> MultimodalResult:
     """Train ``model`` on epochs drawn from ``train``; the epoch with the best ``select``
     score (default ``selection_score``) on ``valid`` is kept (its weights are loaded back at
-    the end). Only parameters that require gradients are updated."""
+    the end). Only parameters that require gradients are updated. With a ``teacher`` and
+    ``settings.distill_weight`` > 0, the model's scores are also pulled towards the teacher's
+    (knowledge distillation; the teacher is not trained)."""
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     config: CoupledMambaConfig = model.config
@@ -528,6 +536,8 @@ def train_multimodal(
                 classes = torch.from_numpy(sentiment_class(target[has].tolist(), config))
                 ce = F.cross_entropy(out.logits[has], classes, reduction="none")
                 loss = loss + settings.class_loss_weight * (w[has] * ce).sum() / w[has].sum()
+            if teacher is not None and settings.distill_weight > 0:
+                loss = loss + settings.distill_weight * distill_loss(out.score, batch, teacher)
             emotion = torch.tensor([it.emotion for it in chunk])
             labelled = emotion != NO_EMOTION
             if out.emotion_logits is not None and labelled.any():
@@ -570,6 +580,21 @@ def train_multimodal(
         model.load_state_dict(best_state)
     model.eval()
     return MultimodalResult(model, best_epoch, history, time.perf_counter() - start, diverged)
+
+
+def distill_loss(score: Tensor, batch: Batch, teacher: CoupledMambaForSentiment) -> Tensor:
+    """Mean squared distance between ``score`` (b,) and the teacher's score on the same batch,
+    over the items that hold at least one of the teacher's modalities (0 when none does)."""
+    names = teacher.config.modalities
+    with torch.no_grad():
+        teacher.eval()
+        target = teacher(
+            {m: batch.features[m] for m in names}, {m: batch.masks[m] for m in names}
+        ).score
+    seen = torch.stack([batch.masks[m].any(dim=-1) for m in names]).any(dim=0)
+    if not seen.any():
+        return score.new_zeros(())
+    return ((score[seen] - target[seen]) ** 2).mean()
 
 
 def _brief(metrics: dict[str, Any]) -> str:

@@ -16,9 +16,11 @@ from model.training.multimodal import (
     Mixer,
     MixRecipe,
     MultimodalTrainSettings,
+    distill_loss,
     eval_sets,
     evaluate,
     face_sample,
+    predict,
     train_multimodal,
     warm_start,
     with_audio,
@@ -162,6 +164,37 @@ def test_warm_start_keeps_the_text_answers_of_an_uncoupled_text_model() -> None:
     masks = {"text": torch.ones(2, 7, dtype=torch.bool)}
     with torch.no_grad():
         torch.testing.assert_close(target(feats, masks).score, source.eval()(feats, masks).score)
+
+
+def test_distillation_pulls_the_text_answers_towards_the_teacher() -> None:
+    """Step 5d's device: with a teacher and a distillation weight, the scores move towards the
+    teacher's; items holding none of the teacher's modalities contribute nothing."""
+    teacher = _model("learned", modalities=("text",), seed=11)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    train, valid = _mixer(6, 96), _mixer(7, 32, "valid")
+    sets = eval_sets(valid)
+    items = sets.text
+    batch = collate([it.sample for it in items], ("text",))
+    with torch.no_grad():
+        wanted = teacher.eval()(batch.features, batch.masks).score.numpy()
+
+    def distance(distill_weight: float) -> float:
+        settings = MultimodalTrainSettings(
+            epochs=6, batch_size=16, lr=3e-3, warmup_steps=5, threads=1, seed=3,
+            mix=MixRecipe(text_per_epoch=None, voice_repeats=0, faces_per_epoch=0,
+                          paired_repeats=0),
+            distill_weight=distill_weight,
+        )  # fmt: skip
+        result = train_multimodal(
+            _model(seed=12), train, sets, settings, log=lambda _: None, teacher=teacher
+        )
+        return float(np.abs(predict(result.model, items).score - wanted).mean())
+
+    assert distance(20.0) < 0.7 * distance(0.0)
+    faces = collate([valid.face_item(f, 5).sample for f in valid.faces[:4]], tuple(DIMS))
+    assert float(distill_loss(torch.ones(4), faces, teacher)) == 0.0
 
 
 def test_with_audio_swaps_the_audio_and_stretches_the_words_to_the_new_length() -> None:
