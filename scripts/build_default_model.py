@@ -19,7 +19,9 @@ Steps, each resumable from ``--work`` (rerunning skips what is done):
 4. ablation (``--ablation``): the coupling variants, 3 seeds each, on a smaller recipe;
    writes ``<work>/ablation.json`` and the table for docs/TRAINING.md;
 5. train: the checkpoint, warm-started from the text-only checkpoint's text branch and heads
-   (``model/checkpoints/text-only``), on mixed epochs (``model.training.multimodal``);
+   (``model/checkpoints/text-only``), on mixed epochs (``model.training.multimodal``); then
+   the text branch alone (5b), the voice branch alone (5c), and the text branch alone again,
+   distilled from the text-only checkpoint (5d);
 6. report: held-out test metrics (text per source, voice, face, paired), the shared CREMA-D
    clips through the real extractor, the model card, the copy to ``model/checkpoints/default``
    and the pinned sha256 of its three files.
@@ -104,6 +106,19 @@ TEXT_REFINE = MultimodalTrainSettings(
     epochs=2, batch_size=32, lr=3e-4, warmup_steps=50, seed=1111, threads=1,
     mix=MixRecipe(text_per_epoch=5000, voice_repeats=0, faces_per_epoch=0, paired_repeats=0),
     source_boost={"nyt_editorials": 2.0},
+)  # fmt: skip
+
+# Step 5d: the text branch alone once more (everything else frozen, so voice-only and face-only
+# answers stay as step 5c left them), now also pulled towards the text-only checkpoint's scores
+# on the same sentences (knowledge distillation, the teacher's squared distance weighted
+# ``distill_weight`` beside the human ratings' loss). The text-only checkpoint is what "text must
+# not regress" is measured against; joint training moved the heads that the text branch shares
+# with the other modalities, and its answers on the training sentences are a smoother target
+# than the ratings alone. The epoch is picked by the mean per-source validation r, as in 5b.
+TEXT_DISTILL = MultimodalTrainSettings(
+    epochs=3, batch_size=32, lr=3e-4, warmup_steps=50, seed=1111, threads=1,
+    mix=MixRecipe(text_per_epoch=5000, voice_repeats=0, faces_per_epoch=0, paired_repeats=0),
+    source_boost={"nyt_editorials": 2.0}, distill_weight=1.0,
 )  # fmt: skip
 
 # Step 3b: RAVDESS under drawn recording conditions (preprocessing.voice_augment): a copy of
@@ -517,17 +532,20 @@ def refine_branch(
     valid: EvalSets,
     settings: MultimodalTrainSettings,
     select: Callable[[dict[str, Any]], float],
+    teacher: Any = None,
 ) -> Any:
     """Train ``modality``'s branch alone (input projection, norms, mixers) with every other
     parameter frozen; the epoch with the best ``select`` score on ``valid`` is kept, or none
-    when no epoch beats the start."""
+    when no epoch beats the start. ``teacher``: see ``train_multimodal``."""
     from model.training.multimodal import evaluate
 
     start = select(evaluate(model, valid))
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for name, param in model.named_parameters():
         param.requires_grad = in_branch(name, modality)
-    result = train_multimodal(model, train, valid, settings, log=log, select=select)
+    result = train_multimodal(
+        model, train, valid, settings, log=log, select=select, teacher=teacher
+    )
     for param in model.parameters():
         param.requires_grad = True
     best = max((h["select"] for h in result.history), default=-1.0)
@@ -570,15 +588,46 @@ def voice_step(train: Mixer, valid: EvalSets, work: Path, start: Path) -> Path:
     return out
 
 
-def refine_text(model: Any, train: Mixer, valid: EvalSets) -> Any:
-    """Step 5b: the text branch alone on text-only epochs (``refine_branch``), the epoch picked
-    by the mean per-source validation r."""
+def refine_text(
+    model: Any,
+    train: Mixer,
+    valid: EvalSets,
+    settings: MultimodalTrainSettings = TEXT_REFINE,
+    teacher: Any = None,
+) -> Any:
+    """Step 5b (and 5d, with a teacher): the text branch alone on text-only epochs
+    (``refine_branch``), the epoch picked by the mean per-source validation r."""
     from model.training.multimodal import selection_score
 
     texts_only = Mixer(train.texts, [], [], DIMS)
     valid_text = EvalSets(**{**valid.__dict__, "voice_audio": [], "voice_words": [],
                              "face": [], "paired": {}, "voice_shifted": []})  # fmt: skip
-    return refine_branch(model, "text", texts_only, valid_text, TEXT_REFINE, selection_score)
+    return refine_branch(
+        model, "text", texts_only, valid_text, settings, selection_score, teacher=teacher
+    )
+
+
+def distill_step(train: Mixer, valid: EvalSets, work: Path, start: Path) -> Path:
+    """Step 5d on the checkpoint of step 5c, the text-only checkpoint as the teacher; saves
+    ``<work>/checkpoint-distill``."""
+    from model import load_checkpoint
+    from model.checkpoint import CONFIG_FILE
+    from model.checkpoints import pinned_hashes
+
+    out, summary_file = work / "checkpoint-distill", work / "text_distill.json"
+    if summary_file.exists() and (out / "model.safetensors").exists():
+        log(f"text distillation: reusing {out}")
+        return out
+    model = load_checkpoint(start)
+    model.train()
+    teacher = load_checkpoint(TEXT_ONLY, **pinned_hashes(TEXT_ONLY))
+    result = refine_text(model, train, valid, TEXT_DISTILL, teacher)
+    summary = {**result.summary(), "recipe": asdict(TEXT_DISTILL), "teacher": TEXT_ONLY.name}
+    summary_file.write_text(json.dumps(summary, indent=1, default=float) + "\n")
+    training = json.loads((start / CONFIG_FILE).read_text()).get("training", {})
+    training["text_distill"] = {k: v for k, v in summary.items() if k != "history"}
+    save_model(model, out, training, work)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -630,6 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     valid_sets = eval_sets(valid, max_faces=VALID_FACES)
     checkpoint = train_step(train, valid_sets, args.work)
     checkpoint = voice_step(train, valid_sets, args.work, checkpoint)
+    checkpoint = distill_step(train, valid_sets, args.work, checkpoint)
     if args.step == "train":
         return 0
     from report_default_model import report

@@ -85,6 +85,9 @@ def report(
     out.mkdir(parents=True, exist_ok=True)
     for name in (CONFIG_FILE, WEIGHTS_FILE, "MODEL_CARD.md", TEXT_ENCODER_FILE, FACE_ENCODER_FILE):
         shutil.copy2(checkpoint / name, out / name)
+    if out.resolve() != (ROOT / "model" / "checkpoints" / "default").resolve():
+        log(f"checkpoint: {out} (a candidate: the pinned hashes are left as they are)")
+        return
     pin_hashes(
         {
             "DEFAULT_CHECKPOINT_SHA256": sha256_file(out / WEIGHTS_FILE),
@@ -160,6 +163,20 @@ def model_card(
         if voice
         else ""
     )
+    distill = training.get("text_distill", {})
+    distill_recipe = distill.get("recipe", {})
+    distill_text = (
+        "Then the text branch alone once more, for "
+        f"{distill_recipe.get('epochs')} epochs of {distill_recipe.get('mix', {}).get('text_per_epoch')} "
+        f"rated sentences (lr {distill_recipe.get('lr')}), with the squared distance to the "
+        f"text-only checkpoint's score on each sentence (weight "
+        f"{distill_recipe.get('distill_weight')}) added to the ratings' loss: knowledge "
+        "distillation from the checkpoint the text target is measured against, on training "
+        "sentences only. The epoch with the best mean per-source validation r was kept (epoch "
+        f"{distill.get('best_epoch')}); voice-only and face-only answers are unchanged by it."
+        if distill
+        else ""
+    )
     return f"""# {config["checkpoint"]["name"]} (version {config["checkpoint"]["version"]})
 
 The default checkpoint served by `make run`: a Coupled Mamba network (arXiv 2405.18014) with
@@ -216,6 +233,7 @@ rated sentences for {refine_recipe.get("epochs")} epochs of {refine_mix.get("tex
 {refine.get("best_epoch")}): with no text in a request those parameters take no part, so
 voice-only and face-only answers are unchanged by it.
 {voice_text}
+{distill_text}
 Architecture: d_model {config["d_model"]}, d_state {config["d_state"]}, {config["n_layers"]}
 layers, expand {config["expand"]}, {config["pooling"]} pooling, gate fusion,
 {config["checkpoint"]["parameters"]:,} parameters. Rebuild: `make default-model`.

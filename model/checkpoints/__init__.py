@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from model.mamba import CoupledMambaForSentiment
 
-DEFAULT_CHECKPOINT_SHA256 = "faa3b36f620d50538ca0df30b02008603a449c7b22e2dbd8ebd7c6e958f3da97"
+DEFAULT_CHECKPOINT_SHA256 = "e687ba7829c22246518f1c7cdc3b7dcea12526a16fcdfbbd6761f2110f40e4ec"
 """sha256 (hex) of ``default/model.safetensors``; written by scripts/build_default_model.py."""
 
 DEFAULT_TEXT_ENCODER_SHA256 = "a51bf4769e389ad02163fab8d79765c1abe6d3a0cd3ef4603f45399309c14fdc"

@@ -93,6 +93,44 @@ def test_text_only_checkpoint_stays_available_and_orders_clear_sentiment() -> No
     assert negative < neutral < positive
 
 
+# The text-only checkpoint's held-out test r per source (movie / NYT / tweets), the issue's
+# bar: the default must stay within 0.02 of each. The text-only checkpoint is pinned by hash,
+# so these are its answers, not a tolerance fitted to the default's.
+TEXT_ONLY_TEST_R = {"movie_reviews": 0.728, "nyt_editorials": 0.687, "tweets": 0.876}
+
+
+def test_the_default_reads_text_within_0_02_of_the_text_only_checkpoint() -> None:
+    """Pearson r of the default's text-only answers on the snippets' held-out test split (the
+    fixed hash split the build trains and selects around), per source, as the service encodes
+    a typed transcript."""
+    from conftest import SHARED
+
+    from model.training.rated_texts import read_snippet_folder, split_rated_texts
+    from preprocessing.dataset import encode_texts_on_grid
+    from preprocessing.text import TextEncoder
+
+    folder = SHARED / "data" / "sentiment-snippets"
+    if not folder.is_dir():
+        pytest.skip(f"shared sentiment snippets not found at {folder}")
+    test = split_rated_texts(read_snippet_folder(folder))["test"]
+    model, info = load_checkpoint_with_info(
+        default_checkpoint_path(), **pinned_hashes(default_checkpoint_path())
+    )
+    tuning = info.text_encoder
+    assert tuning is not None
+    encoder = TextEncoder(tuning=tuning["path"], tuning_sha256=tuning["sha256"])
+    samples = [
+        Sample.from_dense(str(i), 0.0, {"text": f}, {"text": m}, dtype=np.float32)
+        for i, (f, m) in enumerate(encode_texts_on_grid([t.text for t in test], encoder))
+    ]
+    scores = predict_scores(model, samples, batch_size=128, modalities=("text",))
+    for source, floor in TEXT_ONLY_TEST_R.items():
+        rows = [i for i, t in enumerate(test) if t.source == source]
+        assert len(rows) > 400
+        r = float(np.corrcoef(scores[rows], [test[i].rating for i in rows])[0, 1])
+        assert r >= floor - 0.02, (source, r)
+
+
 # -- each branch on real clips, through the service ------------------------------------------
 
 
