@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 REPO = Path(__file__).resolve().parents[2]
 
-LONG_S = 300.0
+LONG_S = 150.0
 SHORT_S = 20.0
 PART_S = 5.0
 
