@@ -565,27 +565,46 @@ def voice_selection(metrics: dict[str, Any]) -> float:
     return float(np.mean(parts)) if parts else -float("inf")
 
 
-def voice_step(train: Mixer, valid: EvalSets, work: Path, start: Path) -> Path:
-    """Step 5c on the checkpoint of step 5b; saves ``<work>/checkpoint-voice``."""
+def refinement_step(
+    work: Path,
+    start: Path,
+    name: str,
+    key: str,
+    refine: Callable[[Any], tuple[Any, dict[str, Any]]],
+) -> Path:
+    """One resumable refinement of the checkpoint ``start``: ``refine(model)`` trains it in
+    place and returns the training result and what the summary adds to it (the recipe...).
+    Saves ``<work>/checkpoint-<name>`` with the summary under ``training[key]`` of its config
+    (``<work>/<key>.json`` with the epochs' history), or reuses them when both exist."""
     from model import load_checkpoint
     from model.checkpoint import CONFIG_FILE
 
-    out, summary_file = work / "checkpoint-voice", work / "voice_refine.json"
+    out, summary_file = work / f"checkpoint-{name}", work / f"{key}.json"
     if summary_file.exists() and (out / "model.safetensors").exists():
-        log(f"voice refinement: reusing {out}")
+        log(f"{key}: reusing {out}")
         return out
     model = load_checkpoint(start)
     model.train()
-    voices = Mixer([], train.voices, train.faces, DIMS)
-    valid_voice = EvalSets(**{**valid.__dict__, "text": [], "face": []})
-    result = refine_branch(model, "audio", voices, valid_voice, VOICE_REFINE, voice_selection)
-    summary = {**result.summary(), "recipe": asdict(VOICE_REFINE),
-               "conditions": {"copies": AUGMENT_COPIES, "seed": AUGMENT_SEED}}  # fmt: skip
+    result, extra = refine(model)
+    summary = {**result.summary(), **extra}
     summary_file.write_text(json.dumps(summary, indent=1, default=float) + "\n")
     training = json.loads((start / CONFIG_FILE).read_text()).get("training", {})
-    training["voice_refine"] = {k: v for k, v in summary.items() if k != "history"}
+    training[key] = {k: v for k, v in summary.items() if k != "history"}
     save_model(model, out, training, work)
     return out
+
+
+def voice_step(train: Mixer, valid: EvalSets, work: Path, start: Path) -> Path:
+    """Step 5c on the checkpoint of step 5b; saves ``<work>/checkpoint-voice``."""
+    voices = Mixer([], train.voices, train.faces, DIMS)
+    valid_voice = EvalSets(**{**valid.__dict__, "text": [], "face": []})
+
+    def refine(model: Any) -> tuple[Any, dict[str, Any]]:
+        result = refine_branch(model, "audio", voices, valid_voice, VOICE_REFINE, voice_selection)
+        return result, {"recipe": asdict(VOICE_REFINE),
+                        "conditions": {"copies": AUGMENT_COPIES, "seed": AUGMENT_SEED}}  # fmt: skip
+
+    return refinement_step(work, start, "voice", "voice_refine", refine)
 
 
 def refine_text(
@@ -611,23 +630,14 @@ def distill_step(train: Mixer, valid: EvalSets, work: Path, start: Path) -> Path
     """Step 5d on the checkpoint of step 5c, the text-only checkpoint as the teacher; saves
     ``<work>/checkpoint-distill``."""
     from model import load_checkpoint
-    from model.checkpoint import CONFIG_FILE
     from model.checkpoints import pinned_hashes
 
-    out, summary_file = work / "checkpoint-distill", work / "text_distill.json"
-    if summary_file.exists() and (out / "model.safetensors").exists():
-        log(f"text distillation: reusing {out}")
-        return out
-    model = load_checkpoint(start)
-    model.train()
-    teacher = load_checkpoint(TEXT_ONLY, **pinned_hashes(TEXT_ONLY))
-    result = refine_text(model, train, valid, TEXT_DISTILL, teacher)
-    summary = {**result.summary(), "recipe": asdict(TEXT_DISTILL), "teacher": TEXT_ONLY.name}
-    summary_file.write_text(json.dumps(summary, indent=1, default=float) + "\n")
-    training = json.loads((start / CONFIG_FILE).read_text()).get("training", {})
-    training["text_distill"] = {k: v for k, v in summary.items() if k != "history"}
-    save_model(model, out, training, work)
-    return out
+    def refine(model: Any) -> tuple[Any, dict[str, Any]]:
+        teacher = load_checkpoint(TEXT_ONLY, **pinned_hashes(TEXT_ONLY))
+        result = refine_text(model, train, valid, TEXT_DISTILL, teacher)
+        return result, {"recipe": asdict(TEXT_DISTILL), "teacher": TEXT_ONLY.name}
+
+    return refinement_step(work, start, "distill", "text_distill", refine)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -151,7 +151,7 @@ def model_card(
     voice = training.get("voice_refine", {})
     voice_recipe = voice.get("recipe", {})
     voice_text = (
-        "Last, the voice branch alone (the audio modality's projection, norms and mixers; "
+        "Then the voice branch alone (the audio modality's projection, norms and mixers; "
         f"everything else frozen) was refined for {voice_recipe.get('epochs')} epochs "
         f"(lr {voice_recipe.get('lr')}) on the training clips, each epoch drawing every clip "
         "either as recorded or as its copy under a drawn recording condition "
